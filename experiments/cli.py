@@ -1,0 +1,716 @@
+"""The ``archlip`` command line: one entry point, one subcommand per task.
+
+Every subcommand accepts the same common flags (``--json``, ``--device``, ``--seed``, ``--out``).
+User errors (bad flags, unknown presets, missing files or datasets) print ONE line that says what was
+wrong and what to do, and exit with status 2; ``--traceback`` (or ``ARCHLIP_TRACEBACK=1``) shows the
+full Python traceback instead.
+
+Subcommands::
+
+    archlip spectral CKPT|PRESET        per-layer certified sandwich table
+    archlip bound CKPT|PRESET           network / stage / block bounds and data lower bounds
+    archlip theory predict|optimal-config|validate
+    archlip train RECIPE.yaml [--set key=value ...]
+    archlip eval CKPT --attacks pgd20,cw20,aa
+    archlip sweep SWEEP.yaml
+    archlip report RUN_DIR
+    archlip demo [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+
+#: Input shape (C, H, W) and number of classes per dataset name.
+DATASETS: dict[str, dict[str, Any]] = {
+    "digits": {"input_shape": (1, 8, 8), "num_classes": 10},
+    "cifar10": {"input_shape": (3, 32, 32), "num_classes": 10},
+    "cifar100": {"input_shape": (3, 32, 32), "num_classes": 100},
+    "svhn": {"input_shape": (3, 32, 32), "num_classes": 10},
+}
+
+#: Exceptions that mean "the user asked for something impossible": one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+class UserError(ValueError):
+    """A bad input detected by the CLI itself."""
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure parsers (unit-tested)
+# ----------------------------------------------------------------------------------------------
+
+_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9, "b": 10**9, "B": 10**9}
+
+
+def parse_count(text: str | int | float) -> int:
+    """``"68M"`` -> 68_000_000, ``"1.5k"`` -> 1500, ``"46160000"`` -> 46160000."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise UserError(f"count must be positive, got {text}")
+        return int(round(text))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMgGbB]?)\s*", str(text))
+    if not match:
+        raise UserError(f"cannot read {text!r} as a count; write e.g. 68M, 1.5k or 46160000")
+    value = float(match.group(1)) * _SUFFIX[match.group(2)]
+    if value <= 0:
+        raise UserError(f"count must be positive, got {text!r}")
+    return int(round(value))
+
+
+def parse_fraction(text: str | float) -> float:
+    """``"8/255"`` -> 0.03137..., ``"0.031"`` -> 0.031."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        return float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.031") from None
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"5,5,5"`` -> (5, 5, 5)."""
+    try:
+        values = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as integers; write e.g. 5,5,5") from None
+    if not values:
+        raise UserError(f"empty list {text!r}; write e.g. 5,5,5")
+    return values
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3x32x32"`` or ``"3,32,32"`` -> (3, 32, 32)."""
+    parts = re.split(r"[x,*]", str(text).strip().lower())
+    try:
+        shape = tuple(int(p) for p in parts if p)
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as an input shape; write e.g. 3x32x32 (no batch dimension)") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserError(f"input shape {text!r} must be positive integers, e.g. 3x32x32")
+    return shape
+
+
+def parse_attacks(text: str) -> list[str]:
+    """``"pgd20,cw20,aa"`` -> ["pgd20", "cw20", "aa"]."""
+    names = [a.strip() for a in str(text).split(",") if a.strip()]
+    if not names:
+        raise UserError("--attacks is empty; write e.g. --attacks pgd20,cw20,aa")
+    return names
+
+
+def resolve_device(name: str | None):
+    """Validate ``--device`` and return a ``torch.device`` (never silently falls back to CPU)."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert tensors, numpy values, enums, dataclasses and paths to JSON values."""
+    import dataclasses
+    import enum
+
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else (None if math.isnan(obj) else str(obj))
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    try:
+        import numpy as np
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return to_jsonable(obj.detach().cpu().tolist())
+        if isinstance(obj, np.generic):
+            return to_jsonable(obj.item())
+        if isinstance(obj, np.ndarray):
+            return to_jsonable(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain fixed-width text table of ``rows`` restricted to ``columns``."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "x".join(str(x) for x in v)
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON atomically (temporary file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# models and data through the experiments API
+# ----------------------------------------------------------------------------------------------
+
+_CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".tar")
+
+
+def dataset_info(name: str) -> dict[str, Any]:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_target(target: str, *, data: str, device, seed: int = 0, input_shape: tuple[int, ...] | None = None):
+    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``.
+
+    Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name`` and
+    ``input_shape``. A preset is built with random weights drawn under ``seed``.
+    """
+    import torch
+
+    from experiments import models as model_zoo
+
+    info = dataset_info(data)
+    path = Path(target)
+    if path.exists():
+        if path.is_dir():
+            path = _checkpoint_in_dir(path)
+        from experiments.checkpoints import load_checkpoint
+
+        loaded = load_checkpoint(path)
+        model, metadata = _unpack_loaded_checkpoint(loaded)
+        shape = input_shape or _metadata_input_shape(metadata) or info["input_shape"]
+        result = {"source": "checkpoint", "name": str(path), "input_shape": tuple(shape), "metadata": metadata}
+    else:
+        presets = list(model_zoo.list_models())
+        if target not in presets:
+            if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
+                raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
+            raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)}")
+        torch.manual_seed(seed)
+        shape = tuple(input_shape or info["input_shape"])
+        model = model_zoo.create_model(target, num_classes=info["num_classes"], in_channels=shape[0])
+        result = {"source": "preset", "name": target, "input_shape": shape, "metadata": {}}
+    model = model.to(device).eval()
+    return model, result
+
+
+def _checkpoint_in_dir(directory: Path) -> Path:
+    candidates = [p for p in sorted(directory.iterdir()) if p.suffix in _CKPT_SUFFIXES]
+    preferred = [p for p in candidates if p.stem in ("best", "final", "model")]
+    if preferred:
+        return preferred[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint file ({', '.join(_CKPT_SUFFIXES)}) in directory {directory}; pass the file itself")
+    raise UserError(f"several checkpoints in {directory} ({', '.join(p.name for p in candidates)}); pass one of them")
+
+
+def _unpack_loaded_checkpoint(loaded: Any):
+    """``load_checkpoint`` may return a model, (model, metadata) or an object with .model/.metadata."""
+    from torch import nn
+
+    if isinstance(loaded, nn.Module):
+        return loaded, {}
+    if isinstance(loaded, tuple) and loaded and isinstance(loaded[0], nn.Module):
+        return loaded[0], (loaded[1] if len(loaded) > 1 and isinstance(loaded[1], dict) else {})
+    model = getattr(loaded, "model", None)
+    if isinstance(model, nn.Module):
+        return model, dict(getattr(loaded, "metadata", {}) or {})
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), nn.Module):
+        return loaded["model"], dict(loaded.get("metadata") or {})
+    raise TypeError("the checkpoint loader returned no model; pass a checkpoint written by archlip or a WideResNet state_dict")
+
+
+def _metadata_input_shape(metadata: dict) -> tuple[int, ...] | None:
+    for key in ("input_shape",):
+        if key in metadata and metadata[key]:
+            return tuple(int(v) for v in metadata[key])
+    dataset = metadata.get("dataset") or (metadata.get("config") or {}).get("data", {}).get("dataset") if isinstance(metadata.get("config"), dict) else metadata.get("dataset")
+    if isinstance(dataset, str) and dataset in DATASETS:
+        return DATASETS[dataset]["input_shape"]
+    return None
+
+
+def load_eval_data(name: str, *, root: str | None, n: int | None, split: str = "test", seed: int = 0,
+                   subset: str = "first", download: bool = False):
+    """Return ``(x, y)`` test tensors of dataset ``name`` (first ``n`` points, or a seeded subset)."""
+    import torch
+
+    from experiments import data as datasets
+
+    dataset_info(name)
+    if name == "digits":
+        loaded = datasets.load_digits(split=split, seed=seed)
+    else:
+        if root is None:
+            raise UserError(
+                f"dataset {name} needs --data-root DIR (the directory holding the standard archive); "
+                f"add --download to fetch it there, or see docs/models-and-data.md"
+            )
+        loaded = _load_named_dataset(datasets, name, root, split, download)
+    x, y = _unpack_xy(loaded)
+    if n is not None:
+        if n <= 0:
+            raise UserError(f"--n must be positive, got {n}")
+        if subset == "first":
+            x, y = x[:n], y[:n]
+        elif subset == "random":
+            generator = torch.Generator().manual_seed(seed)
+            index = torch.randperm(x.shape[0], generator=generator)[:n]
+            x, y = x[index], y[index]
+        else:
+            raise UserError(f"unknown --subset {subset!r}; valid: first, random")
+    return x, y
+
+
+def _load_named_dataset(datasets, name: str, root: str, split: str, download: bool):
+    if download and hasattr(datasets, "download_cifar") and name.startswith("cifar"):
+        datasets.download_cifar(root, name)
+    loader = getattr(datasets, f"load_{name}", None)
+    if loader is None:
+        raise UserError(f"no loader for dataset {name!r} in experiments.data")
+    try:
+        return loader(root, split=split)
+    except TypeError:
+        return loader(root)
+
+
+def _unpack_xy(loaded: Any):
+    """Accept (x, y), a dict with split keys, or an object with .x/.y."""
+    import torch
+
+    if isinstance(loaded, dict):
+        for key in ("test", "x"):
+            if key in loaded:
+                loaded = loaded[key] if key == "test" else (loaded["x"], loaded["y"])
+                break
+    if hasattr(loaded, "x") and hasattr(loaded, "y"):
+        return loaded.x, loaded.y
+    if isinstance(loaded, (tuple, list)) and len(loaded) == 2 and isinstance(loaded[0], torch.Tensor):
+        return loaded[0], loaded[1]
+    if isinstance(loaded, (tuple, list)) and len(loaded) >= 2:  # (train, test) pairs
+        return _unpack_xy(loaded[-1])
+    raise TypeError("dataset loader returned an unexpected structure; expected (x, y) tensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------
+
+
+def _out_dir(args: argparse.Namespace, default: str | None = None) -> Path | None:
+    out = args.out or default
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(to_jsonable(payload), indent=2))
+    else:
+        print(text)
+
+
+def cmd_spectral(args: argparse.Namespace) -> int:
+    import torch
+
+    import spectral
+
+    device = resolve_device(args.device)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    example = torch.zeros((1, *info["input_shape"]), device=device)
+    table = spectral.analyze(model, example, rtol=args.rtol)
+    rows = to_jsonable(table.rows)
+    payload = {"target": info["name"], "source": info["source"], "input_shape": info["input_shape"], "layers": rows}
+    out = _out_dir(args)
+    if out is not None:
+        table.to_json(out / "spectral.json")
+        table.to_csv(out / "spectral.csv")
+    columns = [c for c in ("name", "weight_shape", "stride", "input_size", "lower", "upper", "gap", "method") if rows and c in rows[0]]
+    text = format_table(rows, columns or list(rows[0]) if rows else [])
+    if out is not None:
+        text += f"\nwrote {out / 'spectral.json'} and {out / 'spectral.csv'}"
+    _emit(args, payload, text)
+    return EXIT_OK
+
+
+def cmd_bound(args: argparse.Namespace) -> int:
+    from experiments.demo import bound_summary, data_lower_bounds
+
+    device = resolve_device(args.device)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
+    payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
+    if args.n > 0:
+        x, y = load_eval_data(args.data, root=args.data_root, n=args.n, seed=args.seed, download=args.download)
+        payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=parse_fraction(args.eps), seed=args.seed)
+    out = _out_dir(args)
+    if out is not None:
+        write_json(out / "bound.json", payload)
+    lines = [f"certified l2 Lipschitz upper bound of {info['name']} at input {'x'.join(map(str, info['input_shape']))}:"]
+    for key in ("certified_lipschitz", "certified_lipschitz_product"):
+        if payload.get(key) is not None:
+            lines.append(f"  {key:34s} {payload[key]:.6g}")
+    for stage, value in (payload.get("stage_bounds") or {}).items():
+        lines.append(f"  stage {stage:28s} {value:.6g}")
+    for key, value in (payload.get("lower") or {}).items():
+        if isinstance(value, (int, float)):
+            lines.append(f"  {key:34s} {value:.6g}")
+    if out is not None:
+        lines.append(f"wrote {out / 'bound.json'}")
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_theory(args: argparse.Namespace) -> int:
+    from lipschitz import theory
+
+    if args.theory_command == "optimal-config":
+        budget = parse_count(args.budget)
+        configs = _call_optimal_config(theory, budget, args)
+        rows = [to_jsonable(c) for c in configs][: args.top]
+        payload = {"budget": budget, "configs": rows}
+        columns = [c for c in ("depths", "widths", "params", "bound", "objective") if rows and c in rows[0]]
+        text = f"best configurations with at most {budget:,} parameters:\n" + format_table(rows, columns or (list(rows[0]) if rows else []))
+    elif args.theory_command == "predict":
+        depths = parse_int_list(args.depths)
+        widths = parse_int_list(args.widths)
+        payload = _theory_prediction(theory, depths, widths, args)
+        text = "\n".join(f"{k:24s} {v}" for k, v in payload.items())
+    elif args.theory_command == "validate":
+        from experiments.theory_validation import run_validation
+
+        out = _out_dir(args, default="runs/theory-validation")
+        payload = run_validation(out, quick=args.quick)
+        text = f"wrote theory validation results to {out}"
+    else:  # pragma: no cover - argparse enforces the choice
+        raise UserError("choose one of: predict, optimal-config, validate")
+    out = _out_dir(args)
+    if out is not None and args.theory_command != "validate":
+        write_json(out / f"theory-{args.theory_command}.json", payload)
+    _emit(args, payload, text)
+    return EXIT_OK
+
+
+def _call_optimal_config(theory, budget: int, args: argparse.Namespace):
+    kwargs: dict[str, Any] = {}
+    if args.num_stages is not None:
+        kwargs["num_stages"] = args.num_stages
+    return theory.optimal_config(budget, **kwargs)
+
+
+def _theory_prediction(theory, depths, widths, args: argparse.Namespace) -> dict[str, Any]:
+    from experiments.demo import theory_prediction
+
+    return theory_prediction(depths, widths, num_classes=dataset_info(args.data)["num_classes"],
+                             in_channels=dataset_info(args.data)["input_shape"][0])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from experiments.config import load_config
+    from experiments.training import train
+
+    overrides = list(args.set or [])
+    if args.seed_given:
+        overrides.append(f"seed={args.seed}")
+    if args.device:
+        resolve_device(args.device)
+        overrides.append(f"device={args.device}")
+    config = load_config(args.recipe, overrides=overrides)
+    out = _out_dir(args, default=str(Path("runs") / Path(str(args.recipe)).stem))
+    summary = train(config, out, resume=args.resume)
+    _emit(args, summary, f"finished training; results in {out}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from experiments.evaluate import evaluate
+
+    device = resolve_device(args.device)
+    attacks = parse_attacks(args.attacks)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed)
+    x, y = load_eval_data(args.data, root=args.data_root, n=args.n, seed=args.seed, subset=args.subset, download=args.download)
+    out = _out_dir(args, default="runs/eval")
+    summary = evaluate(model, x.to(device), y.to(device), attacks=attacks, eps=parse_fraction(args.eps), out_dir=out, seed=args.seed)
+    payload = to_jsonable(summary)
+    lines = [f"{info['name']} on {x.shape[0]} {args.data} test points ({args.subset} {'n' if args.subset == 'first' else 'seeded'}), eps={args.eps}:"]
+    for key, value in _flat_accuracies(payload).items():
+        lines.append(f"  {key:28s} {value:.4f}")
+    lines.append(f"wrote {out}")
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def _flat_accuracies(summary: dict) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "acc" in key:
+            flat[key] = float(value)
+        elif isinstance(value, dict) and "acc" in key:
+            for sub, v in value.items():
+                if isinstance(v, (int, float)):
+                    flat[f"{key}.{sub}"] = float(v)
+                elif isinstance(v, dict):
+                    for k2, v2 in v.items():
+                        if isinstance(v2, (int, float)) and "acc" in k2:
+                            flat[f"{key}.{sub}.{k2}"] = float(v2)
+    return flat
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments import sweep
+
+    spec = sweep.load_sweep(args.sweep_file)
+    out = _out_dir(args, default=str(Path("runs") / "sweeps" / spec.name))
+    device = resolve_device(args.device) if args.device else None
+    result = sweep.run_sweep(
+        spec,
+        out,
+        max_runs=args.max_runs,
+        launcher=args.launcher,
+        nproc_per_node=args.nproc_per_node,
+        dry_run=args.dry_run,
+        only=args.run,
+        aggregate_only=args.aggregate_only,
+        device=None if device is None else str(device),
+    )
+    lines = [f"sweep {spec.name}: {result['done']} of {result['total']} runs finished "
+             f"({result['ran']} ran now, {result['skipped']} skipped as already done)"]
+    if result.get("commands"):
+        lines += ["would run:"] + [f"  {c}" for c in result["commands"]]
+    if result.get("table"):
+        lines.append(f"table: {result['table']}")
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
+    _emit(args, result, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from experiments.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep or run")
+    path = write_report(run_dir, out_dir=Path(args.out) if args.out else None)
+    _emit(args, {"report": str(path)}, f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import run_demo
+
+    device = resolve_device(args.device or "cpu")
+    out = _out_dir(args, default="runs/demo")
+    result = run_demo(out, quick=args.quick, seed=args.seed, device=str(device), verbose=not args.json)
+    _emit(args, {"report": str(result["report"]), "results": str(result["results"])}, f"report: {result['report']}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results") -> None:
+    group = parser.add_argument_group("common options")
+    group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu unless stated)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--out", default=None, help=out_help)
+    group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+
+
+def _data_args(parser: argparse.ArgumentParser, default: str = "cifar10") -> None:
+    parser.add_argument("--data", default=default, help=f"dataset: {', '.join(DATASETS)} (default {default})")
+    parser.add_argument("--data-root", default=None, help="directory with the dataset's standard files")
+    parser.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="archlip", description="Certified spectral norms, Lipschitz bounds and robust training of WideResNets "
+                                                 "with any per-stage depth and width.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("spectral", help="per-layer certified spectral-norm sandwich of a checkpoint or preset")
+    p.add_argument("target", metavar="CKPT|PRESET")
+    _data_args(p)
+    p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
+    p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1 (default 0.02)")
+    _common(p, "directory for spectral.json and spectral.csv")
+    p.set_defaults(func=cmd_spectral)
+
+    p = sub.add_parser("bound", help="certified network/stage/block Lipschitz bounds and data lower bounds")
+    p.add_argument("target", metavar="CKPT|PRESET")
+    _data_args(p)
+    p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
+    p.add_argument("--n", type=int, default=128, help="data points for the lower bounds (0 to skip; default 128)")
+    p.add_argument("--eps", default="8/255", help="linf radius of the local Lipschitz metric (default 8/255)")
+    p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance (default 0.02)")
+    _common(p, "directory for bound.json")
+    p.set_defaults(func=cmd_bound)
+
+    p = sub.add_parser("theory", help="random-matrix predictions and parameter-budget optimal configurations")
+    tsub = p.add_subparsers(dest="theory_command", metavar="THEORY_COMMAND", parser_class=_Parser)
+    tsub.required = True
+    tp = tsub.add_parser("predict", help="parameter count and predicted Lipschitz bound of a per-stage config")
+    tp.add_argument("--depths", default="5,5,5", help="blocks per stage (default 5,5,5)")
+    tp.add_argument("--widths", default="16,320,640,512", help="stem width then stage widths (default WRN-34-R)")
+    tp.add_argument("--data", default="cifar10", help=f"dataset for input channels/classes: {', '.join(DATASETS)}")
+    _common(tp)
+    tp = tsub.add_parser("optimal-config", help="per-stage depths/widths minimising the predicted bound under a budget")
+    tp.add_argument("--budget", required=True, help="parameter budget, e.g. 68M")
+    tp.add_argument("--top", type=int, default=10, help="how many ranked configurations to show (default 10)")
+    tp.add_argument("--num-stages", type=int, default=None, help="number of stages (default: the theory's)")
+    _common(tp)
+    tp = tsub.add_parser("validate", help="predicted vs measured norms at initialisation (plots, Spearman)")
+    tp.add_argument("--quick", action="store_true", help="a smaller grid")
+    _common(tp)
+    p.set_defaults(func=cmd_theory)
+
+    p = sub.add_parser("train", help="train a recipe (YAML), resumable")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe path or packaged recipe name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _common(p, "run directory (default runs/RECIPE)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="clean and adversarial accuracy of a checkpoint")
+    p.add_argument("target", metavar="CKPT|PRESET")
+    p.add_argument("--attacks", default="pgd20", help="comma-separated attack presets (default pgd20), e.g. pgd20,cw20,aa")
+    p.add_argument("--eps", default="8/255", help="perturbation radius, e.g. 8/255 (default)")
+    p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
+    p.add_argument("--subset", default="first", choices=("first", "random"), help="first n points in order (default) or a seeded subset")
+    _data_args(p)
+    _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="run a grid of configurations (resumable) and aggregate them")
+    p.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep path or packaged sweep name (e.g. digits-cpu)")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    p.add_argument("--launcher", choices=("sequential", "torchrun"), default=None, help="override the sweep's launcher")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per torchrun job")
+    p.add_argument("--run", action="append", default=None, metavar="RUN_ID", help="run only these run ids (e.g. one per cluster job)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and commands without running them")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table, plots and report")
+    _common(p, "sweep directory (default runs/sweeps/NAME)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="markdown report with PNG plots from a run directory's JSON results")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    _common(p, "where to write report.md (default RUN_DIR)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="train a small WRN and its reduced-last-stage twin on digits, bound and report")
+    p.add_argument("--quick", action="store_true", help="a reduced setting (used by the test suite)")
+    _common(p, "output directory (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.seed_given = any(a == "--seed" or a.startswith("--seed=") for a in argv)
+    show_traceback = args.traceback or os.environ.get("ARCHLIP_TRACEBACK") == "1"
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except USER_ERRORS as exc:
+        if show_traceback:
+            raise
+        command = args.command if args.command != "theory" else f"theory {args.theory_command}"
+        print(f"archlip {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("archlip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Markdown reports with PNG plots, generated from a run directory's JSON results.
+
+A run directory holds ``results.json`` (written by ``archlip demo`` and ``archlip sweep``) with a list of
+*model records*, one per trained configuration. A record is a flat dict (missing keys are fine)::
+
+    name, depths, widths, params, clean_acc, robust_acc, robust_attack, eps,
+    certified_lipschitz (best certified l2 upper bound), certified_lipschitz_product,
+    empirical_lipschitz (max per-sample Jacobian norm: a lower bound), attack_lipschitz (lower bound),
+    local_lipschitz (Yang et al. 2020 metric: an estimate), stable_acc, theory_prediction,
+    stage_bounds {stage: value}, layers [per-layer rows of spectral.analyze], guarantees {key: label}
+
+``write_report(run_dir)`` renders ``report.md`` plus PNG figures next to it. Each figure's caption
+says the one command that regenerates it. Runs that only have ``spectral.json`` or ``bound.json``
+(from ``archlip spectral/bound --out``) or per-run ``summary.json`` files get a smaller report.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+#: Guarantee label of each scalar column (see spectral/guarantee.py).
+COLUMN_GUARANTEES: dict[str, str] = {
+    "certified_lipschitz": "certified_upper",
+    "certified_lipschitz_product": "certified_upper",
+    "empirical_lipschitz": "lower",
+    "attack_lipschitz": "lower",
+    "local_lipschitz": "estimate",
+    "theory_prediction": "estimate",
+}
+
+#: Columns of the aggregate table, in order.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
+    "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
+    "local_lipschitz", "stable_acc", "theory_prediction",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Read what a run directory holds into ``{"kind", "models", ...}``.
+
+    Order of preference: ``results.json``; per-run ``runs/*/summary.json`` (a sweep in progress);
+    ``spectral.json`` / ``bound.json`` (single-model analyses).
+    """
+    run_dir = Path(run_dir)
+    results_file = run_dir / "results.json"
+    if results_file.is_file():
+        results = _read_json(results_file)
+        if not isinstance(results, dict) or "models" not in results:
+            raise ValueError(f"{results_file} has no 'models' list; it was not written by archlip demo/sweep")
+        return results
+    summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
+    if summaries:
+        return {"kind": "sweep", "name": run_dir.name, "models": [_read_json(p) for p in summaries]}
+    record: dict[str, Any] = {"name": run_dir.name}
+    found = False
+    if (run_dir / "spectral.json").is_file():
+        spectral_payload = _read_json(run_dir / "spectral.json")
+        record["layers"] = spectral_payload["layers"] if isinstance(spectral_payload, dict) and "layers" in spectral_payload else spectral_payload
+        found = True
+    if (run_dir / "bound.json").is_file():
+        bound_payload = _read_json(run_dir / "bound.json")
+        record.update({k: v for k, v in bound_payload.items() if k != "lower"})
+        record.update(bound_payload.get("lower") or {})
+        found = True
+    if not found:
+        raise FileNotFoundError(
+            f"nothing to report in {run_dir}: expected results.json (archlip demo/sweep), runs/*/summary.json, "
+            f"spectral.json or bound.json (archlip spectral/bound --out {run_dir})"
+        )
+    return {"kind": "analysis", "name": run_dir.name, "models": [record]}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); delete it and rerun the step that wrote it") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_of(layer_name: str) -> str:
+    """Stage label of a layer from its module name: ``stem``, ``stage1``.., ``head`` or ``other``.
+
+    Understands RobustWideResNet (``blocks.{i}``, 0-based), the classic layout (``block{i}``, 1-based),
+    ResNet (``layer{i}``, 1-based) and ``stages.{i}`` (0-based).
+    """
+    name = layer_name.lower()
+    for pattern, offset in ((r"(?:^|\.)blocks\.(\d+)", 1), (r"(?:^|\.)stages?\.(\d+)", 1),
+                            (r"(?:^|\.)block(\d+)", 0), (r"(?:^|\.)layer(\d+)", 0)):
+        match = re.search(pattern, name)
+        if match:
+            return f"stage{int(match.group(1)) + offset}"
+    last = name.split(".")[-1] if "." in name else name
+    if name.startswith(("stem", "conv1")) or last in ("stem_conv", "conv1", "conv"):
+        return "stem"
+    if name.startswith(("fc", "linear", "head", "classifier")):
+        return "head"
+    return "other"
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
+    """Spearman rank correlation of paired finite values, with the count used; ``rho`` None below 3 pairs."""
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if _finite(x) and _finite(y)]
+    if len(pairs) < 3:
+        return {"rho": None, "p_value": None, "n": len(pairs), "note": "needs at least 3 runs with both values"}
+    from scipy.stats import spearmanr
+
+    a, b = zip(*pairs)
+    if len(set(a)) == 1 or len(set(b)) == 1:
+        return {"rho": None, "p_value": None, "n": len(pairs), "note": "a constant column has no rank correlation"}
+    result = spearmanr(a, b)
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
+
+
+def correlations(models: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rank correlations of robustness with the theory's prediction and the measured Lipschitz values.
+
+    A lower predicted/measured Lipschitz constant is expected to go with HIGHER robust accuracy,
+    so agreement shows as a negative rho.
+    """
+    robust = [m.get("robust_acc") for m in models]
+    out = {}
+    for key in ("theory_prediction", "certified_lipschitz", "empirical_lipschitz", "local_lipschitz", "params"):
+        out[f"{key}~robust_acc"] = spearman([m.get(key) for m in models], robust)
+    out["theory_prediction~certified_lipschitz"] = spearman(
+        [m.get("theory_prediction") for m in models], [m.get("certified_lipschitz") for m in models]
+    )
+    return out
+
+
+def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The aggregate table: one row per model with the scalar columns of ``TABLE_COLUMNS``."""
+    return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows to CSV (lists joined with '-', e.g. depths 5-5-5)."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
+    return path
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10000 else str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "-".join(str(x) for x in v)
+    return str(v)
+
+
+def _last_width(m: dict[str, Any]) -> float | None:
+    widths = m.get("widths")
+    return float(widths[-1]) if isinstance(widths, (list, tuple)) and widths else None
+
+
+# ----------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg backend selected inside each function)
+# ----------------------------------------------------------------------------------------------
+
+_STAGE_COLOURS = {"stem": "#555555", "stage1": "#1f77b4", "stage2": "#ff7f0e", "stage3": "#2ca02c",
+                  "stage4": "#9467bd", "head": "#d62728", "other": "#8c564b"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 4) -> Path | None:
+    """Per-layer certified upper bound and lower bound, coloured by stage; one panel per model."""
+    with_layers = [m for m in models if m.get("layers")][:max_models]
+    if not with_layers:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(with_layers), figsize=(5.2 * len(with_layers), 3.8), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], with_layers):
+        seen: set[str] = set()
+        for i, row in enumerate(model["layers"]):
+            stage = stage_of(str(row.get("name", "")))
+            colour = _STAGE_COLOURS.get(stage, "#8c564b")
+            upper, lower = _value(row.get("upper")), _value(row.get("lower"))
+            label = stage if stage not in seen else None
+            seen.add(stage)
+            if upper is not None:
+                ax.scatter([i], [upper], marker="v", color=colour, s=28, label=label, zorder=3)
+            if lower is not None:
+                ax.scatter([i], [lower], marker="^", color=colour, s=18, facecolors="none", zorder=3)
+            if upper is not None and lower is not None:
+                ax.plot([i, i], [lower, upper], color=colour, lw=1.0)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer (forward order)")
+        ax.set_title(str(model.get("name", "")), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best", title="v upper  ^ lower", title_fontsize=7)
+    axes[0][0].set_ylabel("l2 operator norm")
+    fig.suptitle("per-layer spectral norms by stage (certified upper v, lower ^)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 12) -> Path | None:
+    """Grouped bars (log scale): certified upper bounds against data/attack lower bounds per model."""
+    keys = [("certified_lipschitz_product", "certified upper (layer product)", "#9467bd"),
+            ("certified_lipschitz", "certified upper (best)", "#1f77b4"),
+            ("empirical_lipschitz", "lower: max Jacobian norm on data", "#2ca02c"),
+            ("attack_lipschitz", "lower: attack ratio", "#ff7f0e")]
+    chosen = [m for m in models if any(_finite(m.get(k)) for k, _, _ in keys)][:max_models]
+    present = [(k, lab, c) for k, lab, c in keys if any(_finite(m.get(k)) for m in chosen)]
+    if not chosen or not present:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(chosen) + 2), 4.0))
+    width = 0.8 / len(present)
+    for j, (key, label, colour) in enumerate(present):
+        xs, heights = [], []
+        for i, m in enumerate(chosen):
+            if _finite(m.get(key)) and m[key] > 0:
+                xs.append(i + (j - (len(present) - 1) / 2) * width)
+                heights.append(m[key])
+        bars = ax.bar(xs, heights, width=width, color=colour, label=label)
+        for bar, h in zip(bars, heights):
+            ax.annotate(f"{h:.3g}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(chosen)))
+    ax.set_xticklabels([str(m.get("name", i)) for i, m in enumerate(chosen)], fontsize=8)
+    ax.set_ylabel("l2 Lipschitz constant of the logits")
+    ax.set_title("certified upper bounds vs empirical lower bounds (truth lies between)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path, *, xlabel: str,
+                 title: str, logx: bool = False, y_keys: Sequence[str] = ("robust_acc", "clean_acc")) -> Path | None:
+    """Accuracy (robust, and clean when present) against one property of each model, points labelled by name."""
+    def x_of(m: dict[str, Any]) -> float | None:
+        return _last_width(m) if x_key == "last_width" else (m.get(x_key) if _finite(m.get(x_key)) else None)
+
+    points = [m for m in models if x_of(m) is not None and _finite(m.get(y_keys[0]))]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    markers = {"robust_acc": ("o", "#d62728", "robust accuracy"), "clean_acc": ("s", "#1f77b4", "clean accuracy")}
+    for y_key in y_keys:
+        marker, colour, label = markers.get(y_key, ("D", "#555555", y_key))
+        pts = sorted((x_of(m), m[y_key], str(m.get("name", ""))) for m in points if _finite(m.get(y_key)))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label, ls=":" if len(pts) > 1 else "")
+        if y_key == y_keys[0]:
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _value(v: Any) -> float | None:
+    if isinstance(v, dict):
+        v = v.get("value")
+    return float(v) if _finite(v) else None
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False) -> dict[str, Path]:
+    """Write every figure the records support; returns {figure key: path}."""
+    out_dir = Path(out_dir)
+    figures: dict[str, Path | None] = {
+        "layer_norms": plot_layer_norms(models, out_dir / "layer_norms.png"),
+        "certified_vs_empirical": plot_certified_vs_empirical(models, out_dir / "certified_vs_empirical.png"),
+        "robustness_vs_last_width": plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
+                                                 xlabel="last-stage width", title="robustness vs last-stage width"),
+    }
+    if sweep or len(models) > 2:
+        figures["robustness_vs_params"] = plot_scatter(models, "params", out_dir / "robustness_vs_params.png",
+                                                       xlabel="parameters", title="robustness vs parameter count", logx=True)
+        figures["robustness_vs_certified"] = plot_scatter(models, "certified_lipschitz", out_dir / "robustness_vs_certified.png",
+                                                          xlabel="certified l2 Lipschitz upper bound", logx=True,
+                                                          title="robustness vs certified Lipschitz bound")
+        figures["robustness_vs_empirical"] = plot_scatter(models, "empirical_lipschitz", out_dir / "robustness_vs_empirical.png",
+                                                          xlabel="empirical Lipschitz lower bound (max Jacobian norm)", logx=True,
+                                                          title="robustness vs empirical Lipschitz")
+        figures["robustness_vs_theory"] = plot_scatter(models, "theory_prediction", out_dir / "robustness_vs_theory.png",
+                                                       xlabel="theory's predicted Lipschitz bound", logx=True,
+                                                       title="robustness vs the theory's prediction")
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------
+
+_CAPTIONS = {
+    "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size.",
+    "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
+    "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
+    "robustness_vs_params": "Robust accuracy against parameter count.",
+    "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
+    "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
+    "robustness_vs_theory": "Robust accuracy against the theory's predicted Lipschitz bound.",
+}
+
+
+def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_dir: Path, regenerate: str) -> str:
+    """The report text: summary table, stage bounds, correlations, figures with captions, provenance."""
+    models = results.get("models", [])
+    kind = results.get("kind", "run")
+    lines = [f"# archlip {kind} report: {results.get('name', report_dir.name)}", ""]
+    if results.get("description"):
+        lines += [str(results["description"]), ""]
+    lines += [f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate this report and its figures with `{regenerate}`.", ""]
+    lines += ["Guarantee of each number: `certified_upper` (a proven upper bound), `lower` (a proven lower bound: "
+              "the true value is at least this), `estimate` (no guarantee either way). See docs/index.md.", ""]
+
+    rows = table_rows(models)
+    shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    if rows and shown:
+        lines += ["## Results", ""]
+        header = [f"{c} ({COLUMN_GUARANTEES[c]})" if c in COLUMN_GUARANTEES else c for c in shown]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
+        lines.append("")
+        eps = {m.get("eps") for m in models if m.get("eps") is not None}
+        if eps:
+            lines += [f"Robust accuracy: attack `{models[0].get('robust_attack', '?')}` at linf eps = {', '.join(_fmt(e) for e in eps)}"
+                      f"{'; ' + str(models[0]['eval_points']) if models[0].get('eval_points') else ''}.", ""]
+
+    stage_models = [m for m in models if m.get("stage_bounds")]
+    if stage_models:
+        stages = sorted({s for m in stage_models for s in m["stage_bounds"]})
+        lines += ["## Certified per-stage bounds (certified_upper)", "",
+                  "| model | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
+        lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
+        lines.append("")
+
+    if len(models) >= 2 and any(_finite(m.get("theory_prediction")) for m in models):
+        lines += ["## Theory vs measurement", ""]
+        ordered = sorted(models, key=lambda m: (m.get("theory_prediction") is None, m.get("theory_prediction") or 0))
+        lines.append("Predicted order (lowest predicted bound first): " + ", ".join(str(m.get("name")) for m in ordered) + ".")
+        measured = sorted(models, key=lambda m: -(m.get("robust_acc") or 0))
+        lines.append("Measured order (most robust first): " + ", ".join(str(m.get("name")) for m in measured) + ".")
+        lines.append("")
+    corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
+    if corr:
+        lines += ["## Rank correlations (Spearman)", "",
+                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho.", "",
+                  "| pair | rho | p-value | n |", "|---|---|---|---|"]
+        for pair, c in corr.items():
+            lines.append(f"| {pair} | {_fmt(c.get('rho'))} | {_fmt(c.get('p_value'))} | {c.get('n')}"
+                         f"{' (' + c['note'] + ')' if c.get('note') else ''} |")
+        lines.append("")
+
+    if figures:
+        lines += ["## Figures", ""]
+        for key, path in figures.items():
+            rel = Path(path).resolve().relative_to(report_dir.resolve()) if Path(path).resolve().is_relative_to(report_dir.resolve()) else Path(path)
+            lines += [f"![{key}]({rel.as_posix()})", "", f"*{_CAPTIONS.get(key, key)}* Regenerate: `{regenerate}`.", ""]
+
+    for m in models:
+        if m.get("layers"):
+            lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
+                      "| layer | stage | lower | upper | gap | method |", "|---|---|---|---|---|---|"]
+            for row in m["layers"]:
+                lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(_value(row.get('lower')))} | "
+                             f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('upper_method', row.get('method')))} |")
+            lines.append("")
+
+    provenance = results.get("provenance")
+    if provenance:
+        lines += ["## Provenance", ""] + [f"- {k}: {_fmt(v)}" for k, v in provenance.items()] + [""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regenerate: str | None = None) -> Path:
+    """Render ``report.md`` and its PNG figures for ``run_dir``; returns the report's path."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = results.get("models", [])
+    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep")
+    if results.get("kind") == "sweep" and models:
+        write_csv(table_rows(models), out_dir / "table.csv")
+    text = render_markdown(results, figures, out_dir, regenerate or f"archlip report {run_dir}")
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
