@@ -1,0 +1,1 @@
+"""Adversarial training: objectives, inner attack, schedules, EMA, checkpointing, distributed, loop."""
