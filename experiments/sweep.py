@@ -1,0 +1,468 @@
+"""Sweeps over per-stage depth and width: grid expansion, fixed-parameter-budget configurations,
+resumable execution (sequential or one ``torchrun`` job per run) and aggregation.
+
+A sweep file (YAML; shipped ones in ``experiments/configs/sweeps/``, loadable by name)::
+
+    name: digits-cpu
+    description: ...
+    recipe: digits-pgdat-tiny          # a training recipe (name or path), see experiments/config.py
+    set:                               # recipe overrides applied to every run
+      run.epochs: 4
+    grid:                              # cartesian product of recipe overrides, one run per combination
+      model.overrides.depths: [[1, 1, 1], [1, 1, 2]]
+      model.overrides.widths: [[8, 16, 32, 64], [8, 16, 32, 32]]
+    configs:                           # extra runs, each a mapping of overrides (optional ``id``)
+      - {id: wrn-34-10, model.overrides.depths: [5, 5, 5], model.overrides.widths: [16, 160, 320, 640]}
+    budget:                            # optional: fixed parameter budget
+      params: 46.2M
+      tolerance: 0.05                  # keep runs within +-5% of the budget ...
+      fit: stage_widths                # ... after rescaling the stage widths (not the stem) to meet it
+      multiple_of: 8                   # widths rounded to multiples of 8 when fitting
+    evaluate: {attacks: [pgd20], eps: 8/255, n: 1000}
+    analysis: {spectral: true, bound: true, lower_points: 128, theory: true}
+    launcher: sequential               # or torchrun (one job per run)
+    nproc_per_node: 1
+    torchrun_args: []                  # e.g. [--nnodes, "2", --rdzv-backend, c10d, --rdzv-endpoint, "host:29500"]
+
+Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, summary.json}``, then ``results.json``,
+``table.csv``, ``report.md`` and the PNG plots. A run is finished when its ``summary.json`` exists; rerunning
+the sweep skips finished runs and resumes interrupted training from its checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
+LAUNCHERS = ("sequential", "torchrun")
+SPEC_KEYS = ("name", "description", "recipe", "set", "grid", "configs", "budget", "evaluate", "analysis",
+             "launcher", "nproc_per_node", "torchrun_args")
+BUDGET_KEYS = ("params", "tolerance", "fit", "multiple_of")
+BUDGET_FITS = ("none", "stage_widths", "last_width")
+DEPTHS_KEY = "model.overrides.depths"
+WIDTHS_KEY = "model.overrides.widths"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration of a sweep: an id and the recipe overrides that define it."""
+
+    run_id: str
+    overrides: dict[str, Any]
+    params: int | None = None
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    recipe: str
+    runs: list[RunSpec]
+    base: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    analysis: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    launcher: str = "sequential"
+    nproc_per_node: int = 1
+    torchrun_args: list[str] = field(default_factory=list)
+    description: str = ""
+    source: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# spec: loading, grid expansion, budget
+# ----------------------------------------------------------------------------------------------
+
+
+def list_sweeps() -> list[str]:
+    """Names of the sweep files shipped in experiments/configs/sweeps."""
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def resolve_sweep_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SWEEP_DIR / f"{path.stem}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"sweep file {str(name_or_path)!r} not found; give a path or a shipped sweep: {', '.join(list_sweeps())}")
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+    """Cartesian product of ``{key: [values]}`` in key order; an empty grid gives one empty point."""
+    if not grid:
+        return [{}]
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"grid key {key!r} needs a non-empty list of values, got {values!r}")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_id_for(overrides: Mapping[str, Any]) -> str:
+    """A readable, filesystem-safe id: ``d1-1-2_w8-16-32-32`` for depths/widths, hashed tail for the rest."""
+    if "id" in overrides:
+        return str(overrides["id"])
+    parts = []
+    short = {DEPTHS_KEY: "d", WIDTHS_KEY: "w"}
+    rest = {}
+    for key, value in overrides.items():
+        if key in short:
+            parts.append(short[key] + "-".join(str(v) for v in (value if isinstance(value, (list, tuple)) else [value])))
+        else:
+            rest[key] = value
+    for key, value in rest.items():
+        leaf = key.split(".")[-1]
+        text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        if len(text) <= 12 and all(c.isalnum() or c in "-._" for c in text):
+            parts.append(f"{leaf}{text}")
+        else:
+            parts.append(leaf + hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:6])
+    return "_".join(parts) or "base"
+
+
+def load_sweep(name_or_path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file; expands the grid and applies the parameter budget."""
+    path = resolve_sweep_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc.__class__.__name__}); check the indentation") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a sweep file must be a mapping with keys {', '.join(SPEC_KEYS)}")
+    spec = sweep_from_dict(raw, default_name=path.stem)
+    spec.source = str(path)
+    return spec
+
+
+def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
+                    count_params: Callable[[str, Mapping[str, Any]], int] | None = None) -> SweepSpec:
+    """Validate a sweep mapping and expand it into runs (see the module docstring for the keys)."""
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(SPEC_KEYS)}")
+    if "recipe" not in raw:
+        raise ValueError("a sweep needs 'recipe': a training recipe name or path (see experiments/configs/)")
+    launcher = raw.get("launcher", "sequential")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    base = dict(raw.get("set") or {})
+    points = [dict(p) for p in expand_grid(raw.get("grid"))] if raw.get("grid") or not raw.get("configs") else []
+    for extra in raw.get("configs") or []:
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"each entry of 'configs' must be a mapping of overrides, got {extra!r}")
+        points.append(dict(extra))
+    budget = dict(raw["budget"]) if raw.get("budget") else None
+    runs = [RunSpec(run_id_for(p), {k: v for k, v in p.items() if k != "id"}) for p in points]
+    if budget is not None:
+        runs = apply_budget(runs, budget, str(raw["recipe"]), base, count_params or count_params_for)
+    ids = [r.run_id for r in runs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"sweep has duplicate run ids {duplicates}; give the entries distinct 'id' values")
+    nproc = raw.get("nproc_per_node", 1)
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc_per_node must be a positive integer, got {nproc!r}")
+    return SweepSpec(
+        name=str(raw.get("name", default_name)), recipe=str(raw["recipe"]), runs=runs, base=base,
+        evaluate=dict(raw.get("evaluate") or {}), analysis=dict(raw.get("analysis") or {}), budget=budget,
+        launcher=launcher, nproc_per_node=nproc, torchrun_args=[str(a) for a in raw.get("torchrun_args") or []],
+        description=str(raw.get("description", "")),
+    )
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Turn torch.nn.init's in-place initialisers into no-ops (weights on the meta device hold no values)."""
+    import torch
+
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_params_cached(recipe: str, frozen: str) -> int:
+    import torch
+
+    from experiments.config import load_config
+    from experiments.models import create_model
+
+    config = load_config(recipe, overrides=to_override_strings(json.loads(frozen)))
+    with torch.device("meta"), _skip_weight_init():
+        model = create_model(config.model.name, num_classes=_num_classes(config), in_channels=_in_channels(config),
+                             **config.model.overrides)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_params_for(recipe: str, overrides: Mapping[str, Any]) -> int:
+    """Parameter count of the model a recipe + overrides builds (built on the meta device: no memory, no init)."""
+    return _count_params_cached(recipe, json.dumps(dict(overrides), sort_keys=True, default=str))
+
+
+def _num_classes(config) -> int:
+    return 100 if getattr(config.data, "dataset", "") == "cifar100" else 10
+
+
+def _in_channels(config) -> int:
+    dataset = getattr(config.data, "dataset", "digits")
+    return 1 if dataset == "digits" else 3
+
+
+def apply_budget(runs: list[RunSpec], budget: Mapping[str, Any], recipe: str, base: Mapping[str, Any],
+                 count_params: Callable[[str, Mapping[str, Any]], int]) -> list[RunSpec]:
+    """Keep (optionally after fitting widths) the runs whose parameter count is within tolerance of the budget.
+
+    ``fit: stage_widths`` rescales every stage width (the stem keeps its width) by one factor;
+    ``fit: last_width`` changes only the last stage's width. The factor is found by bisection on the
+    real parameter count, widths rounded to ``multiple_of``.
+    """
+    from experiments.cli import parse_count
+
+    unknown = sorted(set(budget) - set(BUDGET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown budget key(s) {unknown}; valid: {', '.join(BUDGET_KEYS)}")
+    if "params" not in budget:
+        raise ValueError("budget needs 'params', e.g. params: 46.2M")
+    target = parse_count(budget["params"])
+    tolerance = float(budget.get("tolerance", 0.05))
+    if not 0 < tolerance < 1:
+        raise ValueError(f"budget tolerance must be in (0, 1), got {tolerance}")
+    fit = budget.get("fit", "none") or "none"
+    if fit not in BUDGET_FITS:
+        raise ValueError(f"unknown budget fit {fit!r}; valid: {', '.join(BUDGET_FITS)}")
+    multiple = int(budget.get("multiple_of", 1))
+    kept = []
+    for run in runs:
+        overrides = {**base, **run.overrides}
+        if fit != "none":
+            if WIDTHS_KEY not in overrides:
+                raise ValueError(f"budget fit {fit!r} needs {WIDTHS_KEY} in every run (set it in 'set', 'grid' or 'configs')")
+            overrides[WIDTHS_KEY] = fit_widths(list(overrides[WIDTHS_KEY]), target, fit, multiple,
+                                               lambda w: count_params(recipe, {**overrides, WIDTHS_KEY: w}))
+        params = count_params(recipe, overrides)
+        if abs(params - target) <= tolerance * target:
+            own = {k: v for k, v in overrides.items() if k in run.overrides or k == WIDTHS_KEY and fit != "none"}
+            new_id = run.run_id if fit == "none" or "id" in run.overrides else run_id_for(own)
+            kept.append(RunSpec(new_id, own, params))
+    if not kept:
+        raise ValueError(f"no configuration lies within {tolerance:.0%} of the budget {target:,}; widen the grid or the tolerance")
+    return kept
+
+
+def fit_widths(widths: list[int], target: int, fit: str, multiple: int,
+               count: Callable[[list[int]], int]) -> list[int]:
+    """Scale stage widths (``stage_widths``) or the last width (``last_width``) so ``count`` is closest to ``target``."""
+    def scaled(factor: float) -> list[int]:
+        def rnd(w: float) -> int:
+            return max(multiple, int(round(w / multiple)) * multiple)
+        if fit == "last_width":
+            return widths[:-1] + [rnd(widths[-1] * factor)]
+        return widths[:1] + [rnd(w * factor) for w in widths[1:]]
+
+    lo, hi = 1e-3, 1.0
+    while count(scaled(hi)) < target and hi < 1e4:
+        hi *= 2
+    for _ in range(40):
+        if all(abs(a - b) <= multiple for a, b in zip(scaled(lo), scaled(hi))):
+            break
+        mid = math.sqrt(lo * hi)
+        if count(scaled(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    candidates = {tuple(scaled(lo)), tuple(scaled(hi))}
+    return list(min(candidates, key=lambda w: abs(count(list(w)) - target)))
+
+
+def to_override_strings(overrides: Mapping[str, Any]) -> list[str]:
+    """``{"run.epochs": 3, "model.overrides.widths": [8, 16]}`` -> ["run.epochs=3", "model.overrides.widths=[8, 16]"]."""
+    out = []
+    for key, value in overrides.items():
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        if text.endswith("\n...") or text.endswith("..."):
+            text = text.rsplit("\n", 1)[0].strip() if "\n" in text else text.replace("...", "").strip()
+        out.append(f"{key}={text}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# execution
+# ----------------------------------------------------------------------------------------------
+
+Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], dict]
+
+
+def summary_path(out_dir: Path, run: RunSpec) -> Path:
+    return Path(out_dir) / "runs" / run.run_id / "summary.json"
+
+
+def is_finished(out_dir: Path, run: RunSpec) -> bool:
+    """A run is finished when its summary.json exists and parses."""
+    path = summary_path(out_dir, run)
+    if not path.is_file():
+        return False
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def torchrun_command(spec: SweepSpec, run: RunSpec, train_dir: Path, nproc_per_node: int, resume: bool) -> list[str]:
+    """The command that trains one run as its own torchrun job."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node), *spec.torchrun_args,
+           "-m", "experiments.cli", "train", spec.recipe, "--out", str(train_dir)]
+    for text in to_override_strings({**spec.base, **run.overrides}):
+        cmd += ["--set", text]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str, Any]) -> dict:
+    """Train one run (resuming an interrupted one), then measure it; returns the run's record."""
+    from experiments.config import load_config, save_config
+    from experiments.demo import measure_trained_run
+
+    overrides = {**spec.base, **run.overrides}
+    if options.get("device"):
+        overrides["run.device"] = options["device"].split(":")[0]
+    config = load_config(spec.recipe, overrides=to_override_strings(overrides))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    train_dir = run_dir / "train"
+    resume = train_dir.is_dir() and any(train_dir.iterdir())
+    train_summary = _finished_training(train_dir)
+    if train_summary is None:
+        if options.get("launcher", spec.launcher) == "torchrun":
+            cmd = torchrun_command(spec, run, train_dir, int(options.get("nproc_per_node") or spec.nproc_per_node), resume)
+            completed = subprocess.run(cmd)
+            if completed.returncode != 0:
+                raise RuntimeError(f"torchrun job for run {run.run_id} failed with exit code {completed.returncode}: {shlex.join(cmd)}")
+            train_summary = _finished_training(train_dir) or {}
+        else:
+            from experiments.training import train
+
+            train_summary = train(config, train_dir, resume=resume)
+    record = measure_trained_run(config, train_dir, train_summary, name=run.run_id,
+                                 evaluate_options=spec.evaluate, analysis_options=spec.analysis,
+                                 device=options.get("device") or "cpu", seed=config.run.seed)
+    record["overrides"] = dict(run.overrides)
+    return record
+
+
+def _finished_training(train_dir: Path) -> dict | None:
+    path = train_dir / "summary.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = None, launcher: str | None = None,
+              nproc_per_node: int | None = None, dry_run: bool = False, only: Iterable[str] | None = None,
+              aggregate_only: bool = False, device: str | None = None, runner: Runner | None = None,
+              progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Run the sweep's unfinished runs (at most ``max_runs`` new ones), then aggregate whatever is finished.
+
+    Returns counts (total, done, ran, skipped), the run ids of each kind and the paths written.
+    ``report=False`` skips the plots and report.md (results.json and table.csv are always written).
+    """
+    from experiments.cli import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if max_runs is not None and max_runs < 0:
+        raise ValueError(f"--max-runs must be >= 0, got {max_runs}")
+    runs = spec.runs
+    if only:
+        only = list(only)
+        known = {r.run_id for r in runs}
+        missing = [r for r in only if r not in known]
+        if missing:
+            raise ValueError(f"unknown run id(s) {missing}; this sweep's runs: {', '.join(sorted(known))}")
+        runs = [r for r in runs if r.run_id in only]
+    options = {"launcher": launcher or spec.launcher, "nproc_per_node": nproc_per_node or spec.nproc_per_node, "device": device}
+    (out_dir / "sweep.json").write_text(json.dumps({
+        "name": spec.name, "recipe": spec.recipe, "source": spec.source, "base": spec.base,
+        "runs": [{"run_id": r.run_id, "overrides": r.overrides, "params": r.params} for r in spec.runs],
+        "evaluate": spec.evaluate, "analysis": spec.analysis, "budget": spec.budget,
+    }, indent=2, default=str) + "\n")
+
+    skipped = [r.run_id for r in runs if is_finished(out_dir, r)]
+    todo = [r for r in runs if not is_finished(out_dir, r)]
+    result: dict[str, Any] = {"total": len(spec.runs), "skipped": len(skipped), "skipped_ids": skipped, "ran": 0, "ran_ids": []}
+    if dry_run:
+        result["commands"] = [
+            shlex.join(torchrun_command(spec, r, out_dir / "runs" / r.run_id / "train", options["nproc_per_node"], False))
+            if options["launcher"] == "torchrun" else f"train {r.run_id}: " + " ".join(to_override_strings({**spec.base, **r.overrides}))
+            for r in todo
+        ]
+        result["done"] = sum(is_finished(out_dir, r) for r in spec.runs)
+        return result
+    if not aggregate_only:
+        runner = runner or train_run
+        if max_runs is not None:
+            todo = todo[:max_runs]
+        iterator = todo
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(todo, desc=f"sweep {spec.name}", unit="run")
+        for run in iterator:
+            run_dir = out_dir / "runs" / run.run_id
+            start = time.time()
+            record = runner(spec, run, run_dir, options)
+            record.setdefault("name", run.run_id)
+            record.setdefault("params", run.params)
+            record["run_seconds"] = time.time() - start
+            write_json(run_dir / "summary.json", record)
+            result["ran"] += 1
+            result["ran_ids"].append(run.run_id)
+    result["done"] = sum(is_finished(out_dir, r) for r in spec.runs)
+    result.update(aggregate(spec, out_dir, report=report))
+    return result
+
+
+def aggregate(spec: SweepSpec, out_dir: str | Path, report: bool = True) -> dict[str, Any]:
+    """Collect finished runs into results.json and table.csv, with rank correlations, plots and report.md."""
+    from experiments import report as reporting
+    from experiments.cli import write_json
+
+    out_dir = Path(out_dir)
+    models = [json.loads(summary_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]
+    if not models:
+        return {"table": None, "report": None}
+    results = {
+        "kind": "sweep", "name": spec.name, "description": spec.description, "models": models,
+        "correlations": reporting.correlations(models),
+        "provenance": {"sweep_file": spec.source, "recipe": spec.recipe, "runs_finished": f"{len(models)} of {len(spec.runs)}"},
+    }
+    write_json(out_dir / "results.json", results)
+    table = reporting.write_csv(reporting.table_rows(models), out_dir / "table.csv")
+    path = reporting.write_report(out_dir, regenerate=f"archlip sweep {spec.source or spec.name} --out {out_dir} --aggregate-only") if report else None
+    return {"table": str(table), "report": None if path is None else str(path), "results": str(out_dir / "results.json")}
