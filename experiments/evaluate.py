@@ -1,0 +1,541 @@
+"""Robustness evaluation: clean accuracy, gradient attacks and AutoAttack on exactly the points claimed.
+
+``evaluate(model, x, y, attacks, eps=..., out_dir=...)`` runs named attack presets
+(``experiments.attacks.get_attack_preset``) on the first ``n`` points (RobustBench convention) or a seeded
+subset, checks every adversarial example (eps-ball, [0, 1], finite logits), and writes
+
+- ``summary.json``: clean accuracy, robust accuracy per attack, the worst case over the attacks run (per example
+  AND over attacks), eps, norm, n, which points, seed, versions, and beside each PGD/CW run its stable accuracy
+  and the paper code's local Lipschitz ratio at the attack's examples;
+- ``per_example.jsonl``: one line per point (index, label, clean correct and margin, robust and margin per attack);
+- ``eval_state.json`` (+ pyautoattack's ``autoattack-NAME.state.json``): progress per attack and per batch, so an
+  interrupted evaluation picks up where it stopped.
+
+AutoAttack runs through ``pyautoattack`` (the upstream code by Croce and Hein) with its own settings, called once
+on all selected points, so its numbers equal a direct call on the same points and seed.
+
+References: Croce & Hein 2020 (AutoAttack); Croce et al. 2021 (RobustBench: first n test points);
+Yang et al. 2020 and Huang et al. 2021 (stable accuracy and local Lipschitz ratio logged beside PGD).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from experiments.attacks import (
+    AUTOATTACK_ATTACKS,
+    AttackPreset,
+    BallViolationError,
+    check_in_ball,
+    get_attack_preset,
+    logit_margin,
+    model_mode,
+)
+
+POINT_SELECTIONS = ("first", "random")
+EVAL_NORMS = {"linf": "Linf", "l2": "L2"}
+DOCS_POINTER = "docs/evaluation.md#fewer-than-10-classes"
+STATE_NAME = "eval_state.json"
+SUMMARY_NAME = "summary.json"
+PER_EXAMPLE_NAME = "per_example.jsonl"
+TARGETED_AA = ("apgd-t", "fab-t")
+STANDARD_TARGET_CLASSES = 9
+
+
+class LogitsError(ValueError):
+    """The model's outputs are not usable logits (wrong shape/dtype, NaN/Inf, or probabilities)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def select_points(n_total: int, n: int | None = None, selection: str = "first", seed: int = 0) -> torch.Tensor:
+    """Indices of the points to evaluate: the first ``n`` in order, or ``n`` drawn without replacement by ``seed``
+    (returned sorted). ``n=None`` takes all points."""
+    if selection not in POINT_SELECTIONS:
+        raise ValueError(f"unknown point selection {selection!r}; valid: {', '.join(POINT_SELECTIONS)}")
+    if n is None:
+        n = n_total
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > n_total:
+        raise ValueError(f"n must be an int in [1, {n_total}] (the number of available points), got {n!r}")
+    if selection == "first":
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+def check_logits(logits: Any, where: str = "model output") -> torch.Tensor:
+    """Raise ``LogitsError`` unless ``logits`` is a finite 2-D float (N, C>=2) tensor that is not a softmax."""
+    if not isinstance(logits, torch.Tensor):
+        raise LogitsError(f"{where} must be a tensor of logits, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise LogitsError(f"{where} must be logits of shape (N, classes>=2), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise LogitsError(f"{where} must be floating-point logits, got dtype {logits.dtype}")
+    if not torch.isfinite(logits).all():
+        raise LogitsError(f"{where} contains NaN/Inf logits; check the model weights and inputs")
+    if (logits >= 0).all() and torch.allclose(logits.sum(dim=1), torch.ones(1, dtype=logits.dtype), atol=1e-5):
+        raise LogitsError(
+            f"{where} looks like probabilities (non-negative rows summing to 1); attacks need logits: "
+            "remove the final softmax"
+        )
+    return logits
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for dist in ("archlip", "pyautoattack"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _model_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def _batch_generator(seed: int, attack: str, batch: int) -> torch.Generator:
+    key = hashlib.sha256(f"{seed}/{attack}/{batch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+
+
+def _paper_local_lipschitz(clean_logits: torch.Tensor, adv_logits: torch.Tensor, x: torch.Tensor,
+                           x_adv: torch.Tensor) -> torch.Tensor:
+    """Per-example ``||f(x) - f(x_adv)||_1 / ||x - x_adv||_inf`` (NaN where x_adv == x), as the paper code logs."""
+    top = (clean_logits - adv_logits).abs().sum(dim=1)
+    bottom = (x - x_adv).flatten(1).abs().amax(dim=1)
+    return torch.where(bottom > 0, top / bottom.clamp_min(1e-30), torch.full_like(top, float("nan")))
+
+
+def _resolve_attacks(attacks: Iterable[str | AttackPreset] | str) -> list[AttackPreset]:
+    if isinstance(attacks, (str, AttackPreset)):
+        attacks = [attacks]
+    presets = [a if isinstance(a, AttackPreset) else get_attack_preset(a) for a in attacks]
+    if not presets:
+        raise ValueError("attacks is empty; name at least one preset, e.g. ['pgd20', 'aa']")
+    names = [p.name for p in presets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack names must be unique, got {names}")
+    return presets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state
+
+
+def _load_state(path: Path, fingerprint: dict[str, Any], resume: bool) -> dict[str, Any]:
+    if not path.exists():
+        return {"fingerprint": fingerprint, "attacks": {}}
+    if not resume:
+        raise FileExistsError(
+            f"{path} exists from an earlier evaluation; pass resume=True to continue it or use a new out_dir"
+        )
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"state file {path} is not valid JSON ({err}); delete it to start over") from None
+    old = state.get("fingerprint", {})
+    differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if differ:
+        raise ValueError(
+            f"state file {path} belongs to a different evaluation (differs in: {', '.join(differ)}); "
+            "use a new out_dir or delete the state file"
+        )
+    return state
+
+
+def _save_state(path: Path | None, state: dict[str, Any]) -> None:
+    if path is not None:
+        _atomic_write_text(path, json.dumps(state))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# runners
+
+
+def _gradient_attack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
+                     clean_logits: torch.Tensor, eps: float, norm: str, batch_size: int, seed: int,
+                     entry: dict[str, Any], save: Any, progress: bool, device: torch.device) -> None:
+    from tqdm.auto import tqdm
+
+    n = x.shape[0]
+    n_batches = math.ceil(n / batch_size)
+    for key in ("robust", "margin", "stable", "lipschitz_ratio"):
+        entry.setdefault(key, [])
+    start_batch = entry.get("done_batches", 0)
+    t0 = time.perf_counter()
+    for b in tqdm(range(start_batch, n_batches), desc=preset.name, disable=not progress, leave=False,
+                  initial=start_batch, total=n_batches):
+        sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
+        xb, yb = x[sl].to(device), y[sl].to(device)
+        x_adv = preset.run(model, xb, yb, eps=eps, bn_mode="eval", generator=_batch_generator(seed, preset.name, b))
+        check_in_ball(x_adv, xb, eps, norm)
+        with torch.no_grad():
+            adv_logits = check_logits(model(x_adv), f"model output on {preset.name} examples").cpu()
+        clean_b = clean_logits[sl]
+        pred_adv = adv_logits.argmax(dim=1)
+        clean_ok = clean_b.argmax(dim=1) == y[sl]
+        entry["robust"] += (clean_ok & (pred_adv == y[sl])).tolist()
+        entry["margin"] += logit_margin(adv_logits, y[sl]).tolist()
+        entry["stable"] += (pred_adv == clean_b.argmax(dim=1)).tolist()
+        ratio = _paper_local_lipschitz(clean_b, adv_logits, xb.cpu(), x_adv.cpu())
+        entry["lipschitz_ratio"] += [None if math.isnan(v) else v for v in ratio.tolist()]
+        entry["done_batches"] = b + 1
+        entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save()
+    entry["done"] = True
+    save()
+
+
+class _AALogCapture(logging.Handler):
+    """Collects pyautoattack's cumulative 'robust accuracy after ATTACK: xx%' lines."""
+
+    pattern = re.compile(r"robust accuracy after ([A-Z0-9\-]+): ([0-9.]+)%")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.after: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        m = self.pattern.search(msg)
+        if m:
+            self.after[m.group(1).lower()] = float(m.group(2)) / 100
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(msg)
+
+
+def build_autoattack(model: nn.Module, preset: AttackPreset, *, eps: float, norm: str, seed: int,
+                     n_classes: int, device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A ``pyautoattack.AutoAttack`` for ``preset`` with upstream settings; with fewer than 10 classes the
+    targeted attacks' target count is lowered to ``n_classes - 1`` (with a warning; upstream would fail)."""
+    from pyautoattack import AutoAttack
+
+    if preset.kind != "autoattack":
+        raise ValueError(f"preset {preset.name!r} is not an AutoAttack preset")
+    kwargs: dict[str, Any] = {"norm": EVAL_NORMS[norm], "eps": eps, "seed": seed, "version": preset.version,
+                              "device": device}
+    if preset.version == "custom":
+        kwargs["attacks"] = list(preset.attacks)
+    adversary = AutoAttack(model, **kwargs)
+    settings = {"version": preset.version, "attacks": list(adversary.attacks_to_run), "seed": seed,
+                "norm": kwargs["norm"], "eps": eps,
+                "apgd_targeted_n_target_classes": adversary.apgd_targeted.n_target_classes,
+                "fab_n_target_classes": adversary.fab.n_target_classes}
+    targeted = [a for a in adversary.attacks_to_run if a in TARGETED_AA]
+    if targeted and n_classes - 1 < max(adversary.apgd_targeted.n_target_classes, adversary.fab.n_target_classes):
+        warnings.warn(
+            f"{preset.name}: the model has {n_classes} classes but {', '.join(targeted)} use "
+            f"{STANDARD_TARGET_CLASSES} target classes; lowering them to {n_classes - 1}, so the result is not "
+            f"the standard AutoAttack number (see {DOCS_POINTER})",
+            UserWarning,
+            stacklevel=3,
+        )
+        adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, n_classes - 1)
+        adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_classes - 1)
+        settings["apgd_targeted_n_target_classes"] = adversary.apgd_targeted.n_target_classes
+        settings["fab_n_target_classes"] = adversary.fab.n_target_classes
+        settings["non_standard"] = f"target classes lowered to {n_classes - 1} ({n_classes} classes)"
+    return adversary, settings
+
+
+def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
+                clean_logits: torch.Tensor, eps: float, norm: str, batch_size: int, seed: int, n_classes: int,
+                entry: dict[str, Any], save: Any, out_dir: Path | None, device: torch.device) -> None:
+    from pyautoattack.state import EvaluationState
+
+    adversary, settings = build_autoattack(model, preset, eps=eps, norm=norm, seed=seed, n_classes=n_classes,
+                                           device=device)
+    state_path = None
+    if out_dir is not None:
+        state_path = (out_dir / f"autoattack-{preset.name.replace(':', '_').replace('+', '_')}.state.json").resolve()
+        entry["state_file"] = str(state_path)
+    resumed = state_path is not None and state_path.exists()
+    entry["settings"] = settings
+    capture = _AALogCapture()
+    aa_logger = logging.getLogger("auto-attack")
+    old_level = aa_logger.level
+    aa_logger.addHandler(capture)
+    aa_logger.setLevel(logging.DEBUG)
+    rng_state = torch.get_rng_state()  # pyautoattack reseeds the global RNG; put it back afterwards
+    t0 = time.perf_counter()
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
+    finally:
+        torch.set_rng_state(rng_state)
+        aa_logger.removeHandler(capture)
+        aa_logger.setLevel(old_level)
+    entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - t0
+    x_adv = x_adv.cpu()
+    check_in_ball(x_adv, x.cpu(), eps, norm)
+    with torch.no_grad():
+        adv_logits = torch.cat([
+            check_logits(model(x_adv[i:i + batch_size].to(device)), f"model output on {preset.name} examples").cpu()
+            for i in range(0, x_adv.shape[0], batch_size)
+        ])
+    returned_fools = adv_logits.argmax(dim=1) != y.cpu()
+    if state_path is not None:
+        robust = EvaluationState.from_disk(state_path).robust_flags.cpu()
+    else:
+        robust = ~returned_fools & (clean_logits.argmax(dim=1) == y.cpu())
+    # guard: every point pyautoattack counts as broken in this run must be broken by the example it returned
+    changed = (x_adv != x.cpu()).flatten(1).any(dim=1)
+    if (changed & ~returned_fools).any():
+        bad = (changed & ~returned_fools).nonzero().flatten().tolist()
+        raise BallViolationError(f"{preset.name}: returned examples {bad[:10]} do not change the prediction")
+    margins = logit_margin(adv_logits, y.cpu())
+    # points broken before an interruption come back unchanged from upstream's resume: no example, no margin
+    lost = ~robust & ~changed & (clean_logits.argmax(dim=1) == y.cpu())
+    entry["robust"] = robust.tolist()
+    entry["margin"] = [None if (resumed and bool(lo)) else float(m) for m, lo in zip(margins.tolist(), lost.tolist())]
+    entry["cumulative_robust_accuracy"] = capture.after
+    entry["upstream_warnings"] = capture.warnings
+    entry["examples_checked"] = int(x_adv.shape[0] - int(lost.sum()) if resumed else x_adv.shape[0])
+    entry["done"] = True
+    save()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main entry
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str | AttackPreset] | str = ("pgd20",),
+    *,
+    eps: float,
+    norm: str = "linf",
+    n: int | None = None,
+    points: str = "first",
+    seed: int = 0,
+    batch_size: int = 250,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    lipschitz_metric: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``n`` points of ``(x, y)`` under the named ``attacks`` at radius ``eps`` (required).
+
+    ``points``: "first" (the first n, RobustBench) or "random" (n drawn with ``seed``). The model is put in
+    eval mode for the whole evaluation (its flags are restored afterwards). An example counts as robust under
+    an attack iff it is classified correctly at x and at the attack's example. Returns the summary dict (also
+    written to ``out_dir/summary.json`` with ``per_example.jsonl`` when ``out_dir`` is given).
+    ``lipschitz_metric=True`` adds ``lipschitz.lower.local_lipschitz_metric`` (Yang et al. 2020) on the points.
+    """
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (e.g. 8/255 for linf on CIFAR), got {eps!r}")
+    if norm not in EVAL_NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(EVAL_NORMS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    presets = _resolve_attacks(attacks)
+    for p in presets:
+        if p.kind != "autoattack" and p.norm != norm:
+            raise ValueError(f"attack {p.name!r} is an {p.norm} attack but the evaluation norm is {norm!r}; "
+                             f"pass norm={p.norm!r} or choose {norm} attacks")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("x and y must be torch tensors")
+    if y.dtype != torch.int64 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise TypeError(f"y must be int64 labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be float images in [0, 1], got dtype {x.dtype}")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    param_dtypes = {p.dtype for p in model.parameters()}
+    if param_dtypes and x.dtype not in param_dtypes:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {sorted(map(str, param_dtypes))}; "
+                        "convert one of them explicitly")
+
+    idx = select_points(x.shape[0], n, points, seed)
+    xs, ys = x[idx].detach().cpu(), y[idx].detach().cpu()
+    if torch.isnan(xs).any() or xs.min() < 0 or xs.max() > 1:
+        raise ValueError("inputs must lie in [0, 1] without NaN; models take unnormalised images "
+                         "(put normalisation inside the model)")
+    n_sel = xs.shape[0]
+
+    out_path = Path(out_dir) if out_dir is not None else None
+    state_path = None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        state_path = out_path / STATE_NAME
+    fingerprint = {
+        "eps": float(eps), "norm": norm, "n": n_sel, "points": points, "seed": seed, "batch_size": batch_size,
+        "attacks": [p.to_dict() for p in presets], "indices": _tensor_digest(idx), "data": _tensor_digest(xs),
+        "labels": _tensor_digest(ys), "model": _model_digest(model),
+    }
+    state = _load_state(state_path, fingerprint, resume) if state_path is not None else {
+        "fingerprint": fingerprint, "attacks": {}}
+
+    def save() -> None:
+        _save_state(state_path, state)
+
+    t_start = time.perf_counter()
+    with model_mode(model, "eval"):
+        with torch.no_grad():
+            clean_logits = torch.cat([
+                check_logits(model(xs[i:i + batch_size].to(device)), "model output on clean inputs").cpu()
+                for i in range(0, n_sel, batch_size)
+            ])
+        n_classes = clean_logits.shape[1]
+        if int(ys.max()) >= n_classes or int(ys.min()) < 0:
+            raise ValueError(f"labels must be in [0, {n_classes - 1}] for a model with {n_classes} outputs")
+        clean_correct = clean_logits.argmax(dim=1) == ys
+        state["clean"] = {"accuracy": clean_correct.float().mean().item()}
+        save()
+        for preset in presets:
+            entry = state["attacks"].setdefault(preset.name, {})
+            if entry.get("done"):
+                continue
+            if preset.kind == "autoattack":
+                _autoattack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, n_classes, entry,
+                            save, out_path, device)
+            else:
+                _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
+                                 progress, device)
+        lip = _lipschitz_metric(model, xs, eps, device) if lipschitz_metric else None
+
+    summary = _summary(presets, state, clean_correct, clean_logits, ys, idx, eps, norm, points, seed, batch_size,
+                       n_classes, lip, time.perf_counter() - t_start)
+    if out_path is not None:
+        _write_outputs(out_path, summary, presets, state, idx, ys, clean_correct, clean_logits)
+    return summary
+
+
+def _lipschitz_metric(model: nn.Module, xs: torch.Tensor, eps: float, device: torch.device) -> dict[str, Any]:
+    try:
+        from lipschitz.lower import local_lipschitz_metric
+    except ImportError as err:
+        return {"available": False, "reason": f"lipschitz.lower.local_lipschitz_metric unavailable ({err})"}
+    value = local_lipschitz_metric(model, xs.to(device), eps)
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    elif not isinstance(value, dict):
+        value = {"value": float(value), "guarantee": "estimate"}
+    return {"available": True, **value}
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
+def _summary(presets: list[AttackPreset], state: dict[str, Any], clean_correct: torch.Tensor,
+             clean_logits: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor, eps: float, norm: str, points: str,
+             seed: int, batch_size: int, n_classes: int, lip: dict[str, Any] | None,
+             seconds: float) -> dict[str, Any]:
+    n = int(ys.shape[0])
+    worst = clean_correct.clone()
+    per_attack: dict[str, Any] = {}
+    for p in presets:
+        entry = state["attacks"][p.name]
+        robust = torch.tensor(entry["robust"], dtype=torch.bool)
+        worst &= robust
+        info: dict[str, Any] = {"robust_accuracy": robust.float().mean().item(), "kind": p.kind,
+                                "settings": p.to_dict(), "seconds": entry.get("seconds")}
+        if p.kind == "autoattack":
+            info.update({k: entry.get(k) for k in ("settings", "state_file", "cumulative_robust_accuracy",
+                                                    "upstream_warnings", "examples_checked")})
+            info["settings"] = {**p.to_dict(), **entry.get("settings", {})}
+        else:
+            info["step_size"] = p.step_fraction * eps
+            info["stable_accuracy"] = _mean([float(s) for s in entry["stable"]])
+            info["local_lipschitz_at_attack"] = {
+                "value": _mean(entry["lipschitz_ratio"]), "guarantee": "estimate",
+                "method": "mean over points of ||f(x)-f(x_adv)||_1 / ||x-x_adv||_inf at this attack's examples "
+                          "(Huang et al. 2021 evaluation code)",
+                "points_used": sum(v is not None for v in entry["lipschitz_ratio"]),
+            }
+        per_attack[p.name] = info
+    accs = {name: info["robust_accuracy"] for name, info in per_attack.items()}
+    return {
+        "clean_accuracy": clean_correct.float().mean().item(),
+        "robust_accuracy": accs,
+        "worst_case": {
+            "robust_accuracy": worst.float().mean().item(),
+            "definition": "per example: correct on x and under every attack run",
+            "min_over_attacks": min(accs.values()),
+            "attacks": list(accs),
+        },
+        "attacks": per_attack,
+        "eps": float(eps),
+        "norm": norm,
+        "n": n,
+        "n_classes": n_classes,
+        "points": {"selection": points, "seed": seed if points == "random" else None,
+                   "description": (f"first {n} points in order" if points == "first"
+                                   else f"{n} points drawn without replacement with seed {seed}"),
+                   "indices_sha256": _tensor_digest(idx)},
+        "seed": seed,
+        "batch_size": batch_size,
+        "local_lipschitz_metric": lip,
+        "versions": _versions(),
+        "seconds": seconds,
+    }
+
+
+def _write_outputs(out_path: Path, summary: dict[str, Any], presets: list[AttackPreset], state: dict[str, Any],
+                   idx: torch.Tensor, ys: torch.Tensor, clean_correct: torch.Tensor,
+                   clean_logits: torch.Tensor) -> None:
+    margins = logit_margin(clean_logits, ys).tolist()
+    lines = []
+    for i in range(ys.shape[0]):
+        row: dict[str, Any] = {"index": int(idx[i]), "label": int(ys[i]), "clean_correct": bool(clean_correct[i]),
+                               "clean_margin": margins[i], "robust": {}, "margin": {}}
+        worst = bool(clean_correct[i])
+        for p in presets:
+            entry = state["attacks"][p.name]
+            row["robust"][p.name] = bool(entry["robust"][i])
+            row["margin"][p.name] = entry["margin"][i]
+            worst = worst and bool(entry["robust"][i])
+        row["robust_worst_case"] = worst
+        lines.append(json.dumps(row))
+    _atomic_write_text(out_path / PER_EXAMPLE_NAME, "\n".join(lines) + "\n")
+    _atomic_write_text(out_path / SUMMARY_NAME, json.dumps(summary, indent=2))
+
+
+__all__ = [
+    "evaluate", "select_points", "check_logits", "build_autoattack", "LogitsError", "POINT_SELECTIONS",
+    "AUTOATTACK_ATTACKS",
+]
