@@ -218,17 +218,19 @@ def dataset_info(name: str) -> dict[str, Any]:
     return DATASETS[name]
 
 
-def load_target(target: str, *, data: str, device, seed: int = 0, input_shape: tuple[int, ...] | None = None):
+def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None):
     """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``.
 
-    Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name`` and
-    ``input_shape``. A preset is built with random weights drawn under ``seed``.
+    Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
+    and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
+    built with random weights drawn under ``seed``.
     """
     import torch
 
     from experiments import models as model_zoo
 
-    info = dataset_info(data)
+    if data is not None:
+        dataset_info(data)
     path = Path(target)
     if path.exists():
         if path.is_dir():
@@ -237,18 +239,23 @@ def load_target(target: str, *, data: str, device, seed: int = 0, input_shape: t
 
         loaded = load_checkpoint(path)
         model, metadata = _unpack_loaded_checkpoint(loaded)
-        shape = input_shape or _metadata_input_shape(metadata) or info["input_shape"]
-        result = {"source": "checkpoint", "name": str(path), "input_shape": tuple(shape), "metadata": metadata}
+        recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
+        if data is not None and recorded is not None and data != recorded:
+            raise UserError(f"{path} was trained on {recorded} but --data {data} was given; drop --data or pass --data {recorded}")
+        data = data or recorded or "cifar10"
+        shape = input_shape or _metadata_input_shape(metadata) or DATASETS[data]["input_shape"]
+        result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape), "metadata": metadata}
     else:
         presets = list(model_zoo.list_models())
         if target not in presets:
             if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
                 raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
             raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)}")
+        data = data or "cifar10"
         torch.manual_seed(seed)
-        shape = tuple(input_shape or info["input_shape"])
-        model = model_zoo.create_model(target, num_classes=info["num_classes"], in_channels=shape[0])
-        result = {"source": "preset", "name": target, "input_shape": shape, "metadata": {}}
+        shape = tuple(input_shape or DATASETS[data]["input_shape"])
+        model = model_zoo.create_model(target, num_classes=DATASETS[data]["num_classes"], in_channels=shape[0])
+        result = {"source": "preset", "name": target, "dataset": data, "input_shape": shape, "metadata": {}}
     model = model.to(device).eval()
     return model, result
 
@@ -282,33 +289,31 @@ def _unpack_loaded_checkpoint(loaded: Any):
 
 
 def _metadata_input_shape(metadata: dict) -> tuple[int, ...] | None:
-    for key in ("input_shape",):
-        if key in metadata and metadata[key]:
-            return tuple(int(v) for v in metadata[key])
-    dataset = metadata.get("dataset") or (metadata.get("config") or {}).get("data", {}).get("dataset") if isinstance(metadata.get("config"), dict) else metadata.get("dataset")
+    """Input shape recorded with a checkpoint: ``input_shape``, or the shape of its ``dataset``."""
+    if metadata.get("input_shape"):
+        return tuple(int(v) for v in metadata["input_shape"])
+    dataset = metadata.get("dataset")
+    if dataset is None and isinstance(metadata.get("config"), dict):
+        dataset = (metadata["config"].get("data") or {}).get("dataset")
     if isinstance(dataset, str) and dataset in DATASETS:
         return DATASETS[dataset]["input_shape"]
     return None
 
 
-def load_eval_data(name: str, *, root: str | None, n: int | None, split: str = "test", seed: int = 0,
+def load_eval_data(name: str, *, root: str | None, n: int | None = None, split: str = "test", seed: int = 0,
                    subset: str = "first", download: bool = False):
-    """Return ``(x, y)`` test tensors of dataset ``name`` (first ``n`` points, or a seeded subset)."""
+    """Return ``(x, y)`` of a dataset split (all points, the first ``n``, or a seeded subset of ``n``)."""
     import torch
 
-    from experiments import data as datasets
+    from experiments.data import load_dataset
 
     dataset_info(name)
-    if name == "digits":
-        loaded = datasets.load_digits(split=split, seed=seed)
-    else:
-        if root is None:
-            raise UserError(
-                f"dataset {name} needs --data-root DIR (the directory holding the standard archive); "
-                f"add --download to fetch it there, or see docs/models-and-data.md"
-            )
-        loaded = _load_named_dataset(datasets, name, root, split, download)
-    x, y = _unpack_xy(loaded)
+    if name != "digits" and root is None:
+        raise UserError(
+            f"dataset {name} needs --data-root DIR (the folder holding its standard files, e.g. cifar-10-batches-py/ "
+            f"or cifar-10-python.tar.gz); add --download to fetch CIFAR there, see docs/models-and-data.md"
+        )
+    x, y = load_dataset(name, root, split, seed=seed, download=download)
     if n is not None:
         if n <= 0:
             raise UserError(f"--n must be positive, got {n}")
@@ -319,38 +324,8 @@ def load_eval_data(name: str, *, root: str | None, n: int | None, split: str = "
             index = torch.randperm(x.shape[0], generator=generator)[:n]
             x, y = x[index], y[index]
         else:
-            raise UserError(f"unknown --subset {subset!r}; valid: first, random")
+            raise UserError(f"unknown subset {subset!r}; valid: first, random")
     return x, y
-
-
-def _load_named_dataset(datasets, name: str, root: str, split: str, download: bool):
-    if download and hasattr(datasets, "download_cifar") and name.startswith("cifar"):
-        datasets.download_cifar(root, name)
-    loader = getattr(datasets, f"load_{name}", None)
-    if loader is None:
-        raise UserError(f"no loader for dataset {name!r} in experiments.data")
-    try:
-        return loader(root, split=split)
-    except TypeError:
-        return loader(root)
-
-
-def _unpack_xy(loaded: Any):
-    """Accept (x, y), a dict with split keys, or an object with .x/.y."""
-    import torch
-
-    if isinstance(loaded, dict):
-        for key in ("test", "x"):
-            if key in loaded:
-                loaded = loaded[key] if key == "test" else (loaded["x"], loaded["y"])
-                break
-    if hasattr(loaded, "x") and hasattr(loaded, "y"):
-        return loaded.x, loaded.y
-    if isinstance(loaded, (tuple, list)) and len(loaded) == 2 and isinstance(loaded[0], torch.Tensor):
-        return loaded[0], loaded[1]
-    if isinstance(loaded, (tuple, list)) and len(loaded) >= 2:  # (train, test) pairs
-        return _unpack_xy(loaded[-1])
-    raise TypeError("dataset loader returned an unexpected structure; expected (x, y) tensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +349,14 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(json.dumps(to_jsonable(payload), indent=2))
     else:
         print(text)
+
+
+def _eps(args: argparse.Namespace, info: dict[str, Any]) -> float:
+    """``--eps``, else the eps the checkpoint was trained with, else 8/255."""
+    if args.eps is not None:
+        return parse_fraction(args.eps)
+    recorded = (info.get("metadata") or {}).get("attack") or {}
+    return float(recorded["eps"]) if isinstance(recorded.get("eps"), (int, float)) else 8 / 255
 
 
 def cmd_spectral(args: argparse.Namespace) -> int:
@@ -409,8 +392,8 @@ def cmd_bound(args: argparse.Namespace) -> int:
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
     payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
     if args.n > 0:
-        x, y = load_eval_data(args.data, root=args.data_root, n=args.n, seed=args.seed, download=args.download)
-        payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=parse_fraction(args.eps), seed=args.seed)
+        x, y = load_eval_data(info["dataset"], root=args.data_root, n=args.n, seed=args.seed, download=args.download)
+        payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=_eps(args, info), seed=args.seed)
     out = _out_dir(args)
     if out is not None:
         write_json(out / "bound.json", payload)
@@ -479,15 +462,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or [])
     if args.seed_given:
-        overrides.append(f"seed={args.seed}")
+        overrides.append(f"run.seed={args.seed}")
     if args.device:
-        resolve_device(args.device)
-        overrides.append(f"device={args.device}")
+        device = resolve_device(args.device)
+        if device.index not in (None, 0) and "LOCAL_RANK" not in os.environ:
+            raise UserError("archlip train picks the GPU itself (cuda:LOCAL_RANK under torchrun); use --device cuda "
+                            "and CUDA_VISIBLE_DEVICES to choose one")
+        overrides.append(f"run.device={device.type}")
+    if args.json:
+        overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
-    out = _out_dir(args, default=str(Path("runs") / Path(str(args.recipe)).stem))
+    out = _out_dir(args, default=str(Path("runs") / config.name))
     summary = train(config, out, resume=args.resume)
-    _emit(args, summary, f"finished training; results in {out}")
-    return EXIT_OK
+    status = summary.get("status", "completed")
+    text = f"training {config.name}: {status}; run folder {out}"
+    if status != "completed":
+        text += f" (continue with: archlip train {args.recipe} --out {out} --resume)"
+    _emit(args, summary, text)
+    return EXIT_OK if status == "completed" else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -496,32 +488,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     attacks = parse_attacks(args.attacks)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed)
-    x, y = load_eval_data(args.data, root=args.data_root, n=args.n, seed=args.seed, subset=args.subset, download=args.download)
+    eps = _eps(args, info)
+    x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     out = _out_dir(args, default="runs/eval")
-    summary = evaluate(model, x.to(device), y.to(device), attacks=attacks, eps=parse_fraction(args.eps), out_dir=out, seed=args.seed)
+    summary = evaluate(model, x, y, attacks, eps=eps, n=args.n, points=args.subset, seed=args.seed, out_dir=out,
+                       device=device, progress=not args.json)
     payload = to_jsonable(summary)
-    lines = [f"{info['name']} on {x.shape[0]} {args.data} test points ({args.subset} {'n' if args.subset == 'first' else 'seeded'}), eps={args.eps}:"]
-    for key, value in _flat_accuracies(payload).items():
-        lines.append(f"  {key:28s} {value:.4f}")
+    points = (payload.get("points") or {}).get("description", f"{payload.get('n')} points")
+    lines = [f"{info['name']} on {info['dataset']} test data ({points}), {payload.get('norm', 'linf')} eps={eps:.4g}:",
+             f"  {'clean accuracy':28s} {payload['clean_accuracy']:.4f}"]
+    for name, value in (payload.get("robust_accuracy") or {}).items():
+        lines.append(f"  {'robust accuracy ' + name:28s} {value:.4f}")
+    if len(payload.get("robust_accuracy") or {}) > 1:
+        lines.append(f"  {'worst case over attacks':28s} {payload['worst_case']['robust_accuracy']:.4f}")
     lines.append(f"wrote {out}")
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
-
-
-def _flat_accuracies(summary: dict) -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in summary.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "acc" in key:
-            flat[key] = float(value)
-        elif isinstance(value, dict) and "acc" in key:
-            for sub, v in value.items():
-                if isinstance(v, (int, float)):
-                    flat[f"{key}.{sub}"] = float(v)
-                elif isinstance(v, dict):
-                    for k2, v2 in v.items():
-                        if isinstance(v2, (int, float)) and "acc" in k2:
-                            flat[f"{key}.{sub}.{k2}"] = float(v2)
-    return flat
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -595,8 +577,9 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "directory for resu
     group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
-def _data_args(parser: argparse.ArgumentParser, default: str = "cifar10") -> None:
-    parser.add_argument("--data", default=default, help=f"dataset: {', '.join(DATASETS)} (default {default})")
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, choices=tuple(DATASETS),
+                        help="dataset (default: the checkpoint's own, else cifar10)")
     parser.add_argument("--data-root", default=None, help="directory with the dataset's standard files")
     parser.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
 
@@ -620,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--n", type=int, default=128, help="data points for the lower bounds (0 to skip; default 128)")
-    p.add_argument("--eps", default="8/255", help="linf radius of the local Lipschitz metric (default 8/255)")
+    p.add_argument("--eps", default=None, help="radius of the attack-based lower bounds (default: the checkpoint's training eps, else 8/255)")
     p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance (default 0.02)")
     _common(p, "directory for bound.json")
     p.set_defaults(func=cmd_bound)
@@ -653,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="clean and adversarial accuracy of a checkpoint")
     p.add_argument("target", metavar="CKPT|PRESET")
     p.add_argument("--attacks", default="pgd20", help="comma-separated attack presets (default pgd20), e.g. pgd20,cw20,aa")
-    p.add_argument("--eps", default="8/255", help="perturbation radius, e.g. 8/255 (default)")
+    p.add_argument("--eps", default=None, help="perturbation radius, e.g. 8/255 (default: the checkpoint's training eps, else 8/255)")
     p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
     p.add_argument("--subset", default="first", choices=("first", "random"), help="first n points in order (default) or a seeded subset")
     _data_args(p)
