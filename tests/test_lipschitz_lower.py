@@ -1,0 +1,115 @@
+"""Data lower bounds: Jacobian power iteration against dense Jacobians, attack ratios, Yang et al. metric."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev
+
+from lipschitz.lower import attack_ratio_lower, eval_mode, jacobian_norm_lower, local_lipschitz_metric
+from spectral.guarantee import Guarantee
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5)).double()
+
+
+def _dense_jacobian_norms(model, x):
+    out = []
+    with eval_mode(model):
+        for xi in x:
+            j = jacrev(lambda t: model(t[None])[0])(xi).reshape(5, -1)
+            out.append(float(torch.linalg.matrix_norm(j.detach(), ord=2)))
+    return out
+
+
+@pytest.mark.parametrize("method,jvp", [("vmap", "double_vjp"), ("loop", "double_vjp"), ("vmap", "forward")])
+def test_jacobian_power_matches_dense(method, jvp):
+    model = _small_net()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    n = 4 if (method, jvp) == ("vmap", "double_vjp") else 2
+    x = torch.rand(n, 1, 4, 4, dtype=torch.float64)
+    res = jacobian_norm_lower(model, x, n_iter=100, tol=1e-10, batch_size=4, method=method, jvp=jvp)
+    dense = _dense_jacobian_norms(model, x)
+    assert res.guarantee is Guarantee.LOWER
+    for got, ref in zip(res.details["per_sample"], dense):
+        assert got <= ref * (1 + 1e-10)
+        assert got == pytest.approx(ref, rel=1e-6)
+    assert res.value == pytest.approx(max(dense), rel=1e-6)
+    assert res.details["argmax"] == max(range(n), key=dense.__getitem__)
+
+
+def test_jacobian_restores_modes_and_needs_float():
+    model = _small_net()
+    model.train()
+    model[1].eval()
+    jacobian_norm_lower(model, torch.rand(2, 1, 4, 4, dtype=torch.float64), n_iter=3)
+    assert model.training and not model[1].training and model[0].training
+    with pytest.raises(TypeError, match="floating"):
+        jacobian_norm_lower(model, torch.zeros(2, 1, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="method"):
+        jacobian_norm_lower(model, torch.rand(2, 1, 4, 4, dtype=torch.float64), method="dense")
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_attack_ratio_linear_model(norm):
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 3, bias=True).double()
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(5, 1, 8, dtype=torch.float64) * 0.5 + 0.25
+    res = attack_ratio_lower(model, x, eps=0.2, norm=norm, steps=60, clip=None)
+    w = lin.weight.detach()
+    # l2 -> l2 constant is ||W||_2; linf -> l2 constant is max over sign vectors ||W s||_2 (attained at a vertex).
+    if norm == "l2":
+        exact = float(torch.linalg.matrix_norm(w, ord=2))
+    else:
+        signs = torch.tensor([[1 - 2 * ((k >> b) & 1) for b in range(8)] for k in range(256)], dtype=torch.float64)
+        exact = float(torch.linalg.vector_norm(signs @ w.T, dim=1).max())
+    assert res.guarantee is Guarantee.LOWER
+    assert res.value <= exact * (1 + 1e-9)
+    assert res.value >= 0.95 * exact
+
+
+def test_attack_ratio_below_jacobian_upper_for_relu_net():
+    model = _small_net()
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
+    res = attack_ratio_lower(model, x, eps=0.1, steps=10)
+    # product of layer norms is an upper bound of the l2 constant
+    with eval_mode(model):
+        bn = model[1]
+        d = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().max()
+        conv = model[0].weight.detach().reshape(3, -1)
+        up = float(torch.linalg.matrix_norm(conv, ord=2)) * 9 ** 0.5 * float(d) * float(
+            torch.linalg.matrix_norm(model[4].weight.detach(), ord=2))
+    assert 0 < res.value <= up
+
+
+def test_local_lipschitz_metric_linear_closed_form():
+    torch.manual_seed(2)
+    lin = nn.Linear(6, 4, bias=False).double()
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(7, 6, dtype=torch.float64) * 0.5 + 0.25
+    res = local_lipschitz_metric(model, x, eps=0.05, steps=10, y=torch.zeros(7, dtype=torch.long))
+    # ||W d||_1 / ||d||_inf <= ||W||_{inf->1} = max over sign vectors of ||W s||_1
+    signs = torch.tensor([[1 - 2 * ((k >> b) & 1) for b in range(6)] for k in range(64)], dtype=torch.float64)
+    bound = float((signs @ lin.weight.detach().T).abs().sum(1).max())
+    assert res.value.guarantee is Guarantee.ESTIMATE
+    assert 0 < res.value.value <= bound * (1 + 1e-9)
+    assert max(res.per_sample) >= 0.5 * bound
+    assert 0.0 <= res.stable_accuracy <= 1.0 and res.accuracy_clean is not None
+    assert math.isfinite(res.to_dict()["value"]["value"])
+
+
+def test_local_lipschitz_stable_accuracy_constant_model():
+    class Const(nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 3, dtype=x.dtype) + torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype) \
+                + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+    res = local_lipschitz_metric(Const(), torch.rand(4, 2, dtype=torch.float64), eps=0.1, steps=2)
+    assert res.stable_accuracy == 1.0 and res.value.value == 0.0
