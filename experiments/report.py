@@ -224,6 +224,9 @@ def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_mod
             if upper is not None and lower is not None:
                 ax.plot([i, i], [lower, upper], color=colour, lw=1.0)
         ax.set_yscale("log")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (forward order)")
         ax.set_title(str(model.get("name", "")), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -245,7 +248,7 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
     if not chosen or not present:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(chosen) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(chosen) + 2), 4.6))
     width = 0.8 / len(present)
     for j, (key, label, colour) in enumerate(present):
         xs, heights = [], []
@@ -261,7 +264,9 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
     ax.set_xticklabels([str(m.get("name", i)) for i, m in enumerate(chosen)], fontsize=8)
     ax.set_ylabel("l2 Lipschitz constant of the logits")
     ax.set_title("certified upper bounds vs empirical lower bounds (truth lies between)", fontsize=10)
-    ax.legend(fontsize=7)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 2.5)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     return _save(fig, plt, path)

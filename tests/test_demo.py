@@ -1,0 +1,93 @@
+"""The demo pipeline on its reduced (--quick) setting, and the report generator on known records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import report
+from experiments.demo import _read_network_bound
+
+
+def _records():
+    layers = [{"name": "stem_conv", "lower": 1.0, "upper": 1.05}, {"name": "blocks.0.layer.0.conv1", "lower": 2.0, "upper": 2.1},
+              {"name": "blocks.1.layer.0.conv1", "lower": 1.5, "upper": 1.52}, {"name": "blocks.2.layer.0.conv2", "lower": 3.0, "upper": 3.3},
+              {"name": "fc", "lower": 0.7, "upper": 0.7}]
+    return [
+        {"name": "wrn-tiny", "depths": [1, 1, 1], "widths": [8, 16, 32, 64], "params": 120000, "clean_acc": 0.9,
+         "robust_acc": 0.5, "certified_lipschitz": 300.0, "certified_lipschitz_product": 3000.0,
+         "empirical_lipschitz": 8.0, "attack_lipschitz": 6.0, "theory_prediction": 50.0, "layers": layers,
+         "stage_bounds": {"stage1": 3.0, "stage2": 4.0, "stage3": 5.0}, "eps": 0.1, "robust_attack": "pgd20"},
+        {"name": "wrn-tiny-r", "depths": [1, 1, 1], "widths": [8, 16, 32, 32], "params": 60000, "clean_acc": 0.88,
+         "robust_acc": 0.55, "certified_lipschitz": 200.0, "certified_lipschitz_product": 2000.0,
+         "empirical_lipschitz": 6.0, "attack_lipschitz": 5.0, "theory_prediction": 40.0, "layers": layers,
+         "stage_bounds": {"stage1": 3.0, "stage2": 4.0, "stage3": 4.0}, "eps": 0.1, "robust_attack": "pgd20"},
+    ]
+
+
+def test_report_from_known_records(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "demo", "name": "t", "models": _records()}))
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    for png in ("layer_norms.png", "certified_vs_empirical.png", "robustness_vs_last_width.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+        assert f"]({png})" in text
+    assert text.count("Regenerate: `archlip report") == 3
+    assert "certified_lipschitz (certified_upper)" in text and "empirical_lipschitz (lower)" in text
+    assert "| wrn-tiny-r |" in text and "stage3" in text
+    assert "Predicted order (lowest predicted bound first): wrn-tiny-r, wrn-tiny" in text
+
+
+def test_stage_of_and_spearman():
+    assert report.stage_of("blocks.2.layer.0.convShortcut") == "stage3"
+    assert report.stage_of("block1.layer.0.conv1") == "stage1"
+    assert report.stage_of("layer4.1.conv2") == "stage4"
+    assert report.stage_of("stem_conv") == "stem" and report.stage_of("fc") == "head"
+    assert report.spearman([1, 2, 3, 4], [4, 3, 2, 1])["rho"] == pytest.approx(-1.0)
+    assert report.spearman([1, 2], [1, 2])["rho"] is None
+    assert report.spearman([1, 2, 3, None, float("nan")], [3, 2, 1, 0, 0])["n"] == 3
+
+
+def test_read_network_bound_picks_tightest_certified_value():
+    full = {"network": {"product": {"value": 100.0, "guarantee": "certified_upper"},
+                        "folded+liplt": {"value": 12.0, "guarantee": "certified_upper"}},
+            "stages": {"stage1": {"product": {"value": 5.0}, "folded+liplt": {"value": 3.0}}},
+            "blocks": [{"name": "stage1.block0", "value": 2.0}]}
+    out = _read_network_bound(full)
+    assert out["certified_lipschitz"] == 12.0 and out["certified_lipschitz_product"] == 100.0
+    assert out["stage_bounds"] == {"stage1": 3.0} and out["block_bounds"] == {"stage1.block0": 2.0}
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from experiments.demo import run_demo
+
+    result = run_demo(tmp_path, quick=True, verbose=False)
+    results = json.loads(Path(result["results"]).read_text())
+    assert results["kind"] == "demo"
+    models = {m["name"]: m for m in results["models"]}
+    assert set(models) == {"wrn-tiny", "wrn-tiny-r"}
+    assert models["wrn-tiny"]["widths"][-1] > models["wrn-tiny-r"]["widths"][-1]
+    assert models["wrn-tiny"]["params"] > models["wrn-tiny-r"]["params"]
+    for m in models.values():
+        assert not m.get("unavailable"), m.get("unavailable")
+        assert 0 <= m["robust_acc"] <= m["clean_acc"] <= 1
+        assert m["layers"] and all(r["lower"] <= r["upper"] * (1 + 1e-6) for r in _rows(m["layers"]))
+        # the truth lies between the data lower bounds and the certified upper bounds
+        assert 0 < m["empirical_lipschitz"] <= m["certified_lipschitz"] <= m["certified_lipschitz_product"] * (1 + 1e-9)
+        assert 0 < m["attack_lipschitz"] <= m["certified_lipschitz"]
+        assert m["stage_bounds"] and m["theory_prediction"] > 0
+    for name in ("digits-pgdat-tiny", "digits-pgdat-tiny-r"):
+        assert (tmp_path / name / "resolved_config.yaml").is_file()
+    text = Path(result["report"]).read_text()
+    for png in ("layer_norms.png", "certified_vs_empirical.png", "robustness_vs_last_width.png"):
+        assert (tmp_path / png).stat().st_size > 5000 and png in text
+
+
+def _rows(layers):
+    return [{"lower": _v(r["lower"]), "upper": _v(r["upper"])} for r in layers]
+
+
+def _v(x):
+    return x["value"] if isinstance(x, dict) else x
