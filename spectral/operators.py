@@ -51,7 +51,7 @@ def padding_pairs(
                 pairs.append((total // 2, total - total // 2))
             return tuple(pairs)
         raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
-    if not isinstance(padding, int) and len(tuple(padding)) == 2 * n and n > 1:
+    if not isinstance(padding, int) and len(tuple(padding)) == 2 * n:
         flat = tuple(int(p) for p in padding)
         return tuple((flat[2 * i], flat[2 * i + 1]) for i in range(n))
     sym = _tuple(padding, n, "padding")
