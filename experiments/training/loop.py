@@ -1,0 +1,610 @@
+"""The training loop: ``train(config, out_dir, resume=False)``.
+
+One optimiser step = craft adversarial examples (method-dependent) -> outer loss -> backward -> gradient
+clipping -> SGD step -> EMA update. Around it: deterministic data order, validation-split model selection,
+JSONL metrics, atomic resume checkpoints every epoch and on SIGTERM/SIGINT, optional DDP under torchrun.
+
+Run folder layout (``out_dir``): ``resolved_config.yaml``, ``metrics.jsonl``, ``resume.pt``,
+``model_final.*`` and (with selection) ``model_best.*`` via ``experiments.checkpoints``, ``summary.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.config import (TrainConfig, config_diff, config_from_dict, config_to_dict, effective_attack_numbers,
+                                load_config, save_config)
+from experiments.training import batches as B
+from experiments.training import distributed as D
+from experiments.training.adversary import craft
+from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, atomic_write,
+                                                capture_rng_states, load_resume_state, restore_rng_states)
+from experiments.training.ema import ModelEMA
+from experiments.training.losses import cross_entropy, mart_loss, trades_loss
+from experiments.training.schedules import lr_from_config
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "resolved_config.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# environment: device, determinism, speed switches
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("run.device is cuda but no CUDA device is available; use run.device: cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_speed_switches(cfg: TrainConfig, device: torch.device, image_dims: int) -> None:
+    """Reject speed switches the current device/data cannot honour (never silently drop them)."""
+    sp = cfg.speed
+    if sp.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("speed.amp bf16 is not supported by this GPU; set speed.amp: none")
+    if sp.channels_last and image_dims != 4:
+        raise ValueError(f"speed.channels_last needs image batches (N, C, H, W); this data has {image_dims} dims")
+    if sp.compile:
+        if not hasattr(torch, "compile"):
+            raise ValueError("speed.compile needs torch.compile (torch >= 2.0); set speed.compile: false")
+        if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("gcc") is None:
+            raise ValueError("speed.compile on CPU needs a C++ compiler (c++/gcc) on PATH; set speed.compile: false")
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if cfg.speed.amp == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def run_environment(cfg: TrainConfig, device: torch.device):
+    """Determinism and thread settings for the duration of a run (restored afterwards)."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_threads = torch.get_num_threads()
+    prev_bench = torch.backends.cudnn.benchmark
+    try:
+        if cfg.run.deterministic:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        if cfg.run.num_threads is not None:
+            torch.set_num_threads(cfg.run.num_threads)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it after every step and checkpoints before exiting."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def raised(self) -> bool:
+        return self.signal is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TrainData:
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int
+    x_extra: torch.Tensor | None = None
+    y_extra: torch.Tensor | None = None
+
+
+def _as_xy(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        x, y = result
+    elif hasattr(result, "x") and hasattr(result, "y"):
+        x, y = result.x, result.y
+    else:
+        raise TypeError(f"{what} returned {type(result).__name__}; expected (x, y) tensors")
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def _check_images(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{what}: images must be float32 in [0, 1], got {x.dtype}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"{what}: images must lie in [0, 1] (models normalise internally)")
+    if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise TypeError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+
+
+def load_extra_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extra training data from an .npz with ``x`` (N,C,H,W float in [0,1], or N,H,W,C uint8) and ``y``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.extra_data {str(path)!r} does not exist (expected an .npz with arrays x, y)")
+    with np.load(path, allow_pickle=False) as z:
+        if "x" not in z or "y" not in z:
+            raise ValueError(f"{str(path)!r} must contain arrays 'x' and 'y', found {sorted(z.files)}")
+        x, y = z["x"], z["y"]
+    if x.dtype == np.uint8:
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255)
+    else:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return xt.contiguous(), torch.from_numpy(y.astype(np.int64))
+
+
+def load_training_data(cfg: TrainConfig) -> TrainData:
+    """Training split (minus the validation hold-out) and the validation hold-out; the test split is never read."""
+    from experiments import data as datasets
+
+    dc = cfg.data
+    if dc.dataset == "digits":
+        x, y = _as_xy(datasets.load_digits(split="train", seed=cfg.run.seed), "load_digits")
+    elif dc.dataset == "cifar10":
+        if not dc.root:
+            raise ValueError("data.root must point to the CIFAR-10 folder for data.dataset: cifar10")
+        x, y = _as_xy(datasets.load_cifar10(dc.root, split="train"), "load_cifar10")
+    else:  # pragma: no cover - guarded by the schema
+        raise ValueError(f"unknown dataset {dc.dataset!r}")
+    x = x.float() if x.dtype == torch.float64 else x
+    _check_images(x, y, dc.dataset)
+    tr, va = B.split_train_val(x.shape[0], dc.val_size, cfg.run.seed)
+    x_tr, y_tr = x[tr], y[tr]
+    if dc.train_limit is not None:
+        x_tr, y_tr = x_tr[:dc.train_limit], y_tr[:dc.train_limit]
+    out = TrainData(x_tr.contiguous(), y_tr, x[va].contiguous(), y[va], int(y.max().item()) + 1)
+    if dc.extra_data:
+        xe, ye = load_extra_npz(dc.extra_data)
+        _check_images(xe, ye, "data.extra_data")
+        if xe.shape[1:] != x.shape[1:]:
+            raise ValueError(f"extra data images {tuple(xe.shape[1:])} differ from training images {tuple(x.shape[1:])}")
+        out.x_extra, out.y_extra = xe, ye
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+
+def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
+    from experiments.models import create_model
+
+    overrides = dict(cfg.model.overrides)
+    if in_channels != 3:
+        overrides.setdefault("in_channels", in_channels)
+    return create_model(cfg.model.name, num_classes=num_classes, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one step
+
+
+def method_random_start(cfg: TrainConfig) -> str:
+    if cfg.attack.random_start != "auto":
+        return cfg.attack.random_start
+    return "normal" if cfg.method.name in ("trades", "mart") else "uniform"
+
+
+def training_step(
+    cfg: TrainConfig,
+    core: nn.Module,
+    trainer: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    generator: torch.Generator | None,
+    noise_slice: tuple[int, int, int] | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """One optimiser step of ``cfg.method``; returns per-batch sums (loss*n, correct counts, n)."""
+    eps, step = effective_attack_numbers(cfg.attack)
+    name = cfg.method.name
+    start = method_random_start(cfg)
+    common = dict(norm=cfg.attack.norm, random_start=start, init_std=cfg.attack.init_std, bn_mode=cfg.attack.bn_mode,
+                  generator=generator, noise_slice=noise_slice, autocast=autocast)
+    x_adv = None
+    if name in ("pgd_at", "mart"):
+        x_adv = craft(core, x, y, eps=eps, step_size=step, steps=cfg.attack.steps, objective="ce", **common)
+    elif name == "trades":
+        x_adv = craft(core, x, y, eps=eps, step_size=step, steps=cfg.attack.steps, objective="kl", **common)
+    elif name == "fgsm_rs":
+        x_adv = craft(core, x, y, eps=eps, step_size=cfg.method.fgsm_alpha * eps, steps=1, objective="ce", **common)
+    trainer.train()
+    optimizer.zero_grad(set_to_none=True)
+    logits_clean = logits_adv = None
+    with autocast():
+        if name == "standard":
+            logits_clean = trainer(x)
+        elif name in ("pgd_at", "fgsm_rs"):
+            logits_adv = trainer(x_adv)
+        else:
+            logits_clean = trainer(x)
+            logits_adv = trainer(x_adv)
+    ls = cfg.method.label_smoothing
+    if name == "standard":
+        loss = cross_entropy(logits_clean, y, ls)
+    elif name in ("pgd_at", "fgsm_rs"):
+        loss = cross_entropy(logits_adv, y, ls)
+    elif name == "trades":
+        loss = trades_loss(logits_clean, logits_adv, y, cfg.method.beta, ls)
+    else:
+        loss = mart_loss(logits_clean, logits_adv, y, cfg.method.beta)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower optim.lr or enable optim.grad_clip")
+    loss.backward()
+    if cfg.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    n = float(y.shape[0])
+    out = {"loss_sum": loss.item() * n, "n": n, "clean_correct": 0.0, "adv_correct": 0.0,
+           "clean_n": 0.0, "adv_n": 0.0}
+    if logits_clean is not None:
+        out["clean_correct"] = float((logits_clean.argmax(1) == y).sum())
+        out["clean_n"] = n
+    if logits_adv is not None:
+        out["adv_correct"] = float((logits_adv.argmax(1) == y).sum())
+        out["adv_n"] = n
+    return out
+
+
+ACCUM_KEYS = ("loss_sum", "n", "clean_correct", "clean_n", "adv_correct", "adv_n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+
+
+def evaluate_split(cfg: TrainConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                   ctx: D.DistContext, epoch: int, with_pgd: bool) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation split (sharded over ranks, counts all-reduced)."""
+    from experiments.attacks import pgd
+
+    eps, step = effective_attack_numbers(cfg.attack)
+    step = cfg.selection.pgd_step_size if cfg.selection.pgd_step_size is not None else step
+    lo, hi = D.shard_bounds(x.shape[0], ctx.rank, ctx.world_size)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.run.seed * 1009 + epoch * 17 + ctx.rank + 12345)
+    counts = torch.zeros(3, dtype=torch.float64)
+    bs = cfg.selection.batch_size
+    was_training = model.training
+    model.eval()
+    for i in range(lo, hi, bs):
+        xb = x[i:min(i + bs, hi)].to(device)
+        yb = y[i:min(i + bs, hi)].to(device)
+        if cfg.speed.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            counts[0] += float((model(xb).argmax(1) == yb).sum())
+        if with_pgd:
+            xa = pgd(model, xb, yb, eps=eps, step_size=step, steps=cfg.selection.pgd_steps, norm=cfg.attack.norm,
+                     random_start="uniform", bn_mode="eval", generator=gen)
+            with torch.no_grad():
+                counts[1] += float((model(xa).argmax(1) == yb).sum())
+        counts[2] += yb.shape[0]
+    model.train(was_training)
+    counts = D.all_reduce_sum(counts, ctx)
+    n = max(counts[2].item(), 1.0)
+    out = {"val_clean_acc": counts[0].item() / n, "val_n": counts[2].item()}
+    if with_pgd:
+        out["val_pgd_acc"] = counts[1].item() / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run folder I/O (rank 0)
+
+
+def _save_model_file(path: Path, model: nn.Module, metadata: dict) -> str:
+    from experiments.checkpoints import save_checkpoint
+
+    result = save_checkpoint(path, model, metadata)
+    return str(result if result is not None else path)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_json_safe(row)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric rows of epochs not covered by the resume checkpoint (a crash between the two writes)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) < epochs_done]
+    if len(keep) != len(rows):
+        atomic_write(path, lambda fh: fh.write("".join(k + "\n" for k in keep)), mode="w")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    accum: dict = field(default_factory=lambda: {k: 0.0 for k in ACCUM_KEYS})
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    seconds: float = 0.0
+
+
+def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resume: bool = False, *,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train ``config`` into ``out_dir``; ``resume=True`` continues from ``out_dir/resume.pt``.
+
+    ``config``: a TrainConfig, a mapping, a shipped recipe name or a YAML path. Returns the summary dict
+    (also written to ``summary.json``); ``summary["status"]`` is "completed", or "interrupted" after a
+    SIGTERM/SIGINT (a resume checkpoint was written at the last finished step). ``on_step(info)`` is called
+    after every optimiser step (info: epoch, batch, global_step, loss, lr).
+    Launch under ``torchrun --nproc_per_node N`` for DistributedDataParallel.
+
+    References: Madry et al. 2018; Zhang et al. 2019; Wang et al. 2020; Wong et al. 2020; Huang et al. 2021.
+    """
+    cfg = config if isinstance(config, TrainConfig) else (
+        config_from_dict(config) if isinstance(config, Mapping) else load_config(config))
+    out_dir = Path(out_dir)
+    rank, world, local_rank = D.env_world()
+    device = resolve_device(cfg, local_rank)
+    ctx = D.setup(cfg.distributed.backend, device.type)
+    try:
+        with run_environment(cfg, device), StopFlag() as stop:
+            return _train(cfg, out_dir, resume, on_step, device, ctx, stop)
+    finally:
+        D.teardown(ctx)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch.device, ctx: D.DistContext,
+           stop: StopFlag) -> dict:
+    resume_path = out_dir / RESUME_FILE
+    if ctx.is_main:
+        if resume and not resume_path.is_file():
+            raise FileNotFoundError(f"resume requested but {str(resume_path)!r} does not exist; start without resume")
+        if not resume and resume_path.exists():
+            raise FileExistsError(
+                f"{str(out_dir)!r} already holds a run (resume.pt); pass resume=True to continue it or use a new folder"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier(ctx)
+    D.check_global_batch(cfg.run.batch_size, ctx.world_size)
+
+    data = load_training_data(cfg)
+    check_speed_switches(cfg, device, data.x.dim())
+    autocast = autocast_factory(cfg, device)
+
+    _seed_all(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg, data.x.shape[1], data.num_classes).to(device)
+    if cfg.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    core, trainer = D.wrap_model(model, ctx, device, cfg.distributed.sync_bn)
+    attack_net: nn.Module = core
+    if cfg.speed.compile:
+        attack_net = torch.compile(core)
+        trainer = torch.compile(trainer) if ctx.enabled else attack_net
+    optimizer = torch.optim.SGD(core.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ValueError("optim.nesterov needs optim.momentum > 0")
+    ema = ModelEMA(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.bn) if cfg.ema.enabled else None
+    _seed_all(cfg.run.seed + 1 + ctx.rank)  # per-rank stream for dropout etc.
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(cfg.run.seed + 7)  # same on every rank: global-batch noise is sliced per rank
+
+    prog = _Progress()
+    if resume:
+        state = load_resume_state(resume_path, map_location=device)
+        saved_cfg = config_from_dict(state["config"])
+        diff = config_diff(saved_cfg, cfg)
+        if diff:
+            raise ValueError("resume config differs from the saved run: " + "; ".join(diff))
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        p = state["progress"]
+        prog = _Progress(p["epoch"], p["batch"], p["global_step"], dict(p["accum"]), p["best_value"],
+                         p["best_epoch"], p["seconds"])
+        rngs = state["rng"]
+        if len(rngs) != ctx.world_size:
+            raise ValueError(f"checkpoint was written by {len(rngs)} processes, now running {ctx.world_size}")
+        restore_rng_states(rngs[ctx.rank], {"noise": noise_gen})
+        if ctx.is_main:
+            _truncate_metrics(out_dir / METRICS_FILE, prog.epoch)
+    elif ctx.is_main:
+        save_config(cfg, out_dir / CONFIG_FILE)
+        (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
+
+    n_orig = data.x.shape[0]
+    k_extra = int(round(cfg.data.extra_fraction * cfg.run.batch_size)) if data.x_extra is not None else 0
+    b_orig = cfg.run.batch_size - k_extra
+    steps_per_epoch = B.batches_per_epoch(n_orig, b_orig)
+    pad, flip = B.default_augmentation(tuple(data.x.shape[1:]))
+    total = cfg.run.epochs
+    select_model = lambda: ema.shadow if (ema is not None and cfg.selection.use_ema) else core  # noqa: E731
+    need_pgd = cfg.selection.metric == "pgd_acc"
+
+    def checkpoint() -> None:
+        rng = D.gather_objects(capture_rng_states({"noise": noise_gen}), ctx)
+        if ctx.is_main:
+            state = {"format": "archlip-train-resume", "version": FORMAT_VERSION, "config": config_to_dict(cfg),
+                     "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "rng": rng,
+                     "progress": {"epoch": prog.epoch, "batch": prog.batch, "global_step": prog.global_step,
+                                  "accum": dict(prog.accum), "best_value": prog.best_value,
+                                  "best_epoch": prog.best_epoch, "seconds": prog.seconds},
+                     "torch_version": torch.__version__}
+            atomic_torch_save(state, resume_path)
+        D.barrier(ctx)
+
+    status = "completed"
+    last_val: dict = {}
+    t_start = time.perf_counter() - prog.seconds
+    while prog.epoch < total:
+        epoch = prog.epoch
+        order = B.epoch_order(n_orig, cfg.run.seed, epoch)
+        t_epoch = time.perf_counter()
+        bar = None
+        if ctx.is_main and cfg.run.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch + 1}/{total}", leave=False)
+        while prog.batch < steps_per_epoch:
+            b = prog.batch
+            idx = B.global_batch(order, b, b_orig)
+            xg, yg = data.x[idx], data.y[idx]
+            if k_extra:
+                eidx = B.extra_batch(data.x_extra.shape[0], cfg.run.seed, epoch, b, k_extra)
+                xg = torch.cat([xg, data.x_extra[eidx]])
+                yg = torch.cat([yg, data.y_extra[eidx]])
+            if cfg.data.augment:
+                rows, cols, flips = B.augmentation_params(xg.shape[0], pad, flip, cfg.run.seed, epoch, b)
+                xg = B.crop_flip(xg, rows, cols, flips, pad)
+            lo, hi = D.shard_bounds(xg.shape[0], ctx.rank, ctx.world_size)
+            xb, yb = xg[lo:hi].to(device, non_blocking=True), yg[lo:hi].to(device, non_blocking=True)
+            if cfg.speed.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            lr = lr_from_config(cfg.schedule, cfg.optim.lr, epoch + b / steps_per_epoch, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = training_step(cfg, attack_net, trainer, optimizer, xb, yb, generator=noise_gen,
+                                 noise_slice=(lo, hi, xg.shape[0]) if ctx.enabled else None, autocast=autocast)
+            if ema is not None:
+                ema.update(core)
+            for k in ACCUM_KEYS:
+                prog.accum[k] += sums[k]
+            prog.batch += 1
+            prog.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss_sum'] / sums['n']:.3f}", lr=f"{lr:.3g}")
+            if on_step is not None:
+                on_step({"epoch": epoch, "batch": b, "global_step": prog.global_step,
+                         "loss": sums["loss_sum"] / sums["n"], "lr": lr})
+            if D.any_rank(stop.raised, ctx, device):
+                break
+        if bar is not None:
+            bar.close()
+        prog.seconds = time.perf_counter() - t_start
+        if prog.batch < steps_per_epoch:  # interrupted mid-epoch
+            checkpoint()
+            status = "interrupted"
+            break
+        # end of epoch: metrics, validation, selection, checkpoint
+        tot = D.all_reduce_sum(torch.tensor([prog.accum[k] for k in ACCUM_KEYS], dtype=torch.float64), ctx)
+        acc = dict(zip(ACCUM_KEYS, tot.tolist()))
+        row = {"epoch": epoch, "global_step": prog.global_step, "lr": lr,
+               "train_loss": acc["loss_sum"] / max(acc["n"], 1.0),
+               "train_clean_acc": acc["clean_correct"] / acc["clean_n"] if acc["clean_n"] else None,
+               "train_adv_acc": acc["adv_correct"] / acc["adv_n"] if acc["adv_n"] else None,
+               "epoch_seconds": time.perf_counter() - t_epoch}
+        row["images_per_sec"] = acc["n"] / max(row["epoch_seconds"], 1e-9)
+        is_last = epoch + 1 == total
+        if data.x_val.shape[0] and ((epoch + 1) % cfg.selection.every == 0 or is_last):
+            last_val = evaluate_split(cfg, select_model(), data.x_val, data.y_val, device, ctx, epoch,
+                                      with_pgd=need_pgd or is_last)
+            row.update(last_val)
+            if cfg.selection.metric != "last":
+                value = last_val["val_pgd_acc" if need_pgd else "val_clean_acc"]
+                if value > prog.best_value:
+                    prog.best_value, prog.best_epoch = value, epoch
+                    row["best"] = True
+                    if ctx.is_main:
+                        _save_model_file(out_dir / "model_best", select_model(),
+                                         _model_metadata(cfg, epoch, prog.global_step, last_val, "best"))
+        if ctx.is_main:
+            _append_jsonl(out_dir / METRICS_FILE, row)
+        prog.epoch += 1
+        prog.batch = 0
+        prog.accum = {k: 0.0 for k in ACCUM_KEYS}
+        prog.seconds = time.perf_counter() - t_start
+        checkpoint()
+        if D.any_rank(stop.raised, ctx, device):
+            status = "interrupted" if prog.epoch < total else "completed"
+            break
+
+    summary = {"status": status, "name": cfg.name, "method": cfg.method.name, "model": cfg.model.name,
+               "epochs_completed": prog.epoch, "epochs": total, "global_step": prog.global_step,
+               "world_size": ctx.world_size, "seconds": prog.seconds, "out_dir": str(out_dir),
+               "selection": {"metric": cfg.selection.metric, "best_epoch": prog.best_epoch,
+                             "best_value": prog.best_value if prog.best_epoch >= 0 else None},
+               "final_val": last_val, "files": {"config": CONFIG_FILE, "metrics": METRICS_FILE,
+                                                "resume": RESUME_FILE}}
+    if stop.raised:
+        summary["signal"] = int(stop.signal)
+    if ctx.is_main:
+        if status == "completed":
+            final = select_model()
+            summary["files"]["final_model"] = _save_model_file(
+                out_dir / "model_final", final, _model_metadata(cfg, total - 1, prog.global_step, last_val, "final"))
+            if prog.best_epoch >= 0:
+                summary["files"]["best_model"] = str(out_dir / "model_best")
+        atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(json.dumps(_json_safe(summary), indent=2)), mode="w")
+    D.barrier(ctx)
+    return summary
+
+
+def _model_metadata(cfg: TrainConfig, epoch: int, step: int, val: dict, kind: str) -> dict:
+    return {"model_name": cfg.model.name, "model_overrides": dict(cfg.model.overrides), "recipe": cfg.name,
+            "method": cfg.method.name, "epoch": epoch, "global_step": step, "kind": kind,
+            "dataset": cfg.data.dataset, "validation": val, "attack": {
+                "eps": effective_attack_numbers(cfg.attack)[0], "norm": cfg.attack.norm}}
