@@ -325,3 +325,17 @@ def test_loader_converts_uint8_and_validates():
         data.InMemoryLoader(torch.rand(5, 4, 4), torch.arange(5))
     with pytest.raises(TypeError, match="int64"):
         data.InMemoryLoader(torch.zeros(5, 1, 2, 2, dtype=torch.int64), torch.arange(5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_augments_on_the_gpu_and_resumes():
+    x, y = torch.rand(20, 3, 8, 8, device="cuda"), torch.arange(20, device="cuda")
+    full = batches(data.InMemoryLoader(x, y, batch_size=6, augment=True, seed=3))
+    assert all(xb.device.type == "cuda" for xb, _ in full)
+    part = data.InMemoryLoader(x, y, batch_size=6, augment=True, seed=3)
+    it = iter(part)
+    head = [tuple(t.clone() for t in next(it))]
+    resumed = data.InMemoryLoader(x, y, batch_size=6, augment=True, seed=3)
+    resumed.load_state_dict(part.state_dict())
+    for (xa, ya), (xb, yb) in zip(full, head + batches(resumed)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

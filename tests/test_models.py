@@ -38,6 +38,12 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def meta_model(name: str, **kw) -> nn.Module:
+    """Full-size models on the meta device: shapes and structure without memory or init time."""
+    with torch.device("meta"):
+        return create_model(name, **kw)
+
+
 def layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -80,7 +86,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 # ---------------------------------------------------------------- reference layouts and counts
 def test_wrn_34_r_matches_robustbench_keys_and_shapes():
     ref = read_reference("wrn-34-r_robustwideresnet_keys.tsv")
-    assert layout(create_model("wrn-34-r")) == ref
+    assert layout(meta_model("wrn-34-r")) == ref
 
 
 def test_wrn_34_10_matches_classic_layout_after_renaming():
@@ -89,7 +95,7 @@ def test_wrn_34_10_matches_classic_layout_after_renaming():
     for key, shape in ref.items():
         key = re.sub(r"^block(\d+)\.", lambda m: f"blocks.{int(m.group(1)) - 1}.", key)
         renamed[re.sub(r"^conv1\.", "stem_conv.", key)] = shape
-    assert layout(create_model("wrn-34-10")) == renamed
+    assert layout(meta_model("wrn-34-10")) == renamed
 
 
 @pytest.mark.parametrize(
@@ -97,18 +103,18 @@ def test_wrn_34_10_matches_classic_layout_after_renaming():
     [("wrn-34-10", 46.16), ("wrn-34-r", 68.12), ("wrn-34-12", 66.46), ("wrn-28-10", 36.48)],
 )
 def test_parameter_counts(name, millions):
-    count = sum(p.numel() for p in create_model(name).parameters())
+    count = sum(p.numel() for p in meta_model(name).parameters())
     assert round(count / 1e6, 2) == millions
 
 
 def test_cifar_resnet_layouts():
-    resnet = layout(create_model("resnet-18"))
+    resnet = layout(meta_model("resnet-18"))
     assert resnet["conv1.weight"] == (64, 3, 3, 3) and "bn1.weight" in resnet
     assert resnet["layer2.0.shortcut.0.weight"] == (128, 64, 1, 1) and "layer2.0.shortcut.1.running_var" in resnet
     assert "layer1.0.shortcut.0.weight" not in resnet
     assert resnet["linear.weight"] == (10, 512)
-    assert sum(p.numel() for p in create_model("resnet-18").parameters()) == 11_173_962
-    preact = layout(create_model("preact-resnet-18"))
+    assert sum(p.numel() for p in meta_model("resnet-18").parameters()) == 11_173_962
+    preact = layout(meta_model("preact-resnet-18"))
     assert preact["layer1.0.bn1.weight"] == (64,) and preact["bn.weight"] == (512,)
     assert preact["layer3.0.shortcut.0.weight"] == (256, 128, 1, 1) and "layer3.0.shortcut.1.weight" not in preact
     assert "bn1.weight" not in preact
@@ -165,7 +171,7 @@ def test_lipschitz_graph_reproduces_forward(name, overrides):
 
 @pytest.mark.parametrize("name", TINY + ["wrn-34-r"])
 def test_graph_roles_and_coverage(name):
-    model = create_model(name)
+    model = meta_model(name)
     root = model.lipschitz_graph()
     roles = [c.role for c in root.children]
     assert roles[0] == "stem" and roles[-1] == "head" and set(roles[1:-1]) == {"stage"}
@@ -258,7 +264,7 @@ def test_describe_counts_params_and_macs():
 
 
 def test_describe_wrn_34_r_stage_params():
-    d = describe(create_model("wrn-34-r"), (3, 32, 32))
+    d = describe(meta_model("wrn-34-r"), (3, 32, 32))
     assert d.total_params == 68_116_698
     assert [p.output_shape for p in d.parts[1:4]] == [[320, 32, 32], [640, 16, 16], [512, 8, 8]]
 
