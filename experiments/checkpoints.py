@@ -100,12 +100,19 @@ def _json_scalars(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length followed by a JSON object."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Raw ``(state_dict, metadata, source_format)`` of a checkpoint file, without any key changes."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; check the path")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

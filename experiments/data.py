@@ -134,7 +134,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         for prefix in ("numpy.core.", "numpy._core."):
             sub = module[len(prefix):] if module.startswith(prefix) else None
             if sub is not None and (sub, name) in _NUMPY_GLOBALS:
-                return getattr(importlib.import_module(f"numpy._core.{sub}"), name)
+                try:  # numpy >= 2 names its core "numpy._core"; numpy 1 only has "numpy.core"
+                    return getattr(importlib.import_module(f"numpy._core.{sub}"), name)
+                except ImportError:
+                    return getattr(importlib.import_module(f"numpy.core.{sub}"), name)
         if (module, name) == ("_codecs", "encode"):
             import _codecs
 

@@ -264,3 +264,13 @@ def test_mismatch_gives_one_readable_diff(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "ok.pt")
     with pytest.raises(ck.CheckpointMismatchError, match="fc.weight checkpoint"):
         ck.load_checkpoint(tmp_path / "ok.pt", model=create_model("wrn-tiny", in_channels=1, num_classes=3))
+
+
+def test_safetensors_recognised_by_content(tmp_path):
+    model = tiny()
+    path = ck.save_checkpoint(tmp_path / "w", model, {})
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(path.read_bytes())
+    loaded = ck.load_checkpoint(renamed)
+    assert loaded.source_format == "safetensors"
+    torch.testing.assert_close(loaded.model(X), model(X), rtol=0, atol=0)
