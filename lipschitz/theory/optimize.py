@@ -1,0 +1,247 @@
+"""Choose per-stage depths and widths that minimise the predicted Lipschitz bound under a parameter budget.
+
+Two steps: (1) continuous relaxation -- the Lagrangian f(D, W) + lambda (P(D, W) - budget) is built in sympy and
+its gradients drive SLSQP over real-valued depths/widths (the multiplier is reported from the KKT stationarity
+condition); (2) exact integer search -- every integer depth and width-grid point in a box around the relaxed
+optimum is evaluated with the exact P and objective, and feasible configurations are ranked.
+
+Feasibility: ``min_fraction * budget <= P <= budget``. Without the lower end the bound is minimised by the smallest
+network, which says nothing about how to *allocate* a budget; ``min_fraction=0`` restores plain ``P <= budget``.
+References: Huang et al. 2021 (architecture under a parameter budget); Nocedal & Wright 2006 (KKT, SLSQP).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import sympy as sp
+
+from lipschitz.theory import symbolic
+
+Objective = Callable[[tuple[int, ...], tuple[int, ...]], float]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One candidate architecture with its exact parameter count and objective value."""
+
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]  # stem width first
+    params: int
+    objective: float
+    bound: float | None = None  # the predicted network bound when the objective is the default log-bound
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ConfigSearch:
+    """Ranked configurations (best first) plus what the continuous relaxation found."""
+
+    ranked: list[Configuration]
+    relaxation: dict = field(default_factory=dict)
+    evaluated: int = 0
+
+    def __iter__(self):
+        return iter(self.ranked)
+
+    def __len__(self) -> int:
+        return len(self.ranked)
+
+    def __getitem__(self, i: int) -> Configuration:
+        return self.ranked[i]
+
+    def to_dict(self) -> dict:
+        return {"ranked": [c.to_dict() for c in self.ranked], "relaxation": self.relaxation,
+                "evaluated": self.evaluated}
+
+
+def _objective_functions(objective, n_stages: int, weight_model: str, std: float | None, bn_gain: float,
+                         input_size: int, num_classes: int, in_channels: int, strides: tuple[int, ...]):
+    """(vectorised f(D, W, pi) or None, sympy expression or None, is_default_bound)."""
+    s = symbolic.wrn_symbols(n_stages)
+    fixed = {s.num_classes: num_classes, s.in_channels: in_channels, s.input_size: input_size,
+             s.bn_gain: bn_gain, s.std: std if std is not None else 1.0}
+    if objective is None:
+        ex = symbolic.lipschitz_bound_expr(n_stages, weight_model, None, strides, symbols=s)
+        expr = sp.expand_log(sp.log(ex.network), force=True).subs(fixed)
+        is_default = True
+    elif isinstance(objective, sp.Expr):
+        names = {sym.name: sym for sym in (*s.depths, *s.widths, *s.projections)}
+        expr = objective.subs({sym: names.get(sym.name, sym) for sym in objective.free_symbols}).subs(fixed)
+        extra = {sym.name for sym in expr.free_symbols} - set(names)
+        if extra:
+            raise ValueError(f"objective has unknown symbols {sorted(extra)}; use D1.., W0.., pi1.. only")
+        is_default = False
+    elif callable(objective):
+        return None, None, False, s
+    else:
+        raise TypeError(f"objective must be None, a sympy expression or a callable(depths, widths), got {objective!r}")
+    return expr, expr, is_default, s
+
+
+def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *, n_stages: int = 3,
+                   weight_model: str = "fixed", std: float | None = 0.05, bn_gain: float = 1.0,
+                   stem_width: int = 16, strides: Sequence[int] | None = None, num_classes: int = 10,
+                   in_channels: int = 3, input_size: int = 32, min_fraction: float = 0.9,
+                   depth_range: tuple[int, int] = (1, 20), width_range: tuple[int, int] = (16, 2048),
+                   width_step: int = 16, depth_radius: int = 2, width_radius: float = 0.5,
+                   top_k: int = 10) -> ConfigSearch:
+    """Minimise an objective (default: log of the symbolic Lipschitz bound) over integer depths/widths with P <= budget.
+
+    ``objective``: None, a sympy expression in the symbols D1.., W0.., pi1.. of ``symbolic.wrn_symbols``, or a
+    callable ``f(depths, widths) -> float`` (it is also called with float tuples during the relaxation; if that
+    fails the integer search is centred on a uniform allocation). Widths are multiples of ``width_step`` in
+    ``width_range``; depths in ``depth_range``. Returns the ``top_k`` feasible configurations, best first.
+    """
+    if not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be a positive integer number of parameters, got {budget!r}")
+    if not 0 <= min_fraction < 1:
+        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction!r}")
+    if depth_range[0] < 1 or depth_range[0] > depth_range[1]:
+        raise ValueError(f"depth_range must be (lo, hi) with 1 <= lo <= hi, got {depth_range!r}")
+    if width_step < 1 or width_range[0] < 1 or width_range[0] > width_range[1]:
+        raise ValueError(f"width_range/width_step invalid: {width_range!r}, {width_step!r}")
+    strides = tuple(strides) if strides is not None else symbolic.default_strides(n_stages)
+    if len(strides) != n_stages:
+        raise ValueError(f"strides needs {n_stages} entries, got {list(strides)}")
+    if weight_model == "fixed" and std is None:
+        raise ValueError("weight_model='fixed' needs std=<entry standard deviation>")
+
+    expr, _, is_default, s = _objective_functions(objective, n_stages, weight_model, std, bn_gain, input_size,
+                                                  num_classes, in_channels, strides)
+    p_expr = symbolic.param_count_expr(symbols=s).subs({s.num_classes: num_classes, s.in_channels: in_channels})
+    args = (*s.depths, *s.widths, *s.projections)
+    p_fn = sp.lambdify(args, p_expr, "numpy")
+    if expr is not None:
+        f_fn = sp.lambdify(args, expr, "numpy")
+
+        def evaluate(depths, widths, flags):
+            return f_fn(*depths, *widths, *flags)
+    else:
+        def evaluate(depths, widths, flags):
+            return np.array([float(objective(tuple(int(v) for v in d), tuple(int(v) for v in w)))
+                             for d, w in zip(zip(*depths), zip(*widths))], dtype=float)
+
+    relaxation = _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides, depth_range,
+                        width_range)
+    ranked, evaluated = _integer_search(relaxation["depths"], relaxation["widths"], budget, min_fraction,
+                                        stem_width, strides, depth_range, width_range, width_step, depth_radius,
+                                        width_radius, p_fn, evaluate, top_k, is_default)
+    return ConfigSearch(ranked, relaxation, evaluated)
+
+
+def _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides, depth_range, width_range) -> dict:
+    """Continuous relaxation: SLSQP on the sympy Lagrangian's gradients (all projection flags 1)."""
+    from scipy.optimize import minimize
+
+    n = len(s.depths)
+    variables = (*s.depths, *s.widths[1:])
+    fixed = {s.widths[0]: stem_width}
+    fixed.update({pi: 1 for pi in s.projections})
+    p_rel = p_expr.subs(fixed)
+    lam = sp.Symbol("lambda")
+    uniform_w = _uniform_width(budget, n, stem_width, p_rel, s, depth_range, width_range)
+    x0 = np.array([float(min(max(5, depth_range[0]), depth_range[1]))] * n + [uniform_w] * n)
+    scale = np.array([1.0] * n + [max(uniform_w, 1.0)] * n)  # optimise in scaled units
+    bounds = [(depth_range[0], depth_range[1])] * n + [(width_range[0], width_range[1])] * n
+    info: dict = {"method": "slsqp_on_sympy_lagrangian", "success": False}
+    if expr is not None:
+        f_rel = expr.subs(fixed)
+        lagrangian = f_rel + lam * (p_rel - budget)
+        grad_f = sp.lambdify(variables, [sp.diff(f_rel, v) for v in variables], "numpy")
+        grad_p = sp.lambdify(variables, [sp.diff(p_rel, v) for v in variables], "numpy")
+        f_num = sp.lambdify(variables, f_rel, "numpy")
+        info["lagrangian"] = str(lagrangian)
+        fun = lambda z: float(f_num(*(z * scale)))  # noqa: E731
+        jac = lambda z: np.asarray(grad_f(*(z * scale)), dtype=float) * scale  # noqa: E731
+    else:
+        grad_p = sp.lambdify(variables, [sp.diff(p_rel, v) for v in variables], "numpy")
+
+        def fun(z):
+            x = z * scale
+            return float(objective(tuple(x[:n]), (float(stem_width), *x[n:])))
+        jac = None
+    p_num = sp.lambdify(variables, p_rel, "numpy")
+    cons = [
+        {"type": "ineq", "fun": lambda z: (budget - float(p_num(*(z * scale)))) / budget,
+         "jac": lambda z: -np.asarray(grad_p(*(z * scale)), dtype=float) * scale / budget},
+        {"type": "ineq", "fun": lambda z: (float(p_num(*(z * scale))) - min_fraction * budget) / budget,
+         "jac": lambda z: np.asarray(grad_p(*(z * scale)), dtype=float) * scale / budget},
+    ]
+    try:
+        res = minimize(fun, x0 / scale, jac=jac, method="SLSQP", constraints=cons,
+                       bounds=[(lo / sc, hi / sc) for (lo, hi), sc in zip(bounds, scale)],
+                       options={"maxiter": 300, "ftol": 1e-10})
+        x = res.x * scale
+        info.update(success=bool(res.success), message=str(res.message), objective=float(res.fun))
+        if jac is not None:
+            gf, gp = np.asarray(grad_f(*x), dtype=float), np.asarray(grad_p(*x), dtype=float)
+            lo, hi = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+            free = (x > lo + 1e-6 * scale) & (x < hi - 1e-6 * scale)  # box-active variables have own multipliers
+            if free.any() and gp[free] @ gp[free] > 0:
+                # least-squares multiplier of the budget constraint: grad f + lambda grad P = 0 on free variables
+                mult = -float(gf[free] @ gp[free] / (gp[free] @ gp[free]))
+                info.update(multiplier=mult, kkt_residual=float(np.linalg.norm(gf[free] + mult * gp[free])),
+                            free_variables=[str(v) for v, f in zip(variables, free) if f])
+    except (ValueError, TypeError, ArithmeticError) as err:  # a user callable that needs integers
+        x = x0
+        info.update(message=f"relaxation skipped: {err}")
+    info.update(depths=[float(v) for v in x[:n]], widths=[float(stem_width)] + [float(v) for v in x[n:]],
+                params=float(p_num(*x)))
+    return info
+
+
+def _uniform_width(budget, n, stem_width, p_rel, s, depth_range, width_range) -> float:
+    """Equal width in every stage that spends the budget at depth 5 (starting point of the relaxation)."""
+    d0 = float(min(max(5, depth_range[0]), depth_range[1]))
+    w = sp.Symbol("w", positive=True)
+    eq = p_rel.subs({**{d: d0 for d in s.depths}, **{wi: w for wi in s.widths[1:]}}) - budget
+    roots = [float(r) for r in sp.solve(eq, w) if r.is_real and r > 0]
+    w0 = roots[0] if roots else float(width_range[0])
+    return float(min(max(w0, width_range[0]), width_range[1]))
+
+
+def _integer_search(depths_rel, widths_rel, budget, min_fraction, stem_width, strides, depth_range, width_range,
+                    width_step, depth_radius, width_radius, p_fn, evaluate, top_k, is_default):
+    n = len(depths_rel)
+    depth_sets = []
+    for d in depths_rel:
+        lo = max(depth_range[0], int(math.floor(d)) - depth_radius)
+        hi = min(depth_range[1], int(math.ceil(d)) + depth_radius)
+        depth_sets.append(list(range(lo, hi + 1)))
+    grid_lo = -(-width_range[0] // width_step) * width_step
+    grid = np.arange(grid_lo, width_range[1] + 1, width_step)
+    width_sets = []
+    for w in widths_rel[1:]:
+        lo, hi = w / (1 + width_radius), w * (1 + width_radius)
+        near = grid[(grid >= lo - width_step) & (grid <= hi + width_step)]
+        if near.size == 0:
+            near = grid[[int(np.argmin(np.abs(grid - w)))]]
+        width_sets.append([int(v) for v in near])
+    combos = np.array(list(itertools.product(*depth_sets, *width_sets)), dtype=np.int64)
+    if combos.size == 0:
+        return [], 0
+    D = [combos[:, i] for i in range(n)]
+    W = [np.full(len(combos), stem_width, dtype=np.int64)] + [combos[:, n + i] for i in range(n)]
+    flags = [((W[i] != W[i + 1]) | (strides[i] != 1)).astype(np.int64) for i in range(n)]
+    params = np.asarray(p_fn(*D, *W, *flags), dtype=np.float64)
+    feasible = (params <= budget) & (params >= min_fraction * budget)
+    idx = np.nonzero(feasible)[0]
+    if idx.size == 0:
+        return [], len(combos)
+    values = np.broadcast_to(np.asarray(evaluate([d[idx] for d in D], [w[idx] for w in W],
+                                                 [f[idx] for f in flags]), dtype=float), idx.shape)
+    order = np.lexsort((params[idx], values))[:top_k]
+    ranked = []
+    for j in order:
+        k = idx[j]
+        value = float(values[j])
+        ranked.append(Configuration(tuple(int(d[k]) for d in D), tuple(int(w[k]) for w in W), int(params[k]),
+                                    value, math.exp(value) if is_default else None))
+    return ranked, len(combos)
+
