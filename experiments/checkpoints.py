@@ -84,10 +84,16 @@ def _torch_load(path: Path) -> Any:
                 "so loading it could run code; re-save its state_dict (torch.save(model.state_dict(), ...)) "
                 "from a trusted environment"
             ) from None
-        raise ValueError(f"{path}: not a readable checkpoint (corrupted pickle: {exc})") from None
+        raise ValueError(f"{path}: not a readable checkpoint (corrupted pickle: {_first_line(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/IndexError/... for foreign or cut files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not a PyTorch/safetensors file): {first}") from None
+        raise ValueError(
+            f"{path}: not a readable checkpoint (truncated, or not a PyTorch/safetensors file): {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -119,7 +125,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") from None
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {_first_line(exc)}") from None
         meta = _read_sidecar(path)
         return state, meta, FORMAT if meta.get("format") == FORMAT else "safetensors"
     obj = _torch_load(path)
