@@ -68,39 +68,22 @@ def _check_overrides(cls: type[nn.Module], overrides: dict[str, Any], name: str)
         raise TypeError(f"model {name!r} got unknown argument(s) {unknown}; valid arguments: {', '.join(valid)}")
 
 
-def _build(cls: type[nn.Module], name: str, preset: dict[str, Any], num_classes: int, overrides: dict[str, Any]):
-    _check_overrides(cls, overrides, name)
-    model = cls(**{**preset, "num_classes": num_classes, **overrides})
-    model.model_name = name
-    return model
-
-
-def _wrn_entrypoint(name: str) -> Callable[..., WideResNet]:
-    preset = WRN_PRESETS[name]
-
-    def entrypoint(num_classes: int = 10, **overrides: Any) -> WideResNet:
-        return _build(WideResNet, name, preset, num_classes, overrides)
-
-    entrypoint.__name__ = name.replace("-", "_")
-    entrypoint.__doc__ = f"{name}: WideResNet(depths={preset['depths']}, widths={preset['widths']})."
-    return entrypoint
-
-
-def _resnet_entrypoint(name: str) -> Callable[..., nn.Module]:
-    cls, preset = RESNET_PRESETS[name]
-
+def _preset_entrypoint(name: str, cls: type[nn.Module], preset: dict[str, Any]) -> Callable[..., nn.Module]:
     def entrypoint(num_classes: int = 10, **overrides: Any) -> nn.Module:
-        return _build(cls, name, preset, num_classes, overrides)
+        _check_overrides(cls, overrides, name)
+        model = cls(**{**preset, "num_classes": num_classes, **overrides})
+        model.model_name = name
+        return model
 
     entrypoint.__name__ = name.replace("-", "_")
-    entrypoint.__doc__ = f"{name}: {cls.__name__}({preset})."
+    entrypoint.__doc__ = f"{name}: {cls.__name__}({', '.join(f'{k}={v}' for k, v in preset.items())})."
     return entrypoint
 
 
-for _name in WRN_PRESETS:
-    register_model(_name)(_wrn_entrypoint(_name))
-for _name in RESNET_PRESETS:
-    register_model(_name)(_resnet_entrypoint(_name))
+for _name, _preset in WRN_PRESETS.items():
+    register_model(_name)(_preset_entrypoint(_name, WideResNet, _preset))
+for _name, (_cls, _preset) in RESNET_PRESETS.items():
+    register_model(_name)(_preset_entrypoint(_name, _cls, _preset))
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
