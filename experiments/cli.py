@@ -195,6 +195,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_mapping(payload: dict[str, Any]) -> str:
+    """``key  value`` lines with floats to 6 significant digits and lists joined by commas."""
+    def text(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, (list, tuple)):
+            return ", ".join(text(x) for x in v)
+        return str(v)
+
+    width = max((len(k) for k in payload), default=0)
+    return "\n".join(f"{k.ljust(width)}  {text(v)}" for k, v in payload.items())
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON atomically (temporary file then rename)."""
     path = Path(path)
@@ -426,7 +439,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
         depths = parse_int_list(args.depths)
         widths = parse_int_list(args.widths)
         payload = _theory_prediction(theory, depths, widths, args)
-        text = "\n".join(f"{k:24s} {v}" for k, v in payload.items())
+        text = format_mapping(payload)
     elif args.theory_command == "validate":
         from experiments.theory_validation import run_validation
 
@@ -443,17 +456,21 @@ def cmd_theory(args: argparse.Namespace) -> int:
 
 
 def _call_optimal_config(theory, budget: int, args: argparse.Namespace):
-    kwargs: dict[str, Any] = {}
-    if args.num_stages is not None:
-        kwargs["num_stages"] = args.num_stages
-    return theory.optimal_config(budget, **kwargs)
+    info = dataset_info(args.data)
+    search = theory.optimal_config(budget, n_stages=args.num_stages, top_k=args.top, num_classes=info["num_classes"],
+                                   in_channels=info["input_shape"][0], input_size=info["input_shape"][-1])
+    return list(search)
 
 
 def _theory_prediction(theory, depths, widths, args: argparse.Namespace) -> dict[str, Any]:
     from experiments.demo import theory_prediction
 
-    return theory_prediction(depths, widths, num_classes=dataset_info(args.data)["num_classes"],
-                             in_channels=dataset_info(args.data)["input_shape"][0])
+    info = dataset_info(args.data)
+    if len(widths) != len(depths) + 1:
+        raise UserError(f"--widths needs the stem width then one width per stage ({len(depths) + 1} values), got {len(widths)}")
+    return {"depths": list(depths), "widths": list(widths), "dataset": args.data,
+            **theory_prediction(depths, widths, num_classes=info["num_classes"], in_channels=info["input_shape"][0],
+                                input_size=info["input_shape"][-1])}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -619,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("optimal-config", help="per-stage depths/widths minimising the predicted bound under a budget")
     tp.add_argument("--budget", required=True, help="parameter budget, e.g. 68M")
     tp.add_argument("--top", type=int, default=10, help="how many ranked configurations to show (default 10)")
-    tp.add_argument("--num-stages", type=int, default=None, help="number of stages (default: the theory's)")
+    tp.add_argument("--num-stages", type=int, default=3, help="number of stages (default 3)")
+    tp.add_argument("--data", default="cifar10", help=f"dataset for input size/channels/classes: {', '.join(DATASETS)}")
     _common(tp)
     tp = tsub.add_parser("validate", help="predicted vs measured norms at initialisation (plots, Spearman)")
     tp.add_argument("--quick", action="store_true", help="a smaller grid")
