@@ -1,0 +1,620 @@
+"""Certified l2 Lipschitz upper bounds of whole networks, composed over a ``lipschitz.graph`` tree.
+
+``network_bound(model_or_graph, input_shape, method=...)`` evaluates the eval-mode network:
+
+- "product": every node separately: layer norms (certified upper bounds from ``spectral.sandwich`` at the
+  layer's real input shape), batch norm max|scale|, activation slopes, pooling/normalisation constants;
+  sequential product, residual ``L(shortcut) + L(branch)`` (identity shortcut: 1).
+- "folded": channel scalings are folded into the neighbouring conv/linear layer: a batch norm after a conv
+  into its output channels; a batch norm before an activation before a conv (pre-activation) as |scale|
+  into the next conv's input channels (sigma(d z + c) = |d| psi(z) with psi as Lipschitz as sigma); input
+  normalisation into the first layer. Linear chains without nonlinearity are composed exactly when small.
+- "folded+liplt": additionally bounds each conv-activation-conv piece by LipLT,
+  ``||B + a A2 A1|| + b ||A2|| ||A1||`` (sigma = a z + b |z|), merging a shortcut B that sees the same input.
+
+Every rule is proved in docs/network-bounds.md. An unsupported node or module raises a ValueError naming it.
+References: Fazlyab et al. 2023 (LipLT); Sedghi et al. 2019; Gouk et al. 2021 (layer-wise products).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lipschitz import graph as G
+from lipschitz.liplt import conv_spec, fold_weight, liplt_bound
+from lipschitz.rules import (absolute_value_split, activation_from_module, activation_slope, batchnorm_scale,
+                             normalize_scale, pool_is_linear, pool_lipschitz)
+from spectral.guarantee import Guarantee, NormValue
+
+METHODS = ("product", "folded", "folded+liplt")
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.MaxPool1d, nn.MaxPool2d,
+               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+# ------------------------------------------------------------------------------ graph construction
+
+def graph_from_module(module: nn.Module, name: str = "") -> G.Node:
+    """A lipschitz graph for a module: its own ``lipschitz_graph()``, or a converted ``nn.Sequential``.
+
+    Supported leaves: Conv1d/Conv2d/Linear, BatchNorm1d/2d, ReLU/LeakyReLU/SiLU/GELU/Softplus/Tanh,
+    pooling, Flatten, Dropout/Identity. Anything else raises a ValueError naming it.
+    """
+    if hasattr(module, "lipschitz_graph"):
+        return module.lipschitz_graph()
+    if isinstance(module, nn.Sequential):
+        return G.Sequential([graph_from_module(m, f"{name}.{k}" if name else str(k))
+                             for k, m in module.named_children()], name=name)
+    if isinstance(module, _LAYER_TYPES):
+        return G.Layer(module, name=name)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return G.BatchNorm(module, name=name)
+    act = activation_from_module(module)
+    if act is not None:
+        return G.Activation(act[0], act[1], name=name)
+    if isinstance(module, _POOL_TYPES):
+        return G.Pool(module, name=name)
+    if isinstance(module, nn.Flatten):
+        if module.start_dim != 1 or module.end_dim != -1:
+            raise ValueError(f"{name or 'Flatten'}: only Flatten(start_dim=1, end_dim=-1) is supported")
+        return G.Flatten(name=name)
+    if isinstance(module, (nn.Dropout, nn.Identity)):
+        return G.Identity(name=name)
+    raise ValueError(f"unsupported module {type(module).__name__} at {name or '<root>'}: network_bound supports "
+                     "Conv1d/Conv2d/Linear, BatchNorm, ReLU/LeakyReLU/SiLU/GELU/Softplus/Tanh, pooling, Flatten, "
+                     "Dropout/Identity and nn.Sequential; give the model a lipschitz_graph() for anything else")
+
+
+def _activation_fn(node: G.Activation, x: torch.Tensor) -> torch.Tensor:
+    p = node.params
+    if node.kind == "relu":
+        return F.relu(x)
+    if node.kind == "leaky_relu":
+        return F.leaky_relu(x, p.get("negative_slope", 0.01))
+    if node.kind == "silu":
+        return F.silu(x)
+    if node.kind == "gelu":
+        return F.gelu(x, approximate=p.get("approximate", "none"))
+    if node.kind == "softplus":
+        return F.softplus(x, beta=p.get("beta", 1.0), threshold=p.get("threshold", 20.0))
+    if node.kind == "tanh":
+        return torch.tanh(x)
+    return x
+
+
+def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = None) -> torch.Tensor:
+    """Evaluate a graph on a batch; record each node's (input shape, output shape) without batch in ``shapes``."""
+    in_shape = tuple(x.shape[1:])
+    if isinstance(node, (G.Layer, G.BatchNorm, G.Pool)):
+        y = node.module(x)
+    elif isinstance(node, G.Activation):
+        y = _activation_fn(node, x)
+    elif isinstance(node, G.Flatten):
+        y = x.flatten(1)
+    elif isinstance(node, G.Identity):
+        y = x
+    elif isinstance(node, G.Normalize):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - torch.as_tensor(node.mean, dtype=x.dtype).view(view)) / torch.as_tensor(node.std, dtype=x.dtype).view(view)
+    elif isinstance(node, G.Sequential):
+        y = x
+        for child in node.children:
+            y = interpret(child, y, shapes)
+    elif isinstance(node, G.Residual):
+        y = interpret(node.branch, x, shapes)
+        y = y + (x if node.shortcut is None else interpret(node.shortcut, x, shapes))
+    else:
+        raise ValueError(f"unsupported graph node {type(node).__name__}")
+    if shapes is not None:
+        shapes[id(node)] = (in_shape, tuple(y.shape[1:]))
+    return y
+
+
+def _modules_of(node: G.Node) -> list[nn.Module]:
+    return [n.module for n in G.iter_nodes(node) if isinstance(n, (G.Layer, G.BatchNorm, G.Pool))]
+
+
+# ------------------------------------------------------------------------------------- results
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist() if v.numel() <= 64 else f"tensor{tuple(v.shape)}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+@dataclass
+class NetworkBound:
+    """Certified l2 Lipschitz bounds of a network and of its layers, blocks and stages.
+
+    ``value``: the whole network under ``method`` (guarantee UPPER, or EXACT for a single exact linear map).
+    ``comparison``: whole-network value per evaluated method. ``layers``: one row per conv/linear layer
+    (certified upper/lower of the raw layer, folded upper). ``nodes``: every named composite node
+    (blocks, stages, stem, head ...) with its bound per method.
+    """
+
+    value: NormValue
+    method: str
+    input_shape: tuple
+    comparison: dict[str, float]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def blocks(self) -> list[dict[str, Any]]:
+        return [n for n in self.nodes if n.get("role") == "block"]
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return [n for n in self.nodes if n.get("role") == "stage"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
+                           "comparison": self.comparison, "layers": self.layers, "nodes": self.nodes,
+                           "seconds": self.seconds})
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+# -------------------------------------------------------------------------------------- engine
+
+@dataclass
+class _Seg:
+    """An open linear segment: ops are ("diag", scale), ("layer", node), ("pool", node), ("flatten", node)."""
+
+    ops: list = field(default_factory=list)
+
+    def layers(self) -> list:
+        return [o for o in self.ops if o[0] == "layer"]
+
+
+@dataclass
+class _Factor:
+    kind: str  # "seg", "act", "value"
+    value: float
+    exact: bool
+    info: dict = field(default_factory=dict)
+
+
+class _Engine:
+    def __init__(self, shapes: dict, method: str, rtol: float, dense_max_entries: int, sandwich_kw: dict,
+                 layer_rows: dict, cache: dict):
+        self.shapes, self.method, self.rtol = shapes, method, rtol
+        self.dense_max_entries, self.sandwich_kw = dense_max_entries, sandwich_kw
+        self.layer_rows, self.cache = layer_rows, cache
+        self.node_values: dict[int, tuple[float, bool]] = {}
+
+    # ---------------------------------------------------------------- layer norms
+    def layer_norm(self, node: G.Layer, in_scale=None, out_scale=None) -> NormValue:
+        from spectral.sandwich import sandwich
+
+        key = (id(node), None if in_scale is None else tuple(in_scale.tolist()),
+               None if out_scale is None else tuple(out_scale.tolist()))
+        if key in self.cache:
+            return self.cache[key]
+        m = node.module
+        in_shape = self.shapes[id(node)][0]
+        w = fold_weight(m, in_scale, out_scale)
+        if isinstance(m, nn.Linear):
+            sw = sandwich(w, in_shape, self.rtol, **self.sandwich_kw)
+        else:
+            sw = sandwich(w, in_shape, self.rtol, stride=m.stride, padding=m.padding, padding_mode=m.padding_mode,
+                          dilation=m.dilation, groups=m.groups, **self.sandwich_kw)
+        self.cache[key] = sw.upper
+        row = self.layer_rows[id(node)]
+        if in_scale is None and out_scale is None:
+            row.update(upper=sw.upper.value, upper_guarantee=sw.upper.guarantee.value, upper_method=sw.upper.method,
+                       lower=sw.lower.value, lower_guarantee=sw.lower.guarantee.value, gap=sw.gap)
+        else:
+            row.update(folded_upper=sw.upper.value, folded_guarantee=sw.upper.guarantee.value,
+                       folded_lower=sw.lower.value)
+        return sw.upper
+
+    # ---------------------------------------------------------------- segments
+    def close(self, seg: _Seg) -> _Factor | None:
+        """Norm bound of a linear segment with every diag folded into a layer where possible."""
+        if not seg.ops:
+            return None
+        layers = seg.layers()
+        consts, exact = 1.0, True
+        for op in seg.ops:
+            if op[0] == "pool":
+                nv = pool_lipschitz(op[1].module, self.shapes[id(op[1])][0])
+                consts *= nv.value
+        if not layers:
+            d = self._diag_product(seg.ops)
+            v = float(d.abs().max()) if d is not None else 1.0
+            return _Factor("value", v * consts, True, {"diag_only": True})
+        if len(layers) >= 2:
+            dense = self._dense_segment(seg)
+            if dense is not None:
+                return _Factor("seg", dense, True, {"dense": True})
+        value, info = 1.0, {}
+        pending = None  # diag (vector over current channel axis) waiting for the next layer
+        last_layer, out_scale = None, None
+        flattened_after_layer = False
+        for op in seg.ops:
+            if op[0] == "diag":
+                if last_layer is not None and not flattened_after_layer:
+                    out_scale = op[1] if out_scale is None else out_scale * op[1]
+                else:
+                    pending = op[1] if pending is None else pending * op[1]
+            elif op[0] == "flatten":
+                if pending is not None:
+                    pending = self._flatten_diag(pending, op[1])
+                if last_layer is not None:
+                    flattened_after_layer = True
+            elif op[0] == "layer":
+                if last_layer is not None:
+                    nv = self.layer_norm(last_layer, info.pop("in_scale", None), out_scale)
+                    value *= nv.value
+                    exact = False
+                last_layer, out_scale, flattened_after_layer = op[1], None, False
+                info["in_scale"] = pending
+                pending = None
+        nv = self.layer_norm(last_layer, info.pop("in_scale", None), out_scale)
+        value *= nv.value
+        if pending is not None:  # a diag after a flatten that followed the last layer
+            value *= float(pending.abs().max())
+            exact = False
+        spec_info = {}
+        if len(layers) == 1 and consts == 1.0 and not any(o[0] in ("pool", "flatten") for o in seg.ops):
+            spec_info = self._single_layer_info(seg)
+        exact = exact and nv.guarantee is Guarantee.EXACT and consts == 1.0
+        return _Factor("seg", value * consts, exact and len(layers) == 1, spec_info)
+
+    def _single_layer_info(self, seg: _Seg) -> dict:
+        in_scale = out_scale = None
+        seen = False
+        for op in seg.ops:
+            if op[0] == "diag":
+                if seen:
+                    out_scale = op[1] if out_scale is None else out_scale * op[1]
+                else:
+                    in_scale = op[1] if in_scale is None else in_scale * op[1]
+            elif op[0] == "layer":
+                seen, node = True, op[1]
+        return {"layer": node, "in_scale": in_scale, "out_scale": out_scale}
+
+    def _diag_product(self, ops) -> torch.Tensor | None:
+        d = None
+        for op in ops:
+            if op[0] == "diag":
+                d = op[1] if d is None else d * op[1]
+            elif op[0] == "flatten" and d is not None:
+                d = self._flatten_diag(d, op[1])
+        return d
+
+    def _flatten_diag(self, d: torch.Tensor, node: G.Flatten) -> torch.Tensor:
+        in_shape = self.shapes[id(node)][0]
+        return d.repeat_interleave(math.prod(in_shape[1:])) if len(in_shape) > 1 else d
+
+    def _dense_segment(self, seg: _Seg) -> float | None:
+        """Exact norm of a segment of layers, diags and reshapes by dense SVD (None if too large or has pools)."""
+        from lipschitz.liplt import dense_norm
+        from spectral.operators import ChannelScale, LayerOperator, Reshape, compose
+
+        if any(op[0] == "pool" for op in seg.ops):
+            return None
+        maps: list = []
+        for op in seg.ops:
+            if op[0] == "diag":
+                maps.append(op[1].to(torch.float64))
+                continue
+            node = op[1]
+            shape_in, shape_out = self.shapes[id(node)]
+            if op[0] == "flatten":
+                maps.append(Reshape(shape_in, shape_out, dtype=torch.float64))
+                continue
+            m = node.module
+            w = m.weight.detach().to(torch.float64)
+            maps.append(LayerOperator.linear(w, shape_in) if isinstance(m, nn.Linear) else
+                        LayerOperator.conv(w, shape_in, m.stride, m.padding, m.dilation, m.groups, m.padding_mode))
+        real = [m for m in maps if not isinstance(m, torch.Tensor)]
+        n_in, n_out = math.prod(real[0].in_shape), math.prod(real[-1].out_shape)
+        if n_in * n_out > self.dense_max_entries:
+            return None
+        out, prev_shape = [], None
+        for i, mp in enumerate(maps):
+            if isinstance(mp, torch.Tensor):
+                nxt = next((m for m in maps[i + 1:] if not isinstance(m, torch.Tensor)), None)
+                shape = tuple(nxt.in_shape) if nxt is not None else prev_shape
+                out.append(ChannelScale(shape, mp))
+            else:
+                out.append(mp)
+                prev_shape = tuple(mp.out_shape)
+        return dense_norm(compose(*out), max_entries=self.dense_max_entries)
+
+    # ---------------------------------------------------------------- composition
+    def evaluate(self, node: G.Node, pending: torch.Tensor | None = None) -> tuple[float, bool, torch.Tensor | None]:
+        """(bound, exact?, pending diag handed out) of ``node`` applied after diag(pending)."""
+        if isinstance(node, G.Sequential):
+            children = node.children
+        else:
+            children = [node]
+        value, exact, out = self._sequence(children, pending)
+        if isinstance(node, (G.Sequential, G.Residual)):
+            standalone = value * (float(out.abs().max()) if out is not None else 1.0)
+            self.node_values[id(node)] = (standalone, exact and out is None)
+        return value, exact, out
+
+    def _sequence(self, children: Sequence[G.Node], pending: torch.Tensor | None):
+        factors, pending_out = self._factors(children, pending)
+        return self._combine(factors) + (pending_out,)
+
+    def _factors(self, children: Sequence[G.Node], pending: torch.Tensor | None):
+        """The list of multiplicative factors of a child sequence, and the diag it hands out."""
+        folding = self.method != "product"
+        factors: list[_Factor] = []
+        seg = _Seg([("diag", pending)] if pending is not None else [])
+
+        def flush():
+            nonlocal seg
+            f = self.close(seg)
+            if f is not None:
+                factors.append(f)
+            seg = _Seg()
+
+        def seg_pure_diag() -> bool:
+            return not seg.layers()
+
+        for child in children:
+            if isinstance(child, G.Layer):
+                if not isinstance(child.module, _LAYER_TYPES):
+                    raise ValueError(f"Layer {child.name!r}: unsupported module {type(child.module).__name__}; "
+                                     "supported: Conv1d, Conv2d, Linear")
+                if not folding:
+                    nv = self.layer_norm(child)
+                    factors.append(_Factor("value", nv.value, nv.guarantee is Guarantee.EXACT))
+                else:
+                    seg.ops.append(("layer", child))
+            elif isinstance(child, (G.BatchNorm, G.Normalize)):
+                d = (batchnorm_scale(child.module) if isinstance(child, G.BatchNorm)
+                     else normalize_scale(child.std)).to(torch.float64)
+                if not folding:
+                    factors.append(_Factor("value", float(d.abs().max()), True))
+                else:
+                    seg.ops.append(("diag", d))
+            elif isinstance(child, G.Activation):
+                slope = activation_slope(child.kind, child.params)
+                if folding and seg_pure_diag():
+                    d = self._diag_product(seg.ops)
+                    for op in seg.ops:
+                        if op[0] == "pool":
+                            factors.append(_Factor("value", pool_lipschitz(op[1].module, self.shapes[id(op[1])][0]).value, True))
+                    seg = _Seg([("diag", d.abs())] if d is not None else [])
+                else:
+                    flush()
+                factors.append(_Factor("act", slope.value, slope.guarantee is Guarantee.EXACT and slope.value == 1.0,
+                                       {"kind": child.kind, "params": child.params}))
+            elif isinstance(child, G.Pool):
+                if not folding:
+                    factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
+                elif pool_is_linear(child.module):
+                    seg.ops.append(("pool", child))
+                else:  # max pool commutes with non-negative channel scalings only
+                    d = self._diag_product(seg.ops) if seg_pure_diag() else None
+                    if seg_pure_diag() and (d is None or bool((d >= 0).all())) and not any(o[0] == "pool" for o in seg.ops):
+                        factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
+                    else:
+                        flush()
+                        factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
+            elif isinstance(child, G.Flatten):
+                if folding:
+                    seg.ops.append(("flatten", child))
+            elif isinstance(child, G.Identity):
+                continue
+            elif isinstance(child, (G.Sequential, G.Residual)):
+                push = None
+                if folding and seg_pure_diag() and not any(o[0] in ("pool", "flatten") for o in seg.ops):
+                    push = self._diag_product(seg.ops)
+                    seg = _Seg()
+                else:
+                    flush()
+                if isinstance(child, G.Residual):
+                    v, ex = self._residual(child, push)
+                    factors.append(_Factor("value", v, ex))
+                    self.node_values[id(child)] = (v, ex)
+                else:
+                    v, ex, out = self.evaluate(child, push)
+                    factors.append(_Factor("value", v, ex))
+                    if out is not None:
+                        seg = _Seg([("diag", out)])
+            else:
+                raise ValueError(f"unsupported graph node {type(child).__name__} ({getattr(child, 'name', '')!r})")
+        pending_out = None
+        if folding and seg_pure_diag() and seg.ops and not any(o[0] in ("pool", "flatten") for o in seg.ops):
+            pending_out = self._diag_product(seg.ops)
+        else:
+            flush()
+        return factors, pending_out
+
+    def _combine(self, factors: list[_Factor]) -> tuple[float, bool]:
+        if self.method == "folded+liplt":
+            factors = self._pair_liplt(factors)
+        value = 1.0
+        for f in factors:
+            value *= f.value
+        nontrivial = [f for f in factors if not (f.exact and f.value == 1.0)]
+        exact = len(nontrivial) <= 1 and all(f.exact for f in nontrivial)
+        return value, exact
+
+    def _pair_liplt(self, factors: list[_Factor]) -> list[_Factor]:
+        out, i = [], 0
+        while i < len(factors):
+            if i + 2 < len(factors):
+                lip = self._liplt(factors[i], factors[i + 1], factors[i + 2], None)
+                if lip is not None and lip < factors[i].value * factors[i + 1].value * factors[i + 2].value:
+                    out.append(_Factor("value", lip, False, {"liplt": True}))
+                    i += 3
+                    continue
+            out.append(factors[i])
+            i += 1
+        return out
+
+    def _liplt(self, f1: _Factor, act: _Factor, f2: _Factor, shortcut) -> float | None:
+        if f1.kind != "seg" or act.kind != "act" or f2.kind != "seg":
+            return None
+        if "layer" not in f1.info or "layer" not in f2.info:
+            return None
+        split = absolute_value_split(act.info["kind"], act.info["params"])
+        if split is None:
+            return None
+        n1, n2 = f1.info["layer"], f2.info["layer"]
+        in_shape = self.shapes[id(n1)][0]
+        try:
+            s1 = conv_spec(n1.module, in_shape, f1.info["in_scale"], f1.info["out_scale"])
+            s2 = conv_spec(n2.module, self.shapes[id(n2)][0], f2.info["in_scale"], f2.info["out_scale"])
+            sc = shortcut
+            if isinstance(shortcut, _Factor):
+                n3 = shortcut.info["layer"]
+                sc = conv_spec(n3.module, self.shapes[id(n3)][0], shortcut.info["in_scale"], shortcut.info["out_scale"])
+            nv = liplt_bound(s1, s2, split, f1.value, f2.value, in_shape, sc, self.dense_max_entries)
+        except ValueError:
+            return None
+        return nv.value
+
+    def _residual(self, node: G.Residual, pending: torch.Tensor | None) -> tuple[float, bool]:
+        vb, exb, outb = self.evaluate(node.branch, pending)
+        vb *= float(outb.abs().max()) if outb is not None else 1.0
+        if node.shortcut is None:
+            vs, exs = (float(pending.abs().max()) if pending is not None else 1.0), True
+        else:
+            vs, exs, outs = self.evaluate(node.shortcut, pending)
+            vs *= float(outs.abs().max()) if outs is not None else 1.0
+        value = vs + vb
+        if self.method == "folded+liplt":
+            merged = self._merged_residual(node, pending)
+            if merged is not None and merged < value:
+                return merged, False
+        return value, False
+
+    def _merged_residual(self, node: G.Residual, pending) -> float | None:
+        """||B + a A2 A1|| + b ||A2|| ||A1|| when the branch is exactly conv-act-conv and B sees the same input."""
+        children = node.branch.children if isinstance(node.branch, G.Sequential) else [node.branch]
+        saved, saved_values = self.method, dict(self.node_values)
+        self.method = "folded"  # collect the factors without pairing
+        try:
+            factors, _ = self._factors(children, pending)
+            if node.shortcut is None:
+                if pending is not None:
+                    return None
+                sc = "identity"
+            else:
+                sc_children = node.shortcut.children if isinstance(node.shortcut, G.Sequential) else [node.shortcut]
+                sc_factors, _ = self._factors(sc_children, pending)
+                if len(sc_factors) != 1 or sc_factors[0].kind != "seg" or "layer" not in sc_factors[0].info:
+                    return None
+                sc = sc_factors[0]
+        finally:
+            self.method, self.node_values = saved, saved_values
+        if len(factors) != 3:
+            return None
+        return self._liplt(factors[0], factors[1], factors[2], sc)
+
+
+# ----------------------------------------------------------------------------------------- API
+
+def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int], method: str = "folded+liplt", *,
+                  compare: bool = True, rtol: float = 0.02, dense_max_entries: int = 2**21,
+                  example_input: torch.Tensor | None = None, check_graph: bool = True,
+                  sandwich_kwargs: dict | None = None) -> NetworkBound:
+    """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
+
+    ``model_or_graph``: a module with ``lipschitz_graph()``, an ``nn.Sequential`` (converted), or a graph.
+    ``input_shape`` excludes the batch, e.g. (3, 32, 32). ``method`` in METHODS; with ``compare=True``
+    every method is evaluated and reported in ``comparison``. ``check_graph``: verify that the graph
+    reproduces ``model(x)`` on a random input (refuses a graph that does not describe the model).
+    Batch norms use their running statistics (eval mode); the model's modes are restored afterwards.
+    References: Fazlyab et al. 2023 (LipLT); Gouk et al. 2021 (layer-wise product bounds).
+    """
+    from lipschitz.lower import eval_mode
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    input_shape = tuple(int(s) for s in input_shape)
+    if isinstance(model_or_graph, nn.Module):
+        model = model_or_graph
+        root = graph_from_module(model)
+    elif isinstance(model_or_graph, (G.Sequential, G.Residual, G.Layer, G.BatchNorm, G.Pool, G.Activation,
+                                     G.Flatten, G.Identity, G.Normalize)):
+        model, root = None, model_or_graph
+        check_graph = False
+    else:
+        raise TypeError(f"expected an nn.Module or a lipschitz.graph node, got {type(model_or_graph).__name__}")
+    modules = _modules_of(root)
+    holder = nn.ModuleList(modules) if model is None else model
+    params = [p for m in modules for p in m.parameters()]
+    dtype = params[0].dtype if params else torch.float32
+    with eval_mode(holder), torch.no_grad():
+        for m in modules:
+            m.eval()
+        x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype)
+        if tuple(x.shape[1:]) != input_shape:
+            raise ValueError(f"example_input has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, input_shape))})")
+        shapes: dict[int, tuple] = {}
+        try:
+            y = interpret(root, x, shapes)
+        except RuntimeError as err:
+            raise ValueError(f"the network graph cannot run on input shape {input_shape}: {err}") from err
+        if check_graph:
+            ref = model(x)
+            if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-4, atol=1e-5):
+                diff = (ref - y).abs().max().item() if ref.shape == y.shape else "shape mismatch"
+                raise ValueError(f"lipschitz_graph() does not reproduce the model's forward (max diff {diff}); "
+                                 "fix the model's graph description")
+        layer_rows: dict[int, dict] = {}
+        for n in G.iter_nodes(root):
+            if isinstance(n, G.Layer):
+                layer_rows[id(n)] = {"name": n.name, "kind": type(n.module).__name__,
+                                     "weight_shape": list(n.module.weight.shape),
+                                     "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
+        cache: dict = {}
+        methods = METHODS if compare else (method,)
+        results, node_values = {}, {}
+        for meth in methods:
+            sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
+            eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
+            v, exact, out = eng.evaluate(root)
+            if out is not None:
+                v *= float(out.abs().max())
+                exact = False
+            results[meth] = (v, exact)
+            node_values[meth] = eng.node_values
+    nodes = []
+    for n in G.iter_nodes(root):
+        if isinstance(n, (G.Sequential, G.Residual)) and (n.name or getattr(n, "role", None)) and n is not root:
+            rec = {"name": n.name, "role": n.role, "in_shape": list(shapes[id(n)][0]),
+                   "out_shape": list(shapes[id(n)][1])}
+            for meth in methods:
+                if id(n) in node_values[meth]:
+                    rec[meth] = node_values[meth][id(n)][0]
+            nodes.append(rec)
+    v, exact = results[method]
+    value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",
+                      seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
+    return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
+                        list(layer_rows.values()), nodes, time.perf_counter() - t0)

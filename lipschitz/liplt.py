@@ -1,0 +1,288 @@
+"""LipLT-style bound of a two-layer piece ``u -> B u + A2 sigma(A1 u + c)`` with sigma(z) = a z + b |z|.
+
+For ReLU a = b = 1/2 (LipLT, Fazlyab et al. 2023); LeakyReLU(s): a = (1+s)/2, b = (1-s)/2. Then
+``L <= ||B + a A2 A1|| + b ||A2|| ||A1||``, where A1 = D2 conv1 D1 and A2 = D3 conv2 carry the folded
+channel scalings and B is a shortcut (None, the identity or a conv/linear with the same input).
+
+The linear term ``||B + a A2 A1||`` is certified either by a dense SVD (small operators, exact) or
+through circular convolutions: a zero-padded conv is ``Z = R C E`` (embed, circular conv on a larger
+grid, restrict), so ``Z2 Z1 = R C2 M C1 E`` with M a 0/1 spatial mask = (I + S)/2, S a +-1 diagonal;
+hence ``||B + a Z2 Z1|| <= ||Bc + (a/2) C2 C1|| + (|a|/2) ||C2|| ||C1||``. Circular convolutions (also
+strided ones, via the polyphase form) are block-diagonalised by the DFT, products and sums of them are
+products and sums of their per-frequency symbols, so every circular norm above is exact by FFT.
+Proof: docs/network-bounds.md.
+
+References: Fazlyab, Entesari, Roy & Chellappa 2023, "Certified Robustness via Dynamic Margin
+Maximization and Improved Lipschitz Regularization" (LipLT); Sedghi et al. 2019 (conv spectra by FFT).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from spectral.guarantee import Guarantee, NormValue
+
+# relative margin on float64 SVD values (round-off of forming symbols and the SVD is ~1e-13 relative)
+ROUNDOFF_MARGIN = 1e-9
+DEFAULT_CHUNK_BYTES = 2**28
+
+
+@dataclass
+class ConvSpec:
+    """A conv/linear layer (as a 2-d conv, groups expanded) with input/output channel scales folded in."""
+
+    weight: torch.Tensor  # (c_out, c_in, kh, kw), float64, dense over groups
+    in_spatial: tuple[int, int]
+    out_spatial: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]  # (left, right) per spatial axis
+    dilation: tuple[int, int]
+    padding_mode: str
+    module: nn.Module | None = None
+    groups: int = 1
+    raw_weight: torch.Tensor | None = None  # the folded weight in the module's own layout (for spectral)
+
+    @property
+    def c_out(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def c_in(self) -> int:
+        return int(self.weight.shape[1])
+
+
+def _ungroup(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return weight
+    c_out, c_in_g = weight.shape[:2]
+    co = c_out // groups
+    full = weight.new_zeros((c_out, c_in_g * groups) + tuple(weight.shape[2:]))
+    for g in range(groups):
+        full[g * co:(g + 1) * co, g * c_in_g:(g + 1) * c_in_g] = weight[g * co:(g + 1) * co]
+    return full
+
+
+def fold_weight(module: nn.Module, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """The module's weight (float64) times diag(out_scale) on the left and diag(in_scale) on the right."""
+    w = module.weight.detach().to(torch.float64)
+    if out_scale is not None:
+        w = w * out_scale.to(torch.float64).view(-1, *([1] * (w.dim() - 1)))
+    if in_scale is not None:
+        s = in_scale.to(torch.float64)
+        groups = getattr(module, "groups", 1)
+        if groups > 1:
+            c_in_g = w.shape[1]
+            co = w.shape[0] // groups
+            idx = torch.arange(w.shape[0]) // co * c_in_g  # first input channel of each output's group
+            s = torch.stack([s[i:i + c_in_g] for i in idx.tolist()])  # (c_out, c_in_g)
+            w = w * s.view(w.shape[0], c_in_g, *([1] * (w.dim() - 2)))
+        else:
+            w = w * s.view(1, -1, *([1] * (w.dim() - 2)))
+    return w
+
+
+def conv_spec(module: nn.Module, in_shape: Sequence[int], in_scale: torch.Tensor | None = None,
+              out_scale: torch.Tensor | None = None) -> ConvSpec:
+    """Describe a Conv1d/Conv2d/Linear at ``in_shape`` with folded channel scales as a 2-d conv."""
+    from spectral.operators import LayerOperator
+
+    op = LayerOperator.from_module(module, tuple(in_shape))
+    w = fold_weight(module, in_scale, out_scale)
+    if isinstance(module, nn.Linear):
+        if len(in_shape) != 1:
+            raise ValueError(f"linear layer {module} expects a flat input, got shape {tuple(in_shape)}")
+        return ConvSpec(w.view(w.shape[0], w.shape[1], 1, 1), (1, 1), (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1),
+                        "zeros", module, 1, w)
+    nd = w.dim() - 2
+    w4 = _ungroup(w, module.groups)
+    if nd == 1:
+        w4 = w4.unsqueeze(-1)
+    pad = tuple(op.padding) + (((0, 0),) if nd == 1 else ())
+    return ConvSpec(w4, tuple(op.in_shape[1:]) + ((1,) if nd == 1 else ()),
+                    tuple(op.out_shape[1:]) + ((1,) if nd == 1 else ()),
+                    tuple(op.stride) + ((1,) if nd == 1 else ()), pad,
+                    tuple(op.dilation) + ((1,) if nd == 1 else ()), op.padding_mode, module, module.groups, w)
+
+
+def _phases(k: int, dil: int, pad_left: int, s: int, m: int, freqs: torch.Tensor) -> torch.Tensor:
+    """E[u, a, r] = exp(2 pi i u q_a / m) if tap a reads input phase r (offset t_a = a*dil - pad = s q_a + r)."""
+    t = torch.arange(k) * dil - pad_left
+    q = torch.div(t, s, rounding_mode="floor")
+    r = t - q * s
+    angle = 2 * math.pi * freqs.to(torch.float64)[:, None] * q[None, :].to(torch.float64) / m
+    E = torch.zeros(len(freqs), k, s, dtype=torch.complex128)
+    E[:, torch.arange(k), r] = torch.polar(torch.ones_like(angle), angle)
+    return E
+
+
+def symbol(spec: ConvSpec, grid: tuple[int, int], u_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-frequency matrices of the circular version of ``spec`` on ``grid`` (polyphase for strides).
+
+    Returns (U, m2, c_out, c_in * s1 * s2) complex128, m = grid / stride, rows ``u_freqs`` of the m1 axis.
+    The circular map sends x (on ``grid``) to y[i] = sum_a W[a] x[(s i + a d - p) mod N]; the polyphase
+    split x_r[j] = x[s j + r] is a permutation, so these blocks give its singular values exactly.
+    """
+    (n1, n2), (s1, s2) = grid, spec.stride
+    if n1 % s1 or n2 % s2:
+        raise ValueError(f"circular grid {grid} must be divisible by the stride {spec.stride}")
+    m1, m2 = n1 // s1, n2 // s2
+    u = torch.arange(m1) if u_freqs is None else u_freqs
+    kh, kw = spec.weight.shape[2:]
+    E1 = _phases(kh, spec.dilation[0], spec.padding[0][0], s1, m1, u)
+    E2 = _phases(kw, spec.dilation[1], spec.padding[1][0], s2, m2, torch.arange(m2))
+    K = torch.einsum("ocab,uax,vby->uvocxy", spec.weight.to(torch.complex128), E1, E2)
+    return K.reshape(len(u), m2, spec.c_out, spec.c_in * s1 * s2)
+
+
+def _min_grid(n: int, pads: tuple[int, int], s: int) -> int:
+    need = n + max(pads)
+    return int(math.ceil(need / s) * s)
+
+
+def liplt_grid(conv1: ConvSpec, conv2: ConvSpec, shortcut: ConvSpec | None = None) -> tuple[int, int]:
+    """Smallest circular grid N (input of conv1) on which Z1 = R C1 E and Z2 = R C2 E hold exactly."""
+    grid = []
+    for d in range(2):
+        s = conv1.stride[d]
+        if conv2.stride[d] != 1:
+            raise ValueError("the circular LipLT bound needs the second conv to have stride 1")
+        n = _min_grid(conv1.in_spatial[d], conv1.padding[d], s)
+        m_need = conv1.out_spatial[d] + max(conv2.padding[d])
+        n = max(n, m_need * s)
+        if shortcut is not None:
+            if shortcut.stride[d] != s:
+                raise ValueError("shortcut and first conv must have the same stride")
+            n = max(n, _min_grid(shortcut.in_spatial[d], shortcut.padding[d], s))
+        grid.append(n)
+    return tuple(grid)
+
+
+def _max_sv(blocks: torch.Tensor) -> float:
+    if blocks.numel() == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(blocks, ord=2).max())
+
+
+def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: ConvSpec | str | None = None,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+    """Circular norms on the LipLT grid: ``sum_norm`` = ||Bc + (a/2) C2 C1|| (a if circular padding),
+    ``c1`` = ||C1||, ``c2`` = ||C2||, and the certified bound of ||B + a Z2 Z1|| they give."""
+    if conv1.c_out != conv2.c_in:
+        raise ValueError(f"conv1 outputs {conv1.c_out} channels but conv2 takes {conv2.c_in}")
+    circular = conv1.padding_mode == "circular" and conv2.padding_mode == "circular"
+    for c in (conv1, conv2) + ((shortcut,) if isinstance(shortcut, ConvSpec) else ()):
+        if c.padding_mode not in ("zeros",) and not circular:
+            raise ValueError(f"padding_mode {c.padding_mode!r} is not supported by the circular LipLT bound")
+    sc_spec = shortcut if isinstance(shortcut, ConvSpec) else None
+    if circular:
+        for d in range(2):
+            if conv1.out_spatial[d] * conv1.stride[d] != conv1.in_spatial[d] or \
+                    conv2.out_spatial[d] != conv2.in_spatial[d]:
+                raise ValueError("circular padding is supported only for size-preserving ('same') convs")
+        grid = tuple(conv1.in_spatial)
+        mix = a
+    else:
+        grid = liplt_grid(conv1, conv2, sc_spec)
+        mix = a / 2.0
+    if shortcut == "identity" and conv1.stride != (1, 1):
+        raise ValueError("an identity shortcut needs stride 1")
+    m1 = grid[0] // conv1.stride[0]
+    grid2 = (grid[0] // conv1.stride[0], grid[1] // conv1.stride[1])
+    per_row = 16 * grid2[1] * max(conv2.c_out * conv1.c_in * conv1.stride[0] * conv1.stride[1],
+                                  conv1.c_out * conv1.c_in * conv1.stride[0] * conv1.stride[1],
+                                  conv2.c_out * conv2.c_in) * 3
+    rows = max(1, chunk_bytes // max(per_row, 1))
+    sum_norm = c1 = c2 = 0.0
+    for start in range(0, m1, rows):
+        u = torch.arange(start, min(m1, start + rows))
+        K1 = symbol(conv1, grid, u)
+        K2 = symbol(conv2, grid2, u)
+        c1, c2 = max(c1, _max_sv(K1)), max(c2, _max_sv(K2))
+        T = mix * (K2 @ K1)
+        if sc_spec is not None:
+            T = T + symbol(sc_spec, grid, u)
+        elif shortcut == "identity":
+            T = T + torch.eye(T.shape[-1], dtype=T.dtype)
+        sum_norm = max(sum_norm, _max_sv(T))
+    bound = sum_norm if circular else sum_norm + abs(a) / 2.0 * c2 * c1
+    return {"grid": list(grid), "sum_norm": sum_norm, "c1": c1, "c2": c2,
+            "bound": bound * (1.0 + ROUNDOFF_MARGIN), "circular_padding": circular}
+
+
+def _operator(spec: ConvSpec, in_shape: Sequence[int]):
+    from spectral.operators import LayerOperator
+
+    m = spec.module
+    if isinstance(m, nn.Linear):
+        return LayerOperator.linear(spec.raw_weight, tuple(in_shape))
+    return LayerOperator.conv(spec.raw_weight, tuple(in_shape), stride=m.stride, padding=m.padding,
+                              dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
+
+
+def dense_norm(linear_map: Any, max_entries: int = 2**24) -> float:
+    """Largest singular value of a linear map from its dense float64 matrix, via the eigenvalues of the
+    smaller Gram matrix (several times faster than an SVD), times (1 + ROUNDOFF_MARGIN).
+
+    The eigensolver's backward error is O(n eps ||A||^2), far below the 1e-9 relative margin for the
+    sizes allowed here, so the returned value is an upper bound of the exact norm in practice.
+    """
+    from spectral.operators import dense_matrix
+
+    A = dense_matrix(linear_map, max_entries=max_entries).to(torch.float64)
+    if A.numel() == 0:
+        return 0.0
+    G = A.T @ A if A.shape[1] <= A.shape[0] else A @ A.T
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    return math.sqrt(max(lam, 0.0)) * (1.0 + ROUNDOFF_MARGIN)
+
+
+def dense_linear_term(conv1: ConvSpec, conv2: ConvSpec, a: float, in_shape: Sequence[int],
+                      shortcut: ConvSpec | str | None = None) -> float:
+    """||B + a Z2 Z1|| from the dense float64 matrix of the composed operator (see ``dense_norm``)."""
+    from spectral.operators import ChannelScale, SumMap, compose
+
+    op1 = _operator(conv1, in_shape)
+    op2 = _operator(conv2, op1.out_shape)
+    scaled = compose(op1, op2, ChannelScale(op2.out_shape, torch.full((op2.out_shape[0],), float(a),
+                                                                      dtype=torch.float64)))
+    if shortcut is None:
+        total = scaled
+    elif shortcut == "identity":
+        total = SumMap([scaled, ChannelScale(tuple(in_shape), torch.ones(in_shape[0], dtype=torch.float64))])
+    else:
+        total = SumMap([scaled, _operator(shortcut, in_shape)])
+    return dense_norm(total, max_entries=2**31)
+
+
+def liplt_bound(conv1: ConvSpec, conv2: ConvSpec, split: tuple[float, float], upper1: float, upper2: float,
+                in_shape: Sequence[int], shortcut: ConvSpec | str | None = None,
+                dense_max_entries: int = 2**21) -> NormValue:
+    """Certified ``||B + a A2 A1|| + b ||A2|| ||A1||`` for a piece B u + A2 sigma(A1 u + c), sigma = a z + b|z|.
+
+    ``upper1``/``upper2``: certified upper bounds of ||A1||, ||A2|| (the zero-padded layers, folded).
+    The linear term is exact by dense SVD when the operator has at most ``dense_max_entries`` entries,
+    otherwise certified through the circular symbols (see module docstring).
+    References: Fazlyab et al. 2023 (LipLT).
+    """
+    a, b = split
+    t0 = time.perf_counter()
+    n_in = math.prod(in_shape)
+    n_out = conv2.c_out * math.prod(conv2.out_spatial)
+    details: dict[str, Any] = {"a": a, "b": b, "upper1": upper1, "upper2": upper2,
+                               "shortcut": shortcut if isinstance(shortcut, (str, type(None))) else "conv"}
+    if n_in * n_out <= dense_max_entries:
+        lin = dense_linear_term(conv1, conv2, a, in_shape, shortcut)
+        details.update(linear_term=lin, linear_method="dense_gram_eigvalsh")
+        guarantee = Guarantee.UPPER
+    else:
+        terms = circular_liplt_terms(conv1, conv2, a, shortcut)
+        lin = terms["bound"]
+        details.update(linear_term=lin, linear_method="circular_symbols", **terms)
+        guarantee = Guarantee.UPPER
+    value = lin + b * upper1 * upper2
+    return NormValue(value, guarantee, "liplt", seconds=time.perf_counter() - t0, details=details)
