@@ -19,6 +19,7 @@ Subcommands::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -139,6 +140,24 @@ def resolve_device(name: str | None):
     elif device.type not in ("cpu", "mps"):
         raise UserError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Use ``n`` torch CPU threads inside the block and restore the previous count after (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise UserError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -568,7 +587,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device or "cpu")
     out = _out_dir(args, default="runs/demo")
-    result = run_demo(out, quick=args.quick, seed=args.seed, device=str(device), verbose=not args.json)
+    result = run_demo(out, quick=args.quick, seed=args.seed, device=str(device), verbose=not args.json, threads=args.threads)
     _emit(args, {"report": str(result["report"]), "results": str(result["results"])}, f"report: {result['report']}")
     return EXIT_OK
 
@@ -585,12 +604,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results") -> None:
+def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results", threads: int | None = None) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu unless stated)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--out", default=None, help=out_help)
+    group.add_argument("--threads", type=int, default=threads,
+                       help="CPU threads for torch during this command (default: "
+                            + ("torch's choice)" if threads is None else f"{threads}: tiny models gain little from more threads, "
+                               "and one thread avoids the slowdown of an oversubscribed CPU)"))
     group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
@@ -679,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small WRN and its reduced-last-stage twin on digits, bound and report")
     p.add_argument("--quick", action="store_true", help="a reduced setting (used by the test suite)")
-    _common(p, "output directory (default runs/demo)")
+    _common(p, "output directory (default runs/demo)", threads=1)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -701,7 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_traceback = args.traceback or os.environ.get("ARCHLIP_TRACEBACK") == "1"
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
+        with torch_threads(args.threads):
+            return handler(args)
     except USER_ERRORS as exc:
         if show_traceback:
             raise

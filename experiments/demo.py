@@ -310,8 +310,20 @@ def _machine() -> str:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, device: str = "cpu",
-             verbose: bool = True, recipes: Sequence[str] = DEMO_RECIPES) -> dict[str, Any]:
-    """Train the two demo models, measure them, write results.json, report.md and plots; returns paths."""
+             verbose: bool = True, recipes: Sequence[str] = DEMO_RECIPES, threads: int | None = 1) -> dict[str, Any]:
+    """Train the two demo models, measure them, write results.json, report.md and plots; returns paths.
+
+    ``threads``: torch CPU threads during the demo (restored afterwards; None leaves torch's setting).
+    """
+    from experiments.cli import torch_threads
+
+    with torch_threads(threads):
+        return _run_demo(Path(out_dir), quick=quick, seed=seed, device=device, verbose=verbose, recipes=recipes,
+                         threads=threads)
+
+
+def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bool, recipes: Sequence[str],
+              threads: int | None) -> dict[str, Any]:
     from experiments.cli import write_json
     from experiments.config import load_config, save_config
     from experiments.report import write_report
@@ -365,7 +377,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         "provenance": {
             "command": "archlip demo" + (" --quick" if quick else "") + f" --out {out_dir} --seed {seed}",
             "recipes": ", ".join(recipes), "seed": seed, "device": device, "torch": torch.__version__,
-            "python": sys.version.split()[0], "machine": _machine(), "seconds": round(time.time() - start, 1),
+            "python": sys.version.split()[0], "machine": _machine(), "torch_threads": torch.get_num_threads(),
+            "seconds": round(time.time() - start, 1),
         },
     }
     results_path = write_json(out_dir / "results.json", results)

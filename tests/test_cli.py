@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = cli.main([*argv, "--threads", "1"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -142,7 +142,7 @@ def trained_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
     code = cli.main(["train", "digits-pgdat-tiny", "--out", str(out), "--json",
                      "--set", "run.epochs=1", "--set", "data.train_limit=128", "--set", "data.val_size=0",
-                     "--set", "selection.metric=last", "--set", "attack.steps=2"])
+                     "--set", "selection.metric=last", "--set", "attack.steps=2", "--threads", "1"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
