@@ -1,0 +1,340 @@
+"""Validate the random-matrix theory on WideResNets at initialisation (predicted vs measured norms and bounds).
+
+Recipe (regenerates the results and figures of docs/theory.md, a few minutes on 2 CPU cores):
+
+    .venv/bin/python -m experiments.theory_validation --out docs/figures
+
+For each per-stage width multiplier (m1, m2, m3) of a base WRN (depths (2,2,2), widths (16, 16, 32, 64), 16x16
+inputs with 3 channels) and two weight regimes -- "init" (the model's own Kaiming fan-out initialisation) and "fixed"
+(every conv/linear weight redrawn iid N(0, 0.05^2)) -- it records:
+- per layer: the predicted norm (``lipschitz.theory.random_matrix``, with the empirical weight std plugged in)
+  and the measured exact norm of the circular-padded layer at its real input size (``spectral.exact``);
+- per stage and for the network: the product-rule bound (residual 1 + L(branch), projection L(sc) + L(branch))
+  composed from the predicted and from the measured layer norms; the closed-form symbolic bound
+  (``lipschitz.theory.symbolic``); and the certified bound of ``lipschitz.bounds.network_bound`` (zero padding);
+- Spearman rank correlations of the predicted vs the measured network bounds over the grid.
+Outputs: theory_validation.json, theory_layers.csv, theory_networks.csv and theory_*.png under ``out_dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lipschitz import graph as G
+
+BASE_DEPTHS = (2, 2, 2)
+BASE_WIDTHS = (16, 16, 32, 64)
+MULTIPLIERS = (0.5, 1.0, 2.0)
+FIXED_STD = 0.05
+
+
+def _layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """Input shape (no batch) of every module, from forward hooks on one zero input."""
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(mod: nn.Module, inp: tuple, out: Any) -> None:
+        if inp and isinstance(inp[0], torch.Tensor):
+            shapes.setdefault(id(mod), tuple(inp[0].shape[1:]))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def compose_bound(node: G.Node, layer_norm: Callable[[nn.Module], float], shapes: dict[int, tuple],
+                  record: dict[str, float]) -> float:
+    """Product-rule bound of a graph from per-layer values; named stage/stem/head values land in ``record``."""
+    from lipschitz.rules import activation_slope
+
+    if isinstance(node, G.Layer):
+        value = layer_norm(node.module)
+    elif isinstance(node, G.BatchNorm):
+        bn = node.module
+        value = float((bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).max())
+    elif isinstance(node, G.Activation):
+        value = activation_slope(node.kind, node.params).value
+    elif isinstance(node, G.Pool):
+        if not isinstance(node.module, nn.AdaptiveAvgPool2d) or node.module.output_size not in (1, (1, 1)):
+            raise ValueError(f"compose_bound handles global average pooling only, got {node.module}")
+        h, w = shapes[id(node.module)][-2:]
+        value = 1.0 / math.sqrt(h * w)
+    elif isinstance(node, (G.Flatten, G.Identity)):
+        value = 1.0
+    elif isinstance(node, G.Normalize):
+        value = float(1.0 / node.std.abs().min())
+    elif isinstance(node, G.Sequential):
+        value = math.prod(compose_bound(c, layer_norm, shapes, record) for c in node.children)
+    elif isinstance(node, G.Residual):
+        short = 1.0 if node.shortcut is None else compose_bound(node.shortcut, layer_norm, shapes, record)
+        value = short + compose_bound(node.branch, layer_norm, shapes, record)
+    else:
+        raise TypeError(f"unsupported graph node {type(node).__name__}")
+    role = getattr(node, "role", None)
+    if role in ("stem", "stage", "head"):
+        record[node.name] = value
+    return value
+
+
+def _layer_rows(model: nn.Module, shapes: dict[int, tuple]) -> dict[int, dict[str, Any]]:
+    """Predicted and measured norm of every conv/linear layer."""
+    from spectral.exact import conv_operator_norm_circular, operator_norm_dense
+    from spectral.operators import LayerOperator
+
+    from lipschitz.theory import random_matrix as rm
+
+    rows: dict[int, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Conv2d):
+            c_out, c_in, k, _ = w.shape
+            n, stride = shapes[id(m)][-1], m.stride[0]
+            std = float(w.detach().std())
+            pred = rm.conv_norm_prediction(c_out, c_in, k, std, n, stride)
+            meas = conv_operator_norm_circular(w.detach().double(), n, stride=stride)
+        elif isinstance(m, nn.Linear):
+            c_out, c_in = w.shape
+            k, n, stride = 1, 1, 1
+            std = float(w.detach().std())
+            pred = rm.gaussian_norm_tracy_widom(c_out, c_in, std)
+            meas = operator_norm_dense(LayerOperator.linear(w.detach().double()))
+        else:
+            continue
+        rows[id(m)] = {"layer": name, "kind": type(m).__name__, "c_out": int(c_out), "c_in": int(c_in),
+                       "kernel_size": int(k), "input_size": int(n), "stride": int(stride), "std": std,
+                       "predicted": pred.value, "predicted_guarantee": pred.guarantee.value,
+                       "measured": meas.value, "measured_guarantee": f"{meas.guarantee.value} ({meas.method})",
+                       "rel_err": pred.value / meas.value - 1}
+    return rows
+
+
+def _redraw_fixed(model: nn.Module, std: float, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+
+
+def evaluate_config(multipliers: tuple[float, ...], regime: str, *, input_size: int, seed: int,
+                    certified: bool = True) -> dict[str, Any]:
+    """All predictions and measurements for one width-multiplier configuration and weight regime."""
+    from experiments.models import WideResNet
+    from lipschitz.theory import symbolic
+
+    widths = (BASE_WIDTHS[0],) + tuple(max(1, int(round(w * m))) for w, m in zip(BASE_WIDTHS[1:], multipliers))
+    torch.manual_seed(seed)
+    model = WideResNet(depths=BASE_DEPTHS, widths=widths, strides=(1, 2, 2), num_classes=10, in_channels=3).eval()
+    if regime == "fixed":
+        _redraw_fixed(model, FIXED_STD, torch.Generator().manual_seed(seed))
+    elif regime != "init":
+        raise ValueError(f"unknown regime {regime!r}; valid: init, fixed")
+    input_shape = (3, input_size, input_size)
+    shapes = _layer_input_shapes(model, input_shape)
+    layers = _layer_rows(model, shapes)
+    root = model.lipschitz_graph()
+    pred_parts: dict[str, float] = {}
+    meas_parts: dict[str, float] = {}
+    predicted = compose_bound(root, lambda m: layers[id(m)]["predicted"], shapes, pred_parts)
+    measured = compose_bound(root, lambda m: layers[id(m)]["measured"], shapes, meas_parts)
+    sym_kwargs = {"weight_model": "fixed", "std": FIXED_STD} if regime == "fixed" else \
+        {"weight_model": "kaiming_normal_fan_out"}
+    bn_gain = 1.0 / math.sqrt(1.0 + model.bn1.eps)  # eval-mode BN at init: running_var = 1, gamma = 1
+    sym = symbolic.lipschitz_bound(BASE_DEPTHS, widths, input_size=input_size, bn_gain=bn_gain, **sym_kwargs)
+    out: dict[str, Any] = {
+        "multipliers": list(multipliers), "regime": regime, "depths": list(BASE_DEPTHS), "widths": list(widths),
+        "params": symbolic.param_count(BASE_DEPTHS, widths), "input_size": input_size,
+        "network_predicted": predicted, "network_measured": measured, "network_symbolic": sym.value,
+        "stages_predicted": [pred_parts[f"stage{i + 1}"] for i in range(3)],
+        "stages_measured": [meas_parts[f"stage{i + 1}"] for i in range(3)],
+        "stages_symbolic": sym.details["stages"],
+        "guarantees": {"network_predicted": "estimate", "network_symbolic": sym.guarantee.value,
+                       "network_measured": "product of exact circular layer norms (upper bound of the "
+                                           "circular-padded network)"},
+        "layers": [dict(r) for r in layers.values()],
+    }
+    if certified:
+        from lipschitz.bounds import network_bound
+
+        nb = network_bound(model, input_shape, method="product", compare=False)
+        out["network_certified_product"] = nb.value.value
+        out["guarantees"]["network_certified_product"] = nb.value.guarantee.value
+    return out
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def run_validation(out_dir: str | Path, quick: bool = False, *, seed: int = 0, progress: bool = True,
+                   certified: bool | None = None) -> dict[str, Any]:
+    """Run the grid, write JSON/CSV/PNG under ``out_dir`` and return the summary dict.
+
+    ``quick``: 8x8 inputs, 5 configurations, "init" and "fixed" regimes, no certified bound (seconds);
+    otherwise 16x16 inputs and the full 3^3 grid of multipliers in both regimes (a few minutes).
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    input_size = 8 if quick else 16
+    grid = list(itertools.product(MULTIPLIERS, repeat=3))
+    if quick:
+        grid = [(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (2.0, 2.0, 2.0), (1.0, 1.0, 0.5), (1.0, 1.0, 2.0)]
+    certified = (not quick) if certified is None else certified
+    t_cpu, t_wall = time.process_time(), time.perf_counter()
+    configs = []
+    jobs = [(m, r) for r in ("init", "fixed") for m in grid]
+    for mult, regime in tqdm(jobs, desc="theory validation", disable=not progress):
+        configs.append(evaluate_config(mult, regime, input_size=input_size, seed=seed, certified=certified))
+    summary: dict[str, Any] = {"quick": quick, "input_size": input_size, "base_depths": list(BASE_DEPTHS),
+                               "base_widths": list(BASE_WIDTHS), "fixed_std": FIXED_STD, "regimes": {}}
+    for regime in ("init", "fixed"):
+        rows = [c for c in configs if c["regime"] == regime]
+        layer_errs = [abs(l["rel_err"]) for c in rows for l in c["layers"]]
+        conv_errs = [abs(l["rel_err"]) for c in rows for l in c["layers"] if l["kind"] == "Conv2d"]
+        net_err = [c["network_predicted"] / c["network_measured"] - 1 for c in rows]
+        reg = {
+            "configs": len(rows),
+            "layer_rel_err_median": _median(layer_errs), "layer_rel_err_max": max(layer_errs),
+            "conv_rel_err_max": max(conv_errs),
+            "network_rel_err_max": max(abs(e) for e in net_err),
+            "spearman_predicted_vs_measured": _spearman([c["network_predicted"] for c in rows],
+                                                        [c["network_measured"] for c in rows]),
+            "spearman_symbolic_vs_measured": _spearman([c["network_symbolic"] for c in rows],
+                                                       [c["network_measured"] for c in rows]),
+        }
+        if certified:
+            reg["spearman_predicted_vs_certified"] = _spearman([c["network_predicted"] for c in rows],
+                                                               [c["network_certified_product"] for c in rows])
+        summary["regimes"][regime] = reg
+    summary["cpu_seconds"] = time.process_time() - t_cpu
+    summary["wall_seconds"] = time.perf_counter() - t_wall
+    summary["torch"] = torch.__version__
+    (out / "theory_validation.json").write_text(json.dumps({"summary": summary, "configs": configs}, indent=2))
+    _write_csv(out / "theory_layers.csv", [{"regime": c["regime"], "multipliers": "x".join(map(str, c["multipliers"])),
+                                           **l} for c in configs for l in c["layers"]])
+    _write_csv(out / "theory_networks.csv", [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                             for k, v in c.items() if k != "layers"} for c in configs])
+    summary["figures"] = [str(p) for p in plot_validation(configs, out)]
+    return summary
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_validation(configs: list[dict], out: Path) -> list[Path]:
+    """theory_layers.png (per-layer), theory_networks.png (network bounds), theory_last_stage.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    colors = {"init": "tab:blue", "fixed": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for regime, color in colors.items():
+        ls = [l for c in configs if c["regime"] == regime for l in c["layers"]]
+        ax.scatter([l["measured"] for l in ls], [l["predicted"] for l in ls], s=8, color=color, label=regime)
+    lims = [min(l["measured"] for c in configs for l in c["layers"]) * 0.8,
+            max(l["measured"] for c in configs for l in c["layers"]) * 1.2]
+    ax.plot(lims, lims, "k--", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured exact layer norm (circular)")
+    ax.set_ylabel("random-matrix prediction")
+    ax.set_title("per-layer norms at initialisation")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "theory_layers.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, regime in zip(axes, colors):
+        rows = [c for c in configs if c["regime"] == regime]
+        meas = [c["network_measured"] for c in rows]
+        ax.scatter(meas, [c["network_predicted"] for c in rows], label="per-layer RMT, composed")
+        ax.scatter(meas, [c["network_symbolic"] for c in rows], marker="x", label="symbolic closed form")
+        if rows and "network_certified_product" in rows[0]:
+            ax.scatter(meas, [c["network_certified_product"] for c in rows], marker="+",
+                       label="certified product (zero padding)")
+        lo, hi = min(meas) * 0.7, max(meas) * 1.4
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        rho = _spearman([c["network_predicted"] for c in rows], meas)
+        ax.set_title(f"{regime}: network bound (Spearman {rho:.3f})")
+        ax.set_xlabel("measured (product of exact layer norms)")
+        ax.set_ylabel("predicted")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "theory_networks.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, regime in zip(axes, colors):
+        rows = [c for c in configs if c["regime"] == regime and c["multipliers"][:2] == [1.0, 1.0]]
+        rows.sort(key=lambda c: c["multipliers"][2])
+        m3 = [c["multipliers"][2] for c in rows]
+        ax.plot(m3, [c["network_measured"] for c in rows], "o-", label="measured")
+        ax.plot(m3, [c["network_predicted"] for c in rows], "x--", label="predicted (RMT)")
+        ax.plot(m3, [c["network_symbolic"] for c in rows], "s:", label="symbolic")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("last-stage width multiplier")
+        ax.set_ylabel("network bound")
+        ax.set_title(f"{regime}: shrinking the last stage")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "theory_last_stage.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="docs/figures", help="output folder (default docs/figures)")
+    parser.add_argument("--quick", action="store_true", help="8x8 inputs and 5 configurations")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = run_validation(args.out, quick=args.quick, seed=args.seed)
+    for regime, reg in summary["regimes"].items():
+        print(f"{regime}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in reg.items()))
+    print(f"theory validation: {len(summary['regimes'])} regimes, cpu {summary['cpu_seconds']:.1f}s, "
+          f"wall {summary['wall_seconds']:.1f}s, results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
