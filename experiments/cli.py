@@ -429,15 +429,22 @@ def cmd_bound(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     if out is not None:
         write_json(out / "bound.json", payload)
-    lines = [f"certified l2 Lipschitz upper bound of {info['name']} at input {'x'.join(map(str, info['input_shape']))}:"]
-    for key in ("certified_lipschitz", "certified_lipschitz_product"):
-        if payload.get(key) is not None:
-            lines.append(f"  {key:34s} {payload[key]:.6g}")
-    for stage, value in (payload.get("stage_bounds") or {}).items():
-        lines.append(f"  stage {stage:28s} {value:.6g}")
-    for key, value in (payload.get("lower") or {}).items():
-        if isinstance(value, (int, float)):
-            lines.append(f"  {key:34s} {value:.6g}")
+    lines = [f"l2 Lipschitz constant of the logits of {info['name']} at input {'x'.join(map(str, info['input_shape']))}:"]
+    methods = payload.get("certified_methods") or {}
+    best = min(methods, key=methods.get) if methods else "?"
+    rows = [(f"certified upper bound (tightest: {best})", payload.get("certified_lipschitz"), "certified_upper"),
+            ("certified upper bound (layer product)", payload.get("certified_lipschitz_product"), "certified_upper")]
+    rows += [(f"  {stage}", value, "certified_upper") for stage, value in (payload.get("stage_bounds") or {}).items()]
+    lower = payload.get("lower") or {}
+    if lower:
+        eps = _eps(args, info)
+        rows += [(f"max Jacobian norm on {lower.get('lower_points')} points", lower.get("empirical_lipschitz"), "lower"),
+                 (f"attack ratio (l2 balls, eps={eps:.4g})", lower.get("attack_lipschitz"), "lower"),
+                 (f"local Lipschitz metric (linf, eps={eps:.4g})", lower.get("local_lipschitz"), "estimate"),
+                 ("stable accuracy under that attack", lower.get("stable_acc"), "")]
+    for label, value, guarantee in rows:
+        if value is not None:
+            lines.append(f"  {label:44s} {value:12.6g}  {guarantee}")
     if out is not None:
         lines.append(f"wrote {out / 'bound.json'}")
     _emit(args, payload, "\n".join(lines))

@@ -87,30 +87,23 @@ def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.
 
 
 def _read_network_bound(full: Mapping[str, Any]) -> dict[str, Any]:
-    """Pick the headline numbers out of ``NetworkBound.to_dict()``."""
-    network = full.get("network", full.get("value"))
-    out: dict[str, Any] = {"certified_lipschitz": None, "certified_lipschitz_product": None,
-                           "stage_bounds": {}, "block_bounds": {}}
-    if isinstance(network, Mapping):  # {"product": NormValue, "folded+liplt": NormValue, ...}
-        values = {k: _scalar(v) for k, v in network.items()}
-        values = {k: v for k, v in values.items() if v is not None}
-        out["certified_lipschitz"] = min(values.values()) if values else None
-        out["certified_lipschitz_product"] = values.get("product")
-    else:
-        out["certified_lipschitz"] = _scalar(network)
-    for key in ("product", "network_product"):
-        if out["certified_lipschitz_product"] is None and key in full:
-            out["certified_lipschitz_product"] = _scalar(full[key])
-    for group, key in (("stage_bounds", "stages"), ("block_bounds", "blocks")):
-        items = full.get(key) or {}
-        if isinstance(items, list):
-            items = {str(item.get("name", i)): item for i, item in enumerate(items)}
-        for name, value in items.items():
-            if isinstance(value, Mapping) and "value" not in value and "upper" not in value:
-                scalars = [s for s in (_scalar(v) for v in value.values()) if s is not None]
-                out[group][name] = min(scalars) if scalars else None
-            else:
-                out[group][name] = _scalar(value.get("upper", value) if isinstance(value, Mapping) else value)
+    """Headline numbers of ``NetworkBound.to_dict()``: every method there is a certified upper bound, so the
+    tightest (smallest) one is reported, per network, stage and block, with the plain layer product beside it."""
+    comparison = {k: float(v) for k, v in (full.get("comparison") or {}).items() if _scalar(v) is not None}
+    headline = _scalar(full.get("value"))
+    values = list(comparison.values()) + ([headline] if headline is not None else [])
+    out: dict[str, Any] = {
+        "certified_lipschitz": min(values) if values else None,
+        "certified_lipschitz_product": comparison.get("product"),
+        "certified_methods": comparison,
+        "stage_bounds": {}, "block_bounds": {},
+    }
+    for node in full.get("nodes") or []:
+        group = {"stage": "stage_bounds", "block": "block_bounds"}.get(node.get("role"))
+        if group is None:
+            continue
+        scalars = [float(node[m]) for m in comparison if _scalar(node.get(m)) is not None]
+        out[group][str(node.get("name"))] = min(scalars) if scalars else None
     return out
 
 

@@ -50,10 +50,11 @@ def test_stage_of_and_spearman():
 
 
 def test_read_network_bound_picks_tightest_certified_value():
-    full = {"network": {"product": {"value": 100.0, "guarantee": "certified_upper"},
-                        "folded+liplt": {"value": 12.0, "guarantee": "certified_upper"}},
-            "stages": {"stage1": {"product": {"value": 5.0}, "folded+liplt": {"value": 3.0}}},
-            "blocks": [{"name": "stage1.block0", "value": 2.0}]}
+    full = {"value": {"value": 12.0, "guarantee": "certified_upper"}, "method": "folded+liplt",
+            "comparison": {"product": 100.0, "folded": 20.0, "folded+liplt": 12.0},
+            "nodes": [{"name": "stage1", "role": "stage", "product": 5.0, "folded": 3.0, "folded+liplt": 3.5},
+                      {"name": "stage1.block0", "role": "block", "product": 2.0, "folded": 2.5},
+                      {"name": "stem", "role": "stem", "product": 1.0}]}
     out = _read_network_bound(full)
     assert out["certified_lipschitz"] == 12.0 and out["certified_lipschitz_product"] == 100.0
     assert out["stage_bounds"] == {"stage1": 3.0} and out["block_bounds"] == {"stage1.block0": 2.0}
