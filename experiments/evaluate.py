@@ -224,22 +224,31 @@ def _gradient_attack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y:
 
 
 class _AALogCapture(logging.Handler):
-    """Collects pyautoattack's cumulative 'robust accuracy after ATTACK: xx%' lines."""
-
-    pattern = re.compile(r"robust accuracy after ([A-Z0-9\-]+): ([0-9.]+)%")
+    """Collects pyautoattack's warnings (randomised/dynamic defence checks, ...) for the summary."""
 
     def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.after: dict[str, float] = {}
+        super().__init__(level=logging.WARNING)
         self.warnings: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        m = self.pattern.search(msg)
-        if m:
-            self.after[m.group(1).lower()] = float(m.group(2)) / 100
-        if record.levelno >= logging.WARNING:
+        if msg not in self.warnings:
             self.warnings.append(msg)
+
+
+AA_COMPONENTS = {"apgd": "apgd", "apgd_targeted": "apgd_targeted", "fab": "fab", "square": "square"}
+
+
+def _apply_autoattack_overrides(adversary: Any, overrides: dict[str, dict[str, Any]]) -> None:
+    """Set attributes of pyautoattack's sub-attacks, e.g. ``{"apgd": {"n_iter": 20}}`` (cheap smoke runs only)."""
+    for component, attrs in overrides.items():
+        if component not in AA_COMPONENTS:
+            raise ValueError(f"unknown AutoAttack component {component!r}; valid: {', '.join(AA_COMPONENTS)}")
+        target = getattr(adversary, AA_COMPONENTS[component])
+        for attr, value in attrs.items():
+            if not hasattr(target, attr):
+                raise ValueError(f"pyautoattack's {component} has no setting {attr!r}")
+            setattr(target, attr, value)
 
 
 def build_autoattack(model: nn.Module, preset: AttackPreset, *, eps: float, norm: str, seed: int,
@@ -259,6 +268,11 @@ def build_autoattack(model: nn.Module, preset: AttackPreset, *, eps: float, norm
                 "norm": kwargs["norm"], "eps": eps,
                 "apgd_targeted_n_target_classes": adversary.apgd_targeted.n_target_classes,
                 "fab_n_target_classes": adversary.fab.n_target_classes}
+    overrides = preset.extra.get("autoattack_overrides", {})
+    if overrides:
+        _apply_autoattack_overrides(adversary, overrides)
+        settings["overrides"] = overrides
+        settings["non_standard"] = f"upstream settings overridden: {overrides}"
     targeted = [a for a in adversary.attacks_to_run if a in TARGETED_AA]
     if targeted and n_classes - 1 < max(adversary.apgd_targeted.n_target_classes, adversary.fab.n_target_classes):
         warnings.warn(
@@ -276,60 +290,163 @@ def build_autoattack(model: nn.Module, preset: AttackPreset, *, eps: float, norm
     return adversary, settings
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _load_adv_store(path: Path | None) -> dict[int, torch.Tensor]:
+    if path is None or not path.exists():
+        return {}
+    from safetensors.torch import load_file
+
+    data = load_file(str(path))
+    return {int(i): t for i, t in zip(data["index"].tolist(), data["x_adv"])}
+
+
+def _save_adv_store(path: Path | None, store: dict[int, torch.Tensor]) -> None:
+    if path is None or not store:
+        return
+    from safetensors.torch import save_file
+
+    keys = sorted(store)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"index": torch.tensor(keys, dtype=torch.int64),
+               "x_adv": torch.stack([store[k] for k in keys]).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _forward_batched(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+                     where: str) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([check_logits(model(x[i:i + batch_size].to(device)), where).cpu()
+                          for i in range(0, x.shape[0], batch_size)])
+
+
+def _read_upstream_flags(path: Path) -> torch.Tensor | None:
+    """Robust flags from a pyautoattack state file (read directly: pyautoattack 0.2.0 writes the attack set as a
+    Python repr string, so its own ``from_disk`` resume always refuses the file). None if missing/unreadable."""
+    try:
+        flags = json.loads(path.read_text()).get("_robust_flags")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return torch.tensor(flags, dtype=torch.bool) if isinstance(flags, list) else None
+
+
+def _absorb_interrupted_state(path: Path, entry: dict[str, Any], attack: str, save: Any) -> None:
+    """Per-batch resume inside one attack: pyautoattack saved its robust flags after every batch of the
+    interrupted call (over the points robust at that call's start); mark the points it had broken (their
+    examples were never returned: counted, listed as unverified), then start the attack afresh on the rest."""
+    if not path.exists():
+        return
+    flags = _read_upstream_flags(path)
+    robust = torch.tensor(entry["robust"], dtype=torch.bool)
+    idx = robust.nonzero().flatten()
+    if flags is not None and flags.shape == idx.shape:
+        broken = idx[~flags].tolist()
+        robust[broken] = False
+        entry["robust"] = robust.tolist()
+        entry["unverified"] = sorted(set(entry["unverified"]) | set(broken))
+        entry.setdefault("resumed_within", {})[attack] = len(broken)
+    elif flags is not None:
+        warnings.warn(f"ignoring {path}: it does not match this evaluation's points", UserWarning, stacklevel=4)
+    save()  # record the absorbed flags before the upstream file goes
+    path.unlink()
+
+
 def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
                 clean_logits: torch.Tensor, eps: float, norm: str, batch_size: int, seed: int, n_classes: int,
                 entry: dict[str, Any], save: Any, out_dir: Path | None, device: torch.device) -> None:
-    from pyautoattack.state import EvaluationState
-
+    """Run pyautoattack one attack at a time on the points still robust (exactly what its own loop does, and
+    every attack reseeds), keeping each broken point's example: every example is checked, and an interrupted
+    run resumes after the last finished attack (within an attack, from pyautoattack's per-batch state file)."""
     adversary, settings = build_autoattack(model, preset, eps=eps, norm=norm, seed=seed, n_classes=n_classes,
                                            device=device)
-    state_path = None
-    if out_dir is not None:
-        state_path = (out_dir / f"autoattack-{preset.name.replace(':', '_').replace('+', '_')}.state.json").resolve()
-        entry["state_file"] = str(state_path)
-    resumed = state_path is not None and state_path.exists()
+    attacks = list(adversary.attacks_to_run)
+    slug = _slug(preset.name)
+    adv_path = out_dir / f"autoattack-{slug}.adv.safetensors" if out_dir is not None else None
+    clean_ok = clean_logits.argmax(dim=1) == y
     entry["settings"] = settings
+    entry.setdefault("robust", clean_ok.tolist())
+    entry.setdefault("completed", [])
+    entry.setdefault("cumulative_robust_accuracy", {})
+    entry.setdefault("unverified", [])  # broken before an interruption inside an attack: example not returned
+    entry.setdefault("upstream_warnings", [])
+    entry.setdefault("state_files", {})
+    store = _load_adv_store(adv_path)
     capture = _AALogCapture()
     aa_logger = logging.getLogger("auto-attack")
-    old_level = aa_logger.level
     aa_logger.addHandler(capture)
-    aa_logger.setLevel(logging.DEBUG)
     rng_state = torch.get_rng_state()  # pyautoattack reseeds the global RNG; put it back afterwards
     t0 = time.perf_counter()
     try:
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
+        for attack in attacks:
+            if attack in entry["completed"]:
+                continue
+            state_path = None
+            if out_dir is not None:
+                state_path = (out_dir / f"autoattack-{slug}-{attack}.state.json").resolve()
+                entry["state_files"][attack] = str(state_path)
+                _absorb_interrupted_state(state_path, entry, attack, save)
+            robust = torch.tensor(entry["robust"], dtype=torch.bool)
+            idx = robust.nonzero().flatten()
+            if idx.numel() > 0:
+                adversary.attacks_to_run = [attack]
+                x_sub, y_sub = x[idx], y[idx]
+                x_adv, _ = adversary.run_standard_evaluation(x_sub, y_sub, batch_size=batch_size,
+                                                             state_path=state_path)
+                x_adv = x_adv.detach().cpu()
+                check_in_ball(x_adv, x_sub, eps, norm)
+                fooled = _forward_batched(model, x_adv, batch_size, device,
+                                          f"model output on {preset.name}/{attack} examples").argmax(dim=1) != y_sub
+                upstream_robust = _read_upstream_flags(state_path) if state_path is not None else None
+                if upstream_robust is None or upstream_robust.shape != fooled.shape:
+                    upstream_robust = ~fooled
+                if (upstream_robust == fooled).any():
+                    bad = idx[upstream_robust == fooled].tolist()
+                    raise BallViolationError(
+                        f"{preset.name}/{attack}: pyautoattack's robust flags disagree with its returned examples at "
+                        f"points {bad[:10]} (is the model deterministic in eval mode?)"
+                    )
+                for pos in fooled.nonzero().flatten().tolist():
+                    store[int(idx[pos])] = x_adv[pos].clone()
+                robust[idx[fooled]] = False
+                entry["robust"] = robust.tolist()
+                _save_adv_store(adv_path, store)
+            entry["completed"].append(attack)
+            entry["cumulative_robust_accuracy"][attack] = _fraction(torch.tensor(entry["robust"], dtype=torch.bool))
+            entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save()
     finally:
         torch.set_rng_state(rng_state)
         aa_logger.removeHandler(capture)
-        aa_logger.setLevel(old_level)
-    entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - t0
-    x_adv = x_adv.cpu()
-    check_in_ball(x_adv, x.cpu(), eps, norm)
-    with torch.no_grad():
-        adv_logits = torch.cat([
-            check_logits(model(x_adv[i:i + batch_size].to(device)), f"model output on {preset.name} examples").cpu()
-            for i in range(0, x_adv.shape[0], batch_size)
-        ])
-    returned_fools = adv_logits.argmax(dim=1) != y.cpu()
-    if state_path is not None:
-        robust = EvaluationState.from_disk(state_path).robust_flags.cpu()
-    else:
-        robust = ~returned_fools & (clean_logits.argmax(dim=1) == y.cpu())
-    # guard: every point pyautoattack counts as broken in this run must be broken by the example it returned
-    changed = (x_adv != x.cpu()).flatten(1).any(dim=1)
-    if (changed & ~returned_fools).any():
-        bad = (changed & ~returned_fools).nonzero().flatten().tolist()
-        raise BallViolationError(f"{preset.name}: returned examples {bad[:10]} do not change the prediction")
-    margins = logit_margin(adv_logits, y.cpu())
-    # points broken before an interruption come back unchanged from upstream's resume: no example, no margin
-    lost = ~robust & ~changed & (clean_logits.argmax(dim=1) == y.cpu())
-    entry["robust"] = robust.tolist()
-    entry["margin"] = [None if (resumed and bool(lo)) else float(m) for m, lo in zip(margins.tolist(), lost.tolist())]
-    entry["cumulative_robust_accuracy"] = capture.after
-    entry["upstream_warnings"] = capture.warnings
-    entry["examples_checked"] = int(x_adv.shape[0] - int(lost.sum()) if resumed else x_adv.shape[0])
+        entry["upstream_warnings"] = list(dict.fromkeys(entry["upstream_warnings"] + capture.warnings))
+    _square_check(entry, attacks)
+    # final guard over everything kept (also what was loaded from disk) and per-example margins
+    x_final = x.clone()
+    for k, t in store.items():
+        x_final[k] = t
+    check_in_ball(x_final, x, eps, norm)
+    margins = logit_margin(_forward_batched(model, x_final, batch_size, device,
+                                            f"model output on {preset.name} examples"), y)
+    unverified_set = set(entry["unverified"])
+    entry["margin"] = [None if i in unverified_set else float(m) for i, m in enumerate(margins.tolist())]
+    entry["examples_checked"] = len(store)
     entry["done"] = True
     save()
+
+
+def _square_check(entry: dict[str, Any], attacks: list[str], alpha: float = 0.002) -> None:
+    """pyautoattack's sanity check: Square (black-box) should not break points the white-box attacks missed."""
+    cum = entry["cumulative_robust_accuracy"]
+    if "square" not in cum or attacks.index("square") == 0:
+        return
+    before = cum[attacks[attacks.index("square") - 1]]
+    if cum["square"] < before - alpha:
+        msg = (f"Square Attack lowered the robust accuracy by {before - cum['square']:.2%} after the gradient-based "
+               "attacks: the evaluation may be unreliable (gradient masking?); see docs/evaluation.md")
+        warnings.warn(msg, UserWarning, stacklevel=4)
+        entry["upstream_warnings"].append(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,7 +469,7 @@ def evaluate(
     resume: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
-    lipschitz_metric: bool = False,
+    lipschitz_metric: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` points of ``(x, y)`` under the named ``attacks`` at radius ``eps`` (required).
 
@@ -360,7 +477,10 @@ def evaluate(
     eval mode for the whole evaluation (its flags are restored afterwards). An example counts as robust under
     an attack iff it is classified correctly at x and at the attack's example. Returns the summary dict (also
     written to ``out_dir/summary.json`` with ``per_example.jsonl`` when ``out_dir`` is given).
-    ``lipschitz_metric=True`` adds ``lipschitz.lower.local_lipschitz_metric`` (Yang et al. 2020) on the points.
+    ``lipschitz_metric=True`` adds ``lipschitz.lower.local_lipschitz_metric`` (Yang et al. 2020: its own PGD
+    maximising the ratio, with its stable accuracy) on the points (linf, eps > 0).
+    AutoAttack presets may carry ``extra={"autoattack_overrides": {"apgd": {"n_iter": 20}, ...}}`` for cheap
+    smoke runs; the summary then marks the number "non_standard".
     """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0 (e.g. 8/255 for linf on CIFAR), got {eps!r}")
@@ -422,7 +542,7 @@ def evaluate(
         if int(ys.max()) >= n_classes or int(ys.min()) < 0:
             raise ValueError(f"labels must be in [0, {n_classes - 1}] for a model with {n_classes} outputs")
         clean_correct = clean_logits.argmax(dim=1) == ys
-        state["clean"] = {"accuracy": clean_correct.float().mean().item()}
+        state["clean"] = {"accuracy": _fraction(clean_correct)}
         save()
         for preset in presets:
             entry = state["attacks"].setdefault(preset.name, {})
@@ -434,7 +554,8 @@ def evaluate(
             else:
                 _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
                                  progress, device)
-        lip = _lipschitz_metric(model, xs, eps, device) if lipschitz_metric else None
+        lip = (_lipschitz_metric(model, xs, ys, eps, norm, batch_size, seed, device) if lipschitz_metric
+               else {"available": False, "reason": "not requested (lipschitz_metric=False)"})
 
     summary = _summary(presets, state, clean_correct, clean_logits, ys, idx, eps, norm, points, seed, batch_size,
                        n_classes, lip, time.perf_counter() - t_start)
@@ -443,17 +564,24 @@ def evaluate(
     return summary
 
 
-def _lipschitz_metric(model: nn.Module, xs: torch.Tensor, eps: float, device: torch.device) -> dict[str, Any]:
+def _lipschitz_metric(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, eps: float, norm: str,
+                      batch_size: int, seed: int, device: torch.device) -> dict[str, Any]:
+    """Yang et al. (2020) local Lipschitz metric from ``lipschitz.lower`` (linf ball, eps > 0)."""
+    if norm != "linf" or eps <= 0:
+        return {"available": False, "reason": "defined for a linf ball with eps > 0"}
     try:
         from lipschitz.lower import local_lipschitz_metric
     except ImportError as err:
         return {"available": False, "reason": f"lipschitz.lower.local_lipschitz_metric unavailable ({err})"}
-    value = local_lipschitz_metric(model, xs.to(device), eps)
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    elif not isinstance(value, dict):
-        value = {"value": float(value), "guarantee": "estimate"}
-    return {"available": True, **value}
+    result = local_lipschitz_metric(model, xs.to(device), eps, y=ys.to(device), batch_size=batch_size, seed=seed)
+    out = result.to_dict()
+    out.pop("per_sample", None)
+    return {"available": True, **out}
+
+
+def _fraction(flags: torch.Tensor) -> float:
+    """Exact fraction of True flags (count / n in double precision, not a float32 mean)."""
+    return int(flags.sum()) / int(flags.numel())
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -472,11 +600,12 @@ def _summary(presets: list[AttackPreset], state: dict[str, Any], clean_correct: 
         entry = state["attacks"][p.name]
         robust = torch.tensor(entry["robust"], dtype=torch.bool)
         worst &= robust
-        info: dict[str, Any] = {"robust_accuracy": robust.float().mean().item(), "kind": p.kind,
+        info: dict[str, Any] = {"robust_accuracy": _fraction(robust), "kind": p.kind,
                                 "settings": p.to_dict(), "seconds": entry.get("seconds")}
         if p.kind == "autoattack":
-            info.update({k: entry.get(k) for k in ("settings", "state_file", "cumulative_robust_accuracy",
+            info.update({k: entry.get(k) for k in ("state_files", "cumulative_robust_accuracy",
                                                     "upstream_warnings", "examples_checked")})
+            info["unverified_after_interruption"] = len(entry.get("unverified", []))
             info["settings"] = {**p.to_dict(), **entry.get("settings", {})}
         else:
             info["step_size"] = p.step_fraction * eps
@@ -487,13 +616,16 @@ def _summary(presets: list[AttackPreset], state: dict[str, Any], clean_correct: 
                           "(Huang et al. 2021 evaluation code)",
                 "points_used": sum(v is not None for v in entry["lipschitz_ratio"]),
             }
+            if lip is not None and lip.get("available"):
+                info["local_lipschitz_yang2020"] = lip["value"]["value"]
+                info["stable_accuracy_yang2020"] = lip["stable_accuracy"]
         per_attack[p.name] = info
     accs = {name: info["robust_accuracy"] for name, info in per_attack.items()}
     return {
-        "clean_accuracy": clean_correct.float().mean().item(),
+        "clean_accuracy": _fraction(clean_correct),
         "robust_accuracy": accs,
         "worst_case": {
-            "robust_accuracy": worst.float().mean().item(),
+            "robust_accuracy": _fraction(worst),
             "definition": "per example: correct on x and under every attack run",
             "min_over_attacks": min(accs.values()),
             "attacks": list(accs),
