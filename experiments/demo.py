@@ -28,7 +28,8 @@ DEMO_RECIPES: tuple[str, ...] = ("digits-pgdat-tiny", "digits-pgdat-tiny-r")
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "eval_n": None, "attacks": ["pgd20"], "rtol": 0.02, "lower_points": 256,
              "lower_iters": 50, "attack_ratio_steps": 20},
-    "quick": {"overrides": ["run.epochs=1", "data.train_limit=256", "run.progress=false"], "eval_n": 64,
+    "quick": {"overrides": ["run.epochs=2", "data.train_limit=512", "attack.steps=3", "selection.pgd_steps=3",
+                            "run.progress=false"], "eval_n": 64,
               "attacks": ["pgd10"], "rtol": 0.1, "lower_points": 16, "lower_iters": 10, "attack_ratio_steps": 3},
 }
 
@@ -57,11 +58,11 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
 def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
     """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size."""
-    import spectral
+    from spectral import analyze
 
     device = next(model.parameters()).device
     example = torch.zeros((1, *input_shape), device=device)
-    table = spectral.analyze(model, example, rtol=rtol)
+    table = analyze(model, example, rtol=rtol)
     return [dict(row) for row in table.rows]
 
 
@@ -333,7 +334,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
         model_dir = out_dir / config.name
         save_config(config, model_dir / "resolved_config.yaml")
         _say(verbose, f"[{index}/{len(recipes)}] training {config.name} ({config.model.name}, {config.method.name}, "
-                      f"{config.run.epochs} epochs) -> {model_dir / 'train'}")
+                      f"{config.run.epochs} epoch{'s' if config.run.epochs != 1 else ''}) -> {model_dir / 'train'}")
         train_dir = model_dir / "train"
         resume = train_dir.is_dir() and any(train_dir.iterdir())
         train_start = time.time()

@@ -396,6 +396,19 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         measured = sorted(models, key=lambda m: -(m.get("robust_acc") or 0))
         lines.append("Measured order (most robust first): " + ", ".join(str(m.get("name")) for m in measured) + ".")
         lines.append("")
+    tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
+             and m["empirical_lipschitz"] > 0]
+    if tight:
+        lines += ["## How tight is the certificate", "",
+                  "The true l2 Lipschitz constant lies between the data lower bound and the certified upper bound.", ""]
+        for m in tight:
+            ratio = m["certified_lipschitz"] / m["empirical_lipschitz"]
+            product = m.get("certified_lipschitz_product")
+            extra = (f"; the plain layer product ({_fmt(product)}) is {product / m['certified_lipschitz']:.3g}x looser than the best composition"
+                     if _finite(product) and m["certified_lipschitz"] > 0 else "")
+            lines.append(f"- {m.get('name')}: {_fmt(m['empirical_lipschitz'])} <= L <= {_fmt(m['certified_lipschitz'])} "
+                         f"(ratio {ratio:.3g}){extra}.")
+        lines.append("")
     corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
     if corr:
         lines += ["## Rank correlations (Spearman)", "",
@@ -420,6 +433,11 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
                 lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(_value(row.get('lower')))} | "
                              f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('upper_method', row.get('method')))} |")
             lines.append("")
+
+    missing = [(m.get("name"), step, why) for m in models for step, why in (m.get("unavailable") or {}).items()]
+    if missing:
+        lines += ["## Not measured", "", "These steps could not run in this installation:", ""]
+        lines += [f"- {name}: {step} ({why})" for name, step, why in missing] + [""]
 
     provenance = results.get("provenance")
     if provenance:
