@@ -397,3 +397,18 @@ def test_lipschitz_metric_hook(digits_setup):
         assert lip["value"]["guarantee"] == "estimate" and math.isfinite(lip["value"]["value"])
         assert s["attacks"]["fgsm"]["local_lipschitz_yang2020"] == lip["value"]["value"]
         assert 0.0 <= lip["stable_accuracy"] <= 1.0
+
+
+def test_wrn_tiny_end_to_end(tmp_path):
+    """The toolkit's own tiny WideResNet (batch norm, residuals) through PGD, CW and AutoAttack."""
+    models = pytest.importorskip("experiments.models")
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = models.create_model("wrn-tiny", in_channels=1)
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    s = evaluate(model, x, y, ["pgd10", "cw20", "aa-custom:apgd-ce"], eps=0.1, n=12, out_dir=tmp_path,
+                 progress=False, lipschitz_metric=False)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    assert s["worst_case"]["robust_accuracy"] <= min(s["robust_accuracy"].values()) <= s["clean_accuracy"]
+    assert len(_per_example(tmp_path)) == 12
