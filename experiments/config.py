@@ -61,7 +61,7 @@ class DataConfig:
     val_size: int = _f(0, lo=0, help="examples held out of the training split for model selection")
     train_limit: Optional[int] = _f(None, lo=1, help="use only the first N training examples (after the split)")
     augment: bool = _f(False, help="random crop (+flip for natural images) on training batches")
-    extra_data: Optional[str] = _f(None, help=".npz with x (N,C,H,W) in [0,1] or uint8 NHWC, y: extra data")
+    extra_data: Optional[str] = _f(None, help="pseudo-labelled extra data (ti_500K_pseudo_labeled.pickle)")
     extra_fraction: float = _f(0.0, lo=0.0, hi=1.0, help="fraction of each batch drawn from extra_data")
     synthetic_size: int = _f(512, lo=2, help="examples for the 'synthetic' dataset (tests)")
 
@@ -282,7 +282,7 @@ def _cross_checks(cfg: TrainConfig) -> None:
     if cfg.schedule.warmup_epochs > cfg.run.epochs:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds run.epochs ({cfg.run.epochs})")
     if cfg.data.extra_fraction > 0 and not cfg.data.extra_data:
-        raise ConfigError("data.extra_fraction > 0 needs data.extra_data (path to an .npz of extra images)")
+        raise ConfigError("data.extra_fraction > 0 needs data.extra_data (path to the pseudo-labelled pickle)")
     if cfg.data.extra_fraction >= 1.0:
         raise ConfigError("data.extra_fraction must be < 1 (each batch needs some original data)")
     if cfg.method.name in ("pgd_at", "trades", "mart") and cfg.attack.steps < 1:

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from experiments.training import batches as B
 from experiments.training.adversary import craft, frozen_parameters, start_noise
 from experiments.training.checkpointing import (atomic_torch_save, atomic_write, capture_rng_states,
                                                 load_resume_state, restore_rng_states)
@@ -159,28 +158,9 @@ def test_ema_matches_the_closed_form_and_handles_buffers():
     assert other.updates == 1 and torch.equal(other.shadow[0].weight, ema.shadow[0].weight)
 
 
-def test_data_order_is_a_pure_function_and_shards_cover_the_batch():
-    a, b = B.epoch_order(100, 0, 3), B.epoch_order(100, 0, 3)
-    assert torch.equal(a, b) and not torch.equal(a, B.epoch_order(100, 0, 4))
-    assert sorted(a.tolist()) == list(range(100))
-    tr, va = B.split_train_val(50, 10, 0)
-    assert len(va) == 10 and not set(tr.tolist()) & set(va.tolist()) and len(tr) + len(va) == 50
-    bounds = [shard_bounds(10, r, 3) for r in range(3)]
-    assert bounds == [(0, 4), (4, 7), (7, 10)]
-    with pytest.raises(ValueError, match="batch_size"):
-        B.batches_per_epoch(10, 11)
-
-
-def test_crop_flip_matches_a_per_example_loop():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    rows, cols, flips = torch.tensor([0, 2]), torch.tensor([1, 0]), torch.tensor([False, True])
-    out = B.crop_flip(x, rows, cols, flips, 1)
-    xp = F.pad(x, (1, 1, 1, 1))
-    for i in range(2):
-        want = xp[i, :, rows[i]:rows[i] + 4, cols[i]:cols[i] + 4]
-        if flips[i]:
-            want = want.flip(-1)
-        assert torch.equal(out[i], want)
+def test_shards_cover_the_global_batch():
+    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [shard_bounds(8, r, 2) for r in range(2)] == [(0, 4), (4, 8)]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -218,3 +198,10 @@ def test_load_resume_state_errors(tmp_path):
     with pytest.raises(ValueError, match="not an archlip training resume checkpoint"):
         load_resume_state(tmp_path / "foreign.pt")
     assert math.isfinite(os.path.getsize(tmp_path / "foreign.pt"))
+
+
+def test_sync_bn_on_cpu_is_rejected_clearly():
+    from experiments.training.distributed import DistContext, wrap_model
+
+    with pytest.raises(ValueError, match="sync_bn needs CUDA"):
+        wrap_model(_net(), DistContext(rank=0, world_size=2), torch.device("cpu"), sync_bn=True)

@@ -116,8 +116,12 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, sync_bn
     if not ctx.enabled:
         return model, model
     if sync_bn:
+        if device.type != "cuda":
+            raise ValueError(
+                "distributed.sync_bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU set "
+                "distributed.sync_bn: false (batch-norm statistics are then per process) or use a model without BN"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, broadcast_buffers=True
-    )
+    # buffers (BN running statistics) are broadcast from rank 0 before every forward: DDP's default
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     return model, ddp

@@ -29,7 +29,6 @@ from torch import nn
 
 from experiments.config import (TrainConfig, config_diff, config_from_dict, config_to_dict, effective_attack_numbers,
                                 load_config, save_config)
-from experiments.training import batches as B
 from experiments.training import distributed as D
 from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, atomic_write,
@@ -128,7 +127,7 @@ class StopFlag:
 
 @dataclass
 class TrainData:
-    x: torch.Tensor
+    x: torch.Tensor  # float32 in [0, 1] or uint8 (converted per batch by the loader)
     y: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
@@ -137,68 +136,84 @@ class TrainData:
     y_extra: torch.Tensor | None = None
 
 
-def _as_xy(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(result, (tuple, list)) and len(result) == 2:
-        x, y = result
-    elif hasattr(result, "x") and hasattr(result, "y"):
-        x, y = result.x, result.y
-    else:
-        raise TypeError(f"{what} returned {type(result).__name__}; expected (x, y) tensors")
-    return torch.as_tensor(x), torch.as_tensor(y)
-
-
 def _check_images(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"{what}: images must be float32 in [0, 1], got {x.dtype}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
+    if x.dtype not in (torch.float32, torch.uint8):
+        raise TypeError(f"{what}: images must be float32 in [0, 1] or uint8, got {x.dtype}")
+    if x.dtype == torch.float32 and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"{what}: images must lie in [0, 1] (models normalise internally)")
     if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise TypeError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
 
 
-def load_extra_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extra training data from an .npz with ``x`` (N,C,H,W float in [0,1], or N,H,W,C uint8) and ``y``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.extra_data {str(path)!r} does not exist (expected an .npz with arrays x, y)")
-    with np.load(path, allow_pickle=False) as z:
-        if "x" not in z or "y" not in z:
-            raise ValueError(f"{str(path)!r} must contain arrays 'x' and 'y', found {sorted(z.files)}")
-        x, y = z["x"], z["y"]
-    if x.dtype == np.uint8:
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255)
-    else:
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    return xt.contiguous(), torch.from_numpy(y.astype(np.int64))
-
-
 def load_training_data(cfg: TrainConfig) -> TrainData:
-    """Training split (minus the validation hold-out) and the validation hold-out; the test split is never read."""
+    """Training data minus a stratified validation hold-out (``data.val_size``); the test split is never read.
+
+    digits: the ``trainval`` split of ``experiments.data.load_digits``; cifar10: the 50K training images.
+    Extra data: the pseudo-labelled TinyImages pickle via ``experiments.data.load_pseudo_labeled``.
+    """
     from experiments import data as datasets
 
     dc = cfg.data
     if dc.dataset == "digits":
-        x, y = _as_xy(datasets.load_digits(split="train", seed=cfg.run.seed), "load_digits")
+        x, y = datasets.load_digits(split="trainval", seed=cfg.run.seed)
     elif dc.dataset == "cifar10":
         if not dc.root:
             raise ValueError("data.root must point to the CIFAR-10 folder for data.dataset: cifar10")
-        x, y = _as_xy(datasets.load_cifar10(dc.root, split="train"), "load_cifar10")
+        x, y = datasets.load_cifar10(dc.root, split="train", dtype=torch.uint8)
     else:  # pragma: no cover - guarded by the schema
         raise ValueError(f"unknown dataset {dc.dataset!r}")
-    x = x.float() if x.dtype == torch.float64 else x
     _check_images(x, y, dc.dataset)
-    tr, va = B.split_train_val(x.shape[0], dc.val_size, cfg.run.seed)
-    x_tr, y_tr = x[tr], y[tr]
+    if not 0 <= dc.val_size < x.shape[0]:
+        raise ValueError(f"data.val_size must be < {x.shape[0]} (the training split of {dc.dataset}), got {dc.val_size}")
+    (x_tr, y_tr), (x_va, y_va) = datasets.carve_validation(x, y, int(dc.val_size), seed=cfg.run.seed)
     if dc.train_limit is not None:
         x_tr, y_tr = x_tr[:dc.train_limit], y_tr[:dc.train_limit]
-    out = TrainData(x_tr.contiguous(), y_tr, x[va].contiguous(), y[va], int(y.max().item()) + 1)
+    if x_va.dtype == torch.uint8:
+        x_va = x_va.float().div_(255.0)
+    out = TrainData(x_tr.contiguous(), y_tr, x_va.contiguous(), y_va, int(y.max().item()) + 1)
     if dc.extra_data:
-        xe, ye = load_extra_npz(dc.extra_data)
+        xe, ye = datasets.load_pseudo_labeled(dc.extra_data)
         _check_images(xe, ye, "data.extra_data")
         if xe.shape[1:] != x.shape[1:]:
             raise ValueError(f"extra data images {tuple(xe.shape[1:])} differ from training images {tuple(x.shape[1:])}")
         out.x_extra, out.y_extra = xe, ye
     return out
+
+
+def augmentation_for(image_shape: tuple[int, ...]) -> tuple[int, bool]:
+    """(crop padding, flip): 1-pixel shifts without flips for 8x8 digits, 4-pixel crops + flips otherwise."""
+    return (1, False) if image_shape[-1] <= 16 else (4, True)
+
+
+def make_loaders(cfg: TrainConfig, data: TrainData) -> tuple[Any, Any, int]:
+    """(loader, extra_loader or None, batches per epoch): global batches, identical on every rank."""
+    from experiments.data import InMemoryLoader
+
+    k_extra = int(round(cfg.data.extra_fraction * cfg.run.batch_size)) if data.x_extra is not None else 0
+    b_orig = cfg.run.batch_size - k_extra
+    if data.x.shape[0] < b_orig:
+        raise ValueError(f"run.batch_size ({b_orig} from the training set) exceeds its {data.x.shape[0]} examples; lower it")
+    pad, flip = augmentation_for(tuple(data.x.shape[1:]))
+    loader = InMemoryLoader(data.x, data.y, b_orig, shuffle=True, augment=cfg.data.augment, seed=cfg.run.seed,
+                            crop_padding=pad, flip=flip, drop_last=True)
+    extra = None
+    if k_extra:
+        extra = InMemoryLoader(data.x_extra, data.y_extra, k_extra, shuffle=True, augment=cfg.data.augment,
+                               seed=cfg.run.seed + 1, crop_padding=pad, flip=flip, drop_last=True)
+    return loader, extra, len(loader)
+
+
+def _next_extra(extra: Any, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next batch of the endlessly cycling extra-data loader (its iterator is kept in ``state``)."""
+    for _ in range(2):
+        it = state.get("iter")
+        if it is None:
+            it = state["iter"] = iter(extra)
+        try:
+            return next(it)
+        except StopIteration:
+            state["iter"] = None
+    raise RuntimeError("extra-data loader yields no batches")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,6 +396,7 @@ class _Progress:
     best_value: float = -math.inf
     best_epoch: int = -1
     seconds: float = 0.0
+    best_path: str = ""
 
 
 def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resume: bool = False, *,
@@ -451,6 +467,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
     noise_gen.manual_seed(cfg.run.seed + 7)  # same on every rank: global-batch noise is sliced per rank
 
     prog = _Progress()
+    resume_loaders = None
     if resume:
         state = load_resume_state(resume_path, map_location=device)
         saved_cfg = config_from_dict(state["config"])
@@ -468,17 +485,15 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
         if len(rngs) != ctx.world_size:
             raise ValueError(f"checkpoint was written by {len(rngs)} processes, now running {ctx.world_size}")
         restore_rng_states(rngs[ctx.rank], {"noise": noise_gen})
+        resume_loaders = state["loaders"]
         if ctx.is_main:
             _truncate_metrics(out_dir / METRICS_FILE, prog.epoch)
     elif ctx.is_main:
         save_config(cfg, out_dir / CONFIG_FILE)
         (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
 
-    n_orig = data.x.shape[0]
-    k_extra = int(round(cfg.data.extra_fraction * cfg.run.batch_size)) if data.x_extra is not None else 0
-    b_orig = cfg.run.batch_size - k_extra
-    steps_per_epoch = B.batches_per_epoch(n_orig, b_orig)
-    pad, flip = B.default_augmentation(tuple(data.x.shape[1:]))
+    loader, extra, steps_per_epoch = make_loaders(cfg, data)
+    extra_state: dict = {}
     total = cfg.run.epochs
     select_model = lambda: ema.shadow if (ema is not None and cfg.selection.use_ema) else core  # noqa: E731
     need_pgd = cfg.selection.metric == "pgd_acc"
@@ -492,7 +507,9 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                      "progress": {"epoch": prog.epoch, "batch": prog.batch, "global_step": prog.global_step,
                                   "accum": dict(prog.accum), "best_value": prog.best_value,
                                   "best_epoch": prog.best_epoch, "seconds": prog.seconds},
-                     "torch_version": torch.__version__}
+                     "loaders": {"train": loader.state_dict(),
+                                 "extra": extra.state_dict() if extra is not None else None},
+                     "torch_version": str(torch.__version__)}
             atomic_torch_save(state, resume_path)
         D.barrier(ctx)
 
@@ -501,24 +518,24 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
     t_start = time.perf_counter() - prog.seconds
     while prog.epoch < total:
         epoch = prog.epoch
-        order = B.epoch_order(n_orig, cfg.run.seed, epoch)
+        if resume_loaders is not None:  # continue exactly where the checkpoint left the data order
+            loader.load_state_dict(resume_loaders["train"])
+            if extra is not None:
+                extra.load_state_dict(resume_loaders["extra"])
+            resume_loaders = None
+        else:
+            loader.set_epoch(epoch)
         t_epoch = time.perf_counter()
         bar = None
         if ctx.is_main and cfg.run.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch + 1}/{total}", leave=False)
-        while prog.batch < steps_per_epoch:
+        for xg, yg in loader:
             b = prog.batch
-            idx = B.global_batch(order, b, b_orig)
-            xg, yg = data.x[idx], data.y[idx]
-            if k_extra:
-                eidx = B.extra_batch(data.x_extra.shape[0], cfg.run.seed, epoch, b, k_extra)
-                xg = torch.cat([xg, data.x_extra[eidx]])
-                yg = torch.cat([yg, data.y_extra[eidx]])
-            if cfg.data.augment:
-                rows, cols, flips = B.augmentation_params(xg.shape[0], pad, flip, cfg.run.seed, epoch, b)
-                xg = B.crop_flip(xg, rows, cols, flips, pad)
+            if extra is not None:
+                xe, ye = _next_extra(extra, extra_state)
+                xg, yg = torch.cat([xg, xe]), torch.cat([yg, ye])
             lo, hi = D.shard_bounds(xg.shape[0], ctx.rank, ctx.world_size)
             xb, yb = xg[lo:hi].to(device, non_blocking=True), yg[lo:hi].to(device, non_blocking=True)
             if cfg.speed.channels_last:
@@ -569,8 +586,8 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                     prog.best_value, prog.best_epoch = value, epoch
                     row["best"] = True
                     if ctx.is_main:
-                        _save_model_file(out_dir / "model_best", select_model(),
-                                         _model_metadata(cfg, epoch, prog.global_step, last_val, "best"))
+                        prog.best_path = _save_model_file(out_dir / "model_best", select_model(),
+                                                          _model_metadata(cfg, epoch, prog.global_step, last_val, "best"))
         if ctx.is_main:
             _append_jsonl(out_dir / METRICS_FILE, row)
         prog.epoch += 1
@@ -597,7 +614,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
             summary["files"]["final_model"] = _save_model_file(
                 out_dir / "model_final", final, _model_metadata(cfg, total - 1, prog.global_step, last_val, "final"))
             if prog.best_epoch >= 0:
-                summary["files"]["best_model"] = str(out_dir / "model_best")
+                summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
         atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(json.dumps(_json_safe(summary), indent=2)), mode="w")
     D.barrier(ctx)
     return summary

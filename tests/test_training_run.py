@@ -1,0 +1,226 @@
+"""End-to-end training runs on digits: robustness gain, run folder, resume bit-exactness, DDP equivalence."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments.attacks import pgd
+from experiments.checkpoints import load_checkpoint
+from experiments.config import ConfigError, load_config
+from experiments.data import load_digits
+from experiments.models import create_model
+from experiments.training import train
+from experiments.training.checkpointing import load_resume_state
+from experiments.training.loop import check_speed_switches
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# a few seconds per epoch on one thread: 512 images, batch 64, PGD-2
+SMALL = ["model.overrides.widths=[4,8,8,8]", "data.train_limit=512", "data.val_size=100", "attack.steps=2",
+         "attack.step_size=0.06", "selection.pgd_steps=3", "run.progress=false", "run.num_threads=1"]
+
+
+def _pgd_acc(model, x, y, eps=0.1):
+    model.eval()
+    x_adv = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def test_tiny_digits_run_improves_pgd_accuracy(tmp_path):
+    cfg = load_config("digits-pgdat-tiny", ["run.epochs=4", "run.progress=false"])
+    t0 = time.process_time()
+    summary = train(cfg, tmp_path)
+    cpu = time.process_time() - t0
+    assert summary["status"] == "completed" and cpu < 60
+    x, y = load_digits("test")
+    trained, meta = load_checkpoint(summary["files"]["final_model"])
+    torch.manual_seed(0)
+    untrained = create_model("wrn-tiny", num_classes=10, in_channels=1)
+    before, after = _pgd_acc(untrained, x, y), _pgd_acc(trained, x, y)
+    assert after > before + 0.3, (before, after)
+    assert meta["method"] == "pgd_at" and meta["kind"] == "final"
+    # run folder: resolved config, one metrics row per epoch, summary, best model chosen on validation
+    assert load_config(tmp_path / "resolved_config.yaml") == cfg
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all("val_pgd_acc" in r for r in rows)
+    best = max(rows, key=lambda r: r["val_pgd_acc"])
+    assert summary["selection"]["best_value"] == best["val_pgd_acc"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "model_best.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["trades", "mart", "fgsm_rs", "standard"])
+def test_every_method_trains_one_epoch(tmp_path, method):
+    extra = ["ema.enabled=true", "optim.nesterov=true", "method.label_smoothing=0.1"] if method == "trades" else []
+    cfg = load_config("digits-pgdat-tiny", SMALL + [f"method.name={method}", "run.epochs=1", "data.train_limit=128",
+                                                    "selection.metric=clean_acc"] + extra)
+    summary = train(cfg, tmp_path)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["status"] == "completed" and row["train_loss"] > 0 and row["val_clean_acc"] >= 0
+    if method in ("trades", "mart", "standard"):
+        assert row["train_clean_acc"] is not None
+
+
+def test_run_folder_guards(tmp_path):
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=64", "selection.metric=last"])
+    with pytest.raises(FileNotFoundError, match="resume requested"):
+        train(cfg, tmp_path / "new", resume=True)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(cfg, tmp_path / "run")
+    changed = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=64", "selection.metric=last",
+                                                        "optim.lr=0.5"])
+    with pytest.raises(ValueError, match="optim.lr: 0.1 -> 0.5"):
+        train(changed, tmp_path / "run", resume=True)
+
+
+def test_speed_switches_are_wired_and_rejected_clearly(tmp_path, monkeypatch):
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=64", "selection.metric=last",
+                                                    "speed.amp=bf16", "speed.channels_last=true", "data.augment=true"])
+    assert train(cfg, tmp_path / "bf16")["status"] == "completed"
+    with pytest.raises(ConfigError, match="choose one of none, bf16"):
+        load_config(None, ["speed.amp=fp8"])
+    with pytest.raises(ValueError, match="channels_last needs image batches"):
+        check_speed_switches(cfg, torch.device("cpu"), image_dims=2)
+    compiled = load_config(None, ["speed.compile=true"])
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        check_speed_switches(compiled, torch.device("cpu"), image_dims=4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train(load_config("digits-pgdat-tiny", SMALL + ["run.device=cuda"]), tmp_path / "cuda")
+
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    from experiments.config import load_config
+    from experiments.training import train
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    def on_step(info):
+        print("step", info["global_step"], flush=True)
+        if info["global_step"] >= 3:
+            time.sleep(0.5)
+    summary = train(cfg, sys.argv[2], on_step=on_step)
+    print("status", summary["status"], flush=True)
+""")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    overrides = SMALL + ["run.epochs=2", "data.train_limit=256", "ema.enabled=true", "data.augment=true",
+                         "selection.metric=pgd_acc"]
+    cfg = load_config("digits-pgdat-tiny", overrides)
+    train(cfg, tmp_path / "straight")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([PY, str(driver), "digits-pgdat-tiny", str(tmp_path / "killed"), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:
+        if line.strip() == "step 3":
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "status interrupted" in out
+    state = load_resume_state(tmp_path / "killed" / "resume.pt")
+    assert state["progress"]["epoch"] == 0 and 0 < state["progress"]["batch"] < 4  # mid-epoch (4 steps/epoch)
+    summary = train(cfg, tmp_path / "killed", resume=True)
+    assert summary["status"] == "completed" and summary["global_step"] == 8
+    a, b = _weights(tmp_path / "straight" / "model_final.safetensors"), _weights(tmp_path / "killed" / "model_final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = load_resume_state(tmp_path / "straight" / "resume.pt")
+    rb = load_resume_state(tmp_path / "killed" / "resume.pt")
+    for k in ra["model"]:
+        assert torch.equal(ra["model"][k], rb["model"][k]), k
+    for k in ra["ema"]["shadow"]:
+        assert torch.equal(ra["ema"]["shadow"][k], rb["ema"]["shadow"][k]), k
+    rows_a = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(r) for r in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]
+    assert [r["val_pgd_acc"] for r in rows_a] == [r["val_pgd_acc"] for r in rows_b]
+
+
+NO_BN_MODEL = textwrap.dedent("""
+    from torch import nn
+    from experiments.models.registry import list_models, register_model
+
+    class NoBNConvNet(nn.Sequential):
+        \"\"\"conv-relu-conv-relu-linear without batch norm: DDP shards then see exactly the global batch's math\"\"\"
+
+        def __init__(self, num_classes=10, in_channels=1, width=6):
+            super().__init__(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(width * 16, num_classes))
+            self.cfg = {"family": "test-nobn", "num_classes": num_classes, "in_channels": in_channels, "width": width}
+
+        def arch_config(self):
+            return dict(self.cfg)
+
+    if "test-nobn-convnet" not in list_models():
+        register_model("test-nobn-convnet")(NoBNConvNet)
+""")
+
+DDP_DRIVER = NO_BN_MODEL + textwrap.dedent("""
+    import sys
+    from experiments.config import load_config
+    from experiments.training import train
+    train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    exec(NO_BN_MODEL, {})  # register the BN-free model in this process too
+    overrides = ["model.name=test-nobn-convnet", "model.overrides={}", "data.train_limit=256", "data.val_size=64",
+                 "attack.steps=2", "attack.step_size=0.06", "run.progress=false", "run.num_threads=1",
+                 "run.epochs=1", "selection.metric=last", "distributed.backend=gloo", "data.augment=true"]
+    cfg = load_config("digits-pgdat-tiny", overrides)
+    single = train(cfg, tmp_path / "single")
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(DDP_DRIVER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == single["global_step"]
+    a, b = _weights(tmp_path / "single" / "model_final.safetensors"), _weights(tmp_path / "ddp" / "model_final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+    moved = sum((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert moved < 1e-3
+    row_a = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])
+    row_b = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row_a["train_adv_acc"] == row_b["train_adv_acc"]
+    assert row_a["val_clean_acc"] == pytest.approx(row_b["val_clean_acc"])
+    assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-5)
