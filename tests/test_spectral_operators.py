@@ -62,6 +62,7 @@ def test_conv1d_adjoint_and_forward(mode, stride, padding):
     assert _dot_test(op) < 1e-12
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 def test_same_padding_even_kernel_matches_module():
     for mode in ["zeros", "circular", "reflect"]:
         conv = nn.Conv2d(2, 3, (4, 3), padding="same", padding_mode=mode, bias=False).double()
