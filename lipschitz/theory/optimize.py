@@ -90,13 +90,15 @@ def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *,
                    in_channels: int = 3, input_size: int = 32, min_fraction: float = 0.9,
                    depth_range: tuple[int, int] = (1, 20), width_range: tuple[int, int] = (16, 2048),
                    width_step: int = 16, depth_radius: int = 2, width_radius: float = 0.5,
-                   top_k: int = 10) -> ConfigSearch:
+                   top_k: int = 10, n_starts: int = 8, seed: int = 0) -> ConfigSearch:
     """Minimise an objective (default: log of the symbolic Lipschitz bound) over integer depths/widths with P <= budget.
 
     ``objective``: None, a sympy expression in the symbols D1.., W0.., pi1.. of ``symbolic.wrn_symbols``, or a
     callable ``f(depths, widths) -> float`` (it is also called with float tuples during the relaxation; if that
     fails the integer search is centred on a uniform allocation). Widths are multiples of ``width_step`` in
-    ``width_range``; depths in ``depth_range``. Returns the ``top_k`` feasible configurations, best first.
+    ``width_range``; depths in ``depth_range``. The bound is multimodal (the budget can go to any one stage), so the
+    relaxation is solved from ``n_starts`` starting points (uniform, each stage alone, seeded random) and the integer
+    search runs around every local optimum. Returns the ``top_k`` feasible configurations, best first.
     """
     if not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be a positive integer number of parameters, got {budget!r}")
@@ -127,15 +129,60 @@ def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *,
             return np.array([float(objective(tuple(int(v) for v in d), tuple(int(v) for v in w)))
                              for d, w in zip(zip(*depths), zip(*widths))], dtype=float)
 
-    relaxation = _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides, depth_range,
-                        width_range)
-    ranked, evaluated = _integer_search(relaxation["depths"], relaxation["widths"], budget, min_fraction,
-                                        stem_width, strides, depth_range, width_range, width_step, depth_radius,
-                                        width_radius, p_fn, evaluate, top_k, is_default)
+    starts = _starting_points(p_expr, s, budget, stem_width, depth_range, width_range, n_starts, seed)
+    local = [_relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, x0, depth_range, width_range)
+             for x0 in starts]
+    local.sort(key=lambda r: (not r["success"], r.get("objective", math.inf)))
+    merged: dict[tuple, Configuration] = {}
+    evaluated = 0
+    for rel in local:  # exact integer search around every distinct local optimum of the relaxation
+        ranked, count = _integer_search(rel["depths"], rel["widths"], budget, min_fraction, stem_width, strides,
+                                        depth_range, width_range, width_step, depth_radius, width_radius, p_fn,
+                                        evaluate, top_k, is_default)
+        evaluated += count
+        for c in ranked:
+            merged.setdefault((c.depths, c.widths), c)
+    ranked = sorted(merged.values(), key=lambda c: (c.objective, c.params))[:top_k]
+    relaxation = dict(local[0])
+    relaxation["local_optima"] = [{k: r.get(k) for k in ("depths", "widths", "objective", "success", "params")}
+                                  for r in local]
     return ConfigSearch(ranked, relaxation, evaluated)
 
 
-def _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides, depth_range, width_range) -> dict:
+def _starting_points(p_expr, s, budget, stem_width, depth_range, width_range, n_starts, seed) -> list:
+    """Uniform allocation, the budget concentrated in each single stage, then seeded random allocations."""
+    n = len(s.depths)
+    p_rel = p_expr.subs({s.widths[0]: stem_width, **{pi: 1 for pi in s.projections}})
+    d0 = float(min(max(5, depth_range[0]), depth_range[1]))
+    w_uniform = _fill_width(p_rel, s, budget, [d0] * n, [None] * n, width_range)
+    starts = [np.array([d0] * n + [w_uniform] * n)]
+    lo_d = float(depth_range[0])
+    for i in range(n):
+        widths = [float(width_range[0])] * n
+        widths[i] = None
+        w_i = _fill_width(p_rel, s, budget, [lo_d] * n, widths, width_range)
+        widths[i] = w_i
+        starts.append(np.array([lo_d] * n + widths))
+    rng = np.random.default_rng(seed)
+    while len(starts) < max(n_starts, n + 1):
+        depths = list(rng.uniform(depth_range[0], depth_range[1], n))
+        shares = rng.dirichlet(np.ones(n))
+        widths = [float(np.clip(math.sqrt(sh * budget / (18 * d)), *width_range)) for sh, d in zip(shares, depths)]
+        starts.append(np.array(depths + widths))
+    return starts
+
+
+def _fill_width(p_rel, s, budget, depths, widths, width_range) -> float:
+    """Width w for the stages marked None in ``widths`` that makes P = budget (clipped to width_range)."""
+    w = sp.Symbol("w", positive=True)
+    subs = {d: v for d, v in zip(s.depths, depths)}
+    subs.update({wi: (w if v is None else v) for wi, v in zip(s.widths[1:], widths)})
+    roots = [float(r) for r in sp.solve(p_rel.subs(subs) - budget, w) if r.is_real and r > 0]
+    w0 = max(roots) if roots else float(width_range[0])
+    return float(min(max(w0, width_range[0]), width_range[1]))
+
+
+def _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, x0, depth_range, width_range) -> dict:
     """Continuous relaxation: SLSQP on the sympy Lagrangian's gradients (all projection flags 1)."""
     from scipy.optimize import minimize
 
@@ -145,9 +192,7 @@ def _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides
     fixed.update({pi: 1 for pi in s.projections})
     p_rel = p_expr.subs(fixed)
     lam = sp.Symbol("lambda")
-    uniform_w = _uniform_width(budget, n, stem_width, p_rel, s, depth_range, width_range)
-    x0 = np.array([float(min(max(5, depth_range[0]), depth_range[1]))] * n + [uniform_w] * n)
-    scale = np.array([1.0] * n + [max(uniform_w, 1.0)] * n)  # optimise in scaled units
+    scale = np.array([1.0] * n + [max(float(np.mean(x0[n:])), 1.0)] * n)  # optimise in scaled units
     bounds = [(depth_range[0], depth_range[1])] * n + [(width_range[0], width_range[1])] * n
     info: dict = {"method": "slsqp_on_sympy_lagrangian", "success": False}
     if expr is not None:
@@ -194,16 +239,6 @@ def _relax(expr, objective, p_expr, s, budget, min_fraction, stem_width, strides
     info.update(depths=[float(v) for v in x[:n]], widths=[float(stem_width)] + [float(v) for v in x[n:]],
                 params=float(p_num(*x)))
     return info
-
-
-def _uniform_width(budget, n, stem_width, p_rel, s, depth_range, width_range) -> float:
-    """Equal width in every stage that spends the budget at depth 5 (starting point of the relaxation)."""
-    d0 = float(min(max(5, depth_range[0]), depth_range[1]))
-    w = sp.Symbol("w", positive=True)
-    eq = p_rel.subs({**{d: d0 for d in s.depths}, **{wi: w for wi in s.widths[1:]}}) - budget
-    roots = [float(r) for r in sp.solve(eq, w) if r.is_real and r > 0]
-    w0 = roots[0] if roots else float(width_range[0])
-    return float(min(max(w0, width_range[0]), width_range[1]))
 
 
 def _integer_search(depths_rel, widths_rel, budget, min_fraction, stem_width, strides, depth_range, width_range,
