@@ -181,3 +181,37 @@ def test_shipped_sweeps_parse():
     assert len(cpu.runs) >= 4 and cpu.launcher == "sequential"
     ids = [r.run_id for r in cpu.runs]
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.slow
+def test_real_sweep_trains_measures_and_resumes(tmp_path):
+    """Two tiny digits runs through the real runner (train -> evaluate -> bounds -> theory), interrupted
+    after the first by --max-runs, then resumed: the finished run is not retrained."""
+    from experiments.cli import torch_threads
+
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "tiny", "recipe": "digits-pgdat-tiny",
+        "set": {"run.epochs": 1, "data.train_limit": 64, "data.val_size": 0, "selection.metric": "last",
+                "attack.steps": 1, "run.progress": False},
+        "grid": {sweep.WIDTHS_KEY: [[8, 16, 32, 64], [8, 16, 32, 16]]},
+        "evaluate": {"attacks": ["fgsm"], "n": 32},
+        "analysis": {"spectral": False, "lower_points": 8, "lower_iters": 5, "attack_ratio_steps": 2},
+    }))
+    spec = sweep.load_sweep(spec_file)
+    out = tmp_path / "out"
+    with torch_threads(1):
+        first = sweep.run_sweep(spec, out, max_runs=1, progress=False, report=False)
+        assert first["ran"] == 1 and first["done"] == 1
+        done_id = first["ran_ids"][0]
+        metrics = out / "runs" / done_id / "train" / "metrics.jsonl"
+        stamp = metrics.stat().st_mtime_ns
+        second = sweep.run_sweep(spec, out, progress=False, report=False)
+    assert second["skipped_ids"] == [done_id] and second["ran"] == 1 and second["done"] == 2
+    assert metrics.stat().st_mtime_ns == stamp
+    rows = (out / "table.csv").read_text().splitlines()
+    assert len(rows) == 3
+    record = json.loads((out / "runs" / second["ran_ids"][0] / "summary.json").read_text())
+    assert record["widths"] == [8, 16, 32, 16] and record["params"] < 76450
+    assert 0 < record["empirical_lipschitz"] <= record["certified_lipschitz"]
+    assert record["theory_prediction"] > 0 and 0 <= record["robust_acc"] <= record["clean_acc"]
