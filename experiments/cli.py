@@ -521,7 +521,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     text = f"training {config.name}: {status}; run folder {out}"
     if status != "completed":
         text += f" (continue with: archlip train {args.recipe} --out {out} --resume)"
-    _emit(args, summary, text)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        _emit(args, summary, text)
     return EXIT_OK if status == "completed" else 1
 
 
