@@ -1,0 +1,271 @@
+"""Network bounds: certified >= dense Jacobian norms / data lower bounds; exact for linear nets; rules."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev
+
+from lipschitz import graph as G
+from lipschitz.bounds import METHODS, network_bound
+from lipschitz.liplt import circular_liplt_terms, conv_spec, dense_linear_term
+from lipschitz.lower import attack_ratio_lower, eval_mode, jacobian_norm_lower
+from spectral.guarantee import Guarantee
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These tiny problems run far faster on one thread on the shared 2-core machine; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+def _max_jacobian_norm(model: nn.Module, shape, n_points: int = 8, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    best = 0.0
+    with eval_mode(model):
+        for _ in range(n_points):
+            x = torch.rand(shape, generator=g, dtype=torch.float64)
+            j = jacrev(lambda t: model(t[None])[0])(x).detach()
+            n_out = j.numel() // x.numel()
+            best = max(best, float(torch.linalg.matrix_norm(j.reshape(n_out, -1), ord=2)))
+    return best
+
+
+class PreActNet(nn.Module):
+    """A tiny hand-built pre-activation residual net with its own lipschitz_graph()."""
+
+    def __init__(self, act=nn.ReLU, c=3):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3, self.conv3 = nn.BatchNorm2d(c), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False)
+        self.bn4, self.conv4 = nn.BatchNorm2d(2 * c), nn.Conv2d(2 * c, 2 * c, 3, padding=1, bias=False)
+        self.short = nn.Conv2d(c, 2 * c, 1, stride=2, bias=False)
+        self.bn5, self.pool, self.fc = nn.BatchNorm2d(2 * c), nn.AdaptiveAvgPool2d(1), nn.Linear(2 * c, 4)
+        self.act = act()
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.conv2(self.act(self.bn2(self.conv1(self.act(self.bn1(x))))))
+        a = self.act(self.bn3(x))
+        x = self.short(a) + self.conv4(self.act(self.bn4(self.conv3(a))))
+        return self.fc(self.pool(self.act(self.bn5(x))).flatten(1))
+
+    def lipschitz_graph(self):
+        kind = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}[type(self.act)]
+        A = lambda: G.Activation(kind)  # noqa: E731
+        block1 = G.Residual(G.Sequential([G.BatchNorm(self.bn1), A(), G.Layer(self.conv1), G.BatchNorm(self.bn2),
+                                          A(), G.Layer(self.conv2)]), None, name="block1", role="block")
+        block2 = G.Sequential([G.BatchNorm(self.bn3), A(), G.Residual(
+            G.Sequential([G.Layer(self.conv3), G.BatchNorm(self.bn4), A(), G.Layer(self.conv4)]),
+            G.Layer(self.short))], name="block2", role="block")
+        head = G.Sequential([G.BatchNorm(self.bn5), A(), G.Pool(self.pool), G.Flatten(), G.Layer(self.fc)],
+                            name="head", role="head")
+        return G.Sequential([G.Layer(self.stem), G.Sequential([block1, block2], name="stage1", role="stage"), head])
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
+def test_handbuilt_preact_net_bounds_dominate_jacobians(act):
+    torch.manual_seed(0)
+    model = _randomise_bn(PreActNet(act).double())
+    nb = network_bound(model, (1, 6, 6))
+    jac = _max_jacobian_norm(model, (1, 6, 6))
+    for meth in METHODS:
+        assert nb.comparison[meth] >= jac
+    assert nb.comparison["folded+liplt"] <= nb.comparison["folded"] * 1.03 <= nb.comparison["product"] * 1.06
+    assert nb.value.guarantee is Guarantee.UPPER and nb.method == "folded+liplt"
+    assert [b["name"] for b in nb.blocks] == ["block1", "block2"] and len(nb.stages) == 1
+    for blk in nb.blocks:
+        assert blk["folded+liplt"] <= blk["product"] * 1.03
+    assert len(nb.layers) == 7 and all(r["upper"] >= r["lower"] > 0 for r in nb.layers if "upper" in r)
+    json.dumps(nb.to_dict())
+
+
+@pytest.mark.parametrize("name", ["wrn-tiny", "preact-resnet-tiny", "resnet-tiny"])
+def test_model_zoo_lower_bounds_below_certified(name):
+    models = pytest.importorskip("experiments.models")
+    torch.manual_seed(1)
+    model = _randomise_bn(models.create_model(name, in_channels=1).double(), seed=2)
+    shape = (1, 4, 4)
+    nb = network_bound(model, shape)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    lo = jacobian_norm_lower(model, x, n_iter=10)
+    ratio = attack_ratio_lower(model, x[:2], eps=0.2, steps=3)
+    jac = _max_jacobian_norm(model, shape, n_points=2)
+    for meth in METHODS:
+        assert nb.comparison[meth] >= max(lo.value, ratio.value, jac)
+    assert nb.comparison["folded+liplt"] <= nb.comparison["product"]
+
+
+def test_linear_network_lower_equals_upper_equals_dense_svd():
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(3)
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.Conv2d(3, 2, 3, stride=2),
+                                        nn.Flatten(), nn.Linear(8, 5)).double())
+    shape = (2, 5, 5)
+    nb = network_bound(model, shape, method="folded")
+    with eval_mode(model):
+        j = jacrev(lambda t: model(t[None])[0])(torch.zeros(shape, dtype=torch.float64)).detach()
+    exact = float(torch.linalg.matrix_norm(j.reshape(5, -1), ord=2))
+    lo = jacobian_norm_lower(model, torch.rand(1, *shape, dtype=torch.float64), n_iter=60, tol=1e-12)
+    assert nb.value.value == pytest.approx(exact, rel=1e-8)
+    assert nb.value.guarantee is Guarantee.EXACT
+    assert lo.value == pytest.approx(exact, rel=1e-6) and lo.value <= nb.value.value
+    assert nb.comparison["product"] >= exact
+
+
+def test_bn_after_conv_and_before_relu_conv_fold_exactly():
+    """conv -> BN folds into the conv; BN -> ReLU -> conv folds |scale| into the next conv's inputs."""
+    torch.manual_seed(4)
+    conv_a, bn_a = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+    conv_b = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    model = _randomise_bn(nn.Sequential(conv_a, bn_a, nn.ReLU(), conv_b).double(), seed=5)
+    nb = network_bound(model, (2, 4, 4), method="folded", compare=False)
+    scale = (bn_a.weight / torch.sqrt(bn_a.running_var + bn_a.eps)).detach()
+    from spectral.exact import operator_norm_dense
+    from spectral.operators import LayerOperator
+
+    wa = conv_a.weight.detach() * scale.view(-1, 1, 1, 1)
+    wb = conv_b.weight.detach() * scale.abs().view(1, -1, 1, 1)
+    na = operator_norm_dense(LayerOperator.conv(wa, (2, 4, 4), padding=1)).value
+    nb_ = operator_norm_dense(LayerOperator.conv(wb, (3, 4, 4), padding=1)).value
+    # the BN is folded into conv_a (after a conv) -- so conv_b keeps its raw weight
+    raw_b = operator_norm_dense(LayerOperator.conv(conv_b.weight.detach(), (3, 4, 4), padding=1)).value
+    assert nb.value.value == pytest.approx(na * raw_b, rel=1e-9)
+    # pre-activation form: BN -> ReLU -> conv folds |scale| into conv_b's inputs
+    pre = _randomise_bn(nn.Sequential(bn_a, nn.ReLU(), conv_b).double(), seed=5)
+    nb2 = network_bound(pre, (3, 4, 4), method="folded", compare=False)
+    assert nb2.value.value == pytest.approx(nb_, rel=1e-9)
+    assert nb2.value.value <= float(scale.abs().max()) * raw_b * (1 + 1e-9)
+    assert nb2.value.value >= _max_jacobian_norm(pre, (3, 4, 4))
+
+
+def test_residual_rules_identity_and_projection():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+    short = nn.Conv2d(2, 2, 1, bias=False).double()
+    from spectral.exact import operator_norm_dense
+    from spectral.operators import LayerOperator
+
+    nconv = operator_norm_dense(LayerOperator.from_module(conv, (2, 4, 4))).value
+    nshort = operator_norm_dense(LayerOperator.from_module(short, (2, 4, 4))).value
+    ident = network_bound(G.Residual(G.Layer(conv)), (2, 4, 4), method="product", compare=False)
+    assert ident.value.value == pytest.approx(1 + nconv, rel=1e-9)
+    proj = network_bound(G.Residual(G.Layer(conv), G.Layer(short)), (2, 4, 4), method="product", compare=False)
+    assert proj.value.value == pytest.approx(nshort + nconv, rel=1e-9)
+
+
+def test_post_activation_block_merged_liplt_dominates_jacobian():
+    torch.manual_seed(7)
+    c1, c2 = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    bn1, bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.bn1, self.bn2 = c1, c2, bn1, bn2
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))))
+
+        def lipschitz_graph(self):
+            br = G.Sequential([G.Layer(self.c1), G.BatchNorm(self.bn1), G.Activation("relu"), G.Layer(self.c2),
+                               G.BatchNorm(self.bn2)])
+            return G.Sequential([G.Residual(br, None, name="res", role="block"), G.Activation("relu")])
+
+    model = _randomise_bn(Block().double(), seed=8)
+    nb = network_bound(model, (2, 5, 5))
+    assert nb.comparison["folded+liplt"] < nb.comparison["folded"]
+    assert nb.comparison["folded+liplt"] >= _max_jacobian_norm(model, (2, 5, 5), n_points=12)
+
+
+@pytest.mark.parametrize("stride,mode,shortcut", [(1, "zeros", None), (2, "zeros", "conv"), (1, "zeros", "identity"),
+                                                   (1, "circular", "identity"), (2, "circular", "conv")])
+def test_circular_liplt_term_bounds_dense_and_is_exact_for_circular(stride, mode, shortcut):
+    torch.manual_seed(9)
+    cin = 3
+    c1 = nn.Conv2d(cin, 4, 3, stride=stride, padding=1, bias=False, padding_mode=mode).double()
+    c2 = nn.Conv2d(4, cin if shortcut == "identity" else 5, 3, padding=1, bias=False, padding_mode=mode).double()
+    n = 6
+    d1, d2 = torch.rand(cin, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    s1 = conv_spec(c1, (cin, n, n), d1, d2)
+    s2 = conv_spec(c2, (4, n // stride, n // stride))
+    sc = shortcut
+    if shortcut == "conv":
+        sc = conv_spec(nn.Conv2d(cin, 5, 1, stride=stride, bias=False, padding_mode=mode).double(), (cin, n, n), d1)
+    dense = dense_linear_term(s1, s2, 0.5, (cin, n, n), sc)
+    circ = circular_liplt_terms(s1, s2, 0.5, sc)["bound"]
+    assert circ >= dense
+    if mode == "circular":
+        assert circ == pytest.approx(dense, rel=1e-8)
+
+
+def test_normalize_node_folds_into_first_layer():
+    torch.manual_seed(10)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    std = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    graph = G.Sequential([G.Normalize(torch.zeros(2, dtype=torch.float64), std), G.Layer(conv)])
+    folded = network_bound(graph, (2, 4, 4), method="folded", compare=False).value.value
+    product = network_bound(graph, (2, 4, 4), method="product", compare=False).value.value
+    from spectral.exact import operator_norm_dense
+    from spectral.operators import LayerOperator
+
+    exact = operator_norm_dense(LayerOperator.conv(conv.weight.detach() / std.view(1, -1, 1, 1), (2, 4, 4),
+                                                   padding=1)).value
+    assert folded == pytest.approx(exact, rel=1e-9)
+    assert product >= folded and product == pytest.approx(4.0 * exact / 4.0 * product / exact, rel=1e-12)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="Upsample"):
+        network_bound(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Upsample(scale_factor=2)), (1, 5, 5))
+    with pytest.raises(ValueError, match="method"):
+        network_bound(nn.Sequential(nn.Linear(3, 2)), (3,), method="best")
+
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return 2 * self.fc(x)
+
+        def lipschitz_graph(self):
+            return G.Sequential([G.Layer(self.fc)])
+
+    with pytest.raises(ValueError, match="does not reproduce"):
+        network_bound(Wrong(), (3,))
+    with pytest.raises(ValueError, match="shape"):
+        network_bound(nn.Sequential(nn.Linear(3, 2)), (4,))
+
+
+def test_training_mode_is_restored_and_json_written(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Dropout(0.5), nn.Linear(3, 2))
+    model.train()
+    nb = network_bound(model, (4,))
+    assert model.training and model[1].training
+    path = nb.to_json(tmp_path / "bound.json")
+    data = json.loads(path.read_text())
+    assert data["value"]["guarantee"] == "certified_upper" and set(data["comparison"]) == set(METHODS)
+    assert math.isfinite(data["value"]["value"])
