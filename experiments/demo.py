@@ -367,6 +367,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
             "this report shows both measured and certified values next to the theory's prediction."
         ),
         "models": models,
+        "settings": {"mode": "quick" if quick else "full", "recipes": list(recipes), **settings},
         "correlations": correlations(models) if len(models) >= 3 else None,
         "provenance": {
             "command": "archlip demo" + (" --quick" if quick else "") + f" --out {out_dir} --seed {seed}",
