@@ -8,11 +8,12 @@ subset, checks every adversarial example (eps-ball, [0, 1], finite logits), and 
   AND over attacks), eps, norm, n, which points, seed, versions, and beside each PGD/CW run its stable accuracy
   and the paper code's local Lipschitz ratio at the attack's examples;
 - ``per_example.jsonl``: one line per point (index, label, clean correct and margin, robust and margin per attack);
-- ``eval_state.json`` (+ pyautoattack's ``autoattack-NAME.state.json``): progress per attack and per batch, so an
-  interrupted evaluation picks up where it stopped.
+- ``eval_state.json`` (+ ``autoattack-NAME.adv.safetensors`` and pyautoattack's per-attack state files): progress
+  per attack and per batch, so an interrupted evaluation picks up where it stopped.
 
-AutoAttack runs through ``pyautoattack`` (the upstream code by Croce and Hein) with its own settings, called once
-on all selected points, so its numbers equal a direct call on the same points and seed.
+AutoAttack runs through ``pyautoattack`` (the upstream code by Croce and Hein) with its own settings, one attack
+at a time on the points still robust, which is exactly its own loop (every attack reseeds), so its numbers equal
+a direct call on the same points and seed. See docs/evaluation.md.
 
 References: Croce & Hein 2020 (AutoAttack); Croce et al. 2021 (RobustBench: first n test points);
 Yang et al. 2020 and Huang et al. 2021 (stable accuracy and local Lipschitz ratio logged beside PGD).
@@ -355,10 +356,13 @@ def _absorb_interrupted_state(path: Path, entry: dict[str, Any], attack: str, sa
 
 def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
                 clean_logits: torch.Tensor, eps: float, norm: str, batch_size: int, seed: int, n_classes: int,
-                entry: dict[str, Any], save: Any, out_dir: Path | None, device: torch.device) -> None:
+                entry: dict[str, Any], save: Any, out_dir: Path | None, device: torch.device,
+                progress: bool = False) -> None:
     """Run pyautoattack one attack at a time on the points still robust (exactly what its own loop does, and
     every attack reseeds), keeping each broken point's example: every example is checked, and an interrupted
     run resumes after the last finished attack (within an attack, from pyautoattack's per-batch state file)."""
+    from tqdm.auto import tqdm
+
     adversary, settings = build_autoattack(model, preset, eps=eps, norm=norm, seed=seed, n_classes=n_classes,
                                            device=device)
     attacks = list(adversary.attacks_to_run)
@@ -379,7 +383,9 @@ def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torc
     rng_state = torch.get_rng_state()  # pyautoattack reseeds the global RNG; put it back afterwards
     t0 = time.perf_counter()
     try:
-        for attack in attacks:
+        bar = tqdm(attacks, desc=preset.name, disable=not progress, leave=False)
+        for attack in bar:
+            bar.set_postfix_str(attack)
             if attack in entry["completed"]:
                 continue
             state_path = None
@@ -550,7 +556,7 @@ def evaluate(
                 continue
             if preset.kind == "autoattack":
                 _autoattack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, n_classes, entry,
-                            save, out_path, device)
+                            save, out_path, device, progress)
             else:
                 _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
                                  progress, device)
