@@ -77,7 +77,7 @@ def test_conv_prediction_non_square_strided_and_1x1():
 
 def test_monte_carlo_writes_json_csv_png(tmp_path):
     validate_conv_predictions([(8, 8, 3, 8, 1)], n_samples=1, out_dir=tmp_path, progress=False)
-    for name in ("conv_predictions.json", "conv_predictions.csv", "conv_predictions.png"):
+    for name in ("theory_conv_predictions.json", "theory_conv_predictions.csv", "theory_conv_predictions.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 

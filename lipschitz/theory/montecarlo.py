@@ -19,8 +19,8 @@ from lipschitz.theory import random_matrix as rm
 
 DEFAULT_SHAPES = (  # (c_out, c_in, kernel, input_size, stride)
     (16, 16, 3, 16, 1), (32, 32, 3, 16, 1), (64, 64, 3, 16, 1), (128, 128, 3, 16, 1),
-    (64, 32, 3, 16, 1), (32, 64, 3, 16, 1), (64, 64, 1, 16, 1), (64, 64, 5, 16, 1),
-    (64, 32, 3, 16, 2), (64, 32, 1, 16, 2),
+    (64, 32, 3, 16, 1), (32, 64, 3, 16, 1), (64, 64, 1, 16, 1), (64, 64, 5, 16, 1), (64, 64, 3, 32, 1),
+    (64, 32, 3, 16, 2), (64, 32, 1, 16, 2), (128, 64, 3, 16, 2),
 )
 
 
@@ -40,7 +40,7 @@ def validate_conv_predictions(shapes: Iterable = DEFAULT_SHAPES, *, init: str = 
     """Predicted vs measured operator norms of iid kernels; one row per shape (means over ``n_samples`` draws).
 
     Columns: measured mean/std (exact circular norm via spectral), leading-order prediction, Tracy-Widom
-    prediction, their relative errors (prediction/measured - 1). Writes ``conv_predictions.{json,csv,png}``
+    prediction, their relative errors (prediction/measured - 1). Writes ``theory_conv_predictions.{json,csv,png}``
     under ``out_dir`` when given.
     """
     from spectral.exact import conv_operator_norm_circular
@@ -71,8 +71,8 @@ def validate_conv_predictions(shapes: Iterable = DEFAULT_SHAPES, *, init: str = 
             "cpu_seconds": time.process_time() - t0,
         })
     if out_dir is not None:
-        write_rows(rows, Path(out_dir), "conv_predictions")
-        plot_conv_predictions(rows, Path(out_dir) / "conv_predictions.png")
+        write_rows(rows, Path(out_dir), "theory_conv_predictions")
+        plot_conv_predictions(rows, Path(out_dir) / "theory_conv_predictions.png")
     return rows
 
 

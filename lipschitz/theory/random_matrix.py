@@ -171,7 +171,8 @@ def effective_frequency_count(c_out: int, c_in: int, kernel_size: int, input_siz
     if input_size is None:
         return max(1, int(round(continuous)))
     side = max(1, input_size // stride)
-    distinct = side * side // 2 + min(side * side, 4) // 2
+    self_conjugate = (2 if side % 2 == 0 else 1) ** 2  # frequencies w with w = -w (mod 2 pi): real symbols
+    distinct = (side * side + self_conjugate) // 2
     return max(1, int(round(min(distinct, continuous))))
 
 
