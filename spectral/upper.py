@@ -163,12 +163,13 @@ def _normalize(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gram_steps(
-    mats: torch.Tensor, n_iter: int, prune: bool, floor_log: float = -math.inf
+    mats: torch.Tensor, n_iter: int, prune: bool, floor_log: float = -math.inf, tol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram iteration with optional pruning against ``floor_log`` (a certified lower bound of the max).
 
     Returns per-matrix (log upper, log lower); pruned matrices keep the (smaller) bound they had when
-    they were dropped, which is still a valid upper bound for them.
+    they were dropped, which is still a valid upper bound for them. With ``prune`` and ``tol > 0`` the
+    iteration stops early once every remaining bound is within ``1 + tol`` of the lower bound of the max.
     """
     G, r = _normalize(mats)
     logs = _safe_log(r)
@@ -194,13 +195,16 @@ def _gram_steps(
                 idx, G = idx[keep], G[keep]
                 if idx.numel() == 0:
                     break
+            if tol > 0 and up[idx].max().item() <= floor_log + math.log1p(tol):
+                break
     return up, low
 
 
 # ---------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------
-def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entries: int = 2**23) -> tuple[float, dict]:
+def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entries: int = 2**23,
+                  tol: float = 0.0) -> tuple[float, dict]:
     best_up = -math.inf
     floor = -math.inf
     n_freq = 0
@@ -208,7 +212,7 @@ def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entrie
                                       onesided=True, max_entries=max_entries):
         mats = blocks.reshape(-1, *blocks.shape[-2:])
         n_freq += blocks.shape[0]
-        up, low = _gram_steps(mats, n_iter, prune=prune, floor_log=floor)
+        up, low = _gram_steps(mats, n_iter, prune=prune, floor_log=floor, tol=tol)
         floor = max(floor, low.max().item())
         best_up = max(best_up, up.max().item())
     value = math.exp(best_up) if best_up > -math.inf else 0.0
@@ -216,10 +220,14 @@ def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entrie
     return value, details
 
 
-def _method_gram(geo: ConvGeometry, n_iter: int | None = None, prune: bool = True, **kw: Any) -> tuple[float, dict, int]:
+def _method_gram(geo: ConvGeometry, n_iter: int | None = None, prune: bool = True, tol: float = 0.0,
+                 **kw: Any) -> tuple[float, dict, int]:
+    """``tol``: stop iterating once the bound is within ``1 + tol`` of the circulant's lower bound."""
     n_iter = 6 if n_iter is None else int(n_iter)
-    value, details = _fourier_gram(geo, n_iter, prune=prune, **kw)
-    details["pruned"] = prune
+    if n_iter < 0 or tol < 0:
+        raise ValueError(f"n_iter and tol must be >= 0, got n_iter={n_iter}, tol={tol}")
+    value, details = _fourier_gram(geo, n_iter, prune=prune, tol=tol, **kw)
+    details.update({"pruned": prune, "tol": tol})
     return value, details, n_iter
 
 

@@ -172,3 +172,39 @@ def test_embedding_routes():
     assert embedding(w, 8, padding=1).grid == (9, 9)
     assert embedding(w, 8, padding=1, padding_mode="reflect").route == "valid_times_padding_norm"
     assert embedding(w, 8, padding=1, padding_mode="reflect").pad_norm == pytest.approx(2.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    mode=st.sampled_from(["zeros", "circular", "reflect", "replicate"]),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    k=st.integers(1, 3),
+    n=st.integers(4, 7),
+    method=st.sampled_from(sorted(UPPER_METHODS)),
+)
+def test_property_upper_above_exact_above_lower(seed, mode, stride, dilation, padding, k, n, method):
+    from spectral.lower import operator_norm_lower
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 2, k, k, generator=g, dtype=DT)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    try:
+        op = LayerOperator.conv(w, (2, n, n), **kw)
+    except ValueError:
+        return
+    exact = operator_norm_dense(op).value
+    lower = operator_norm_lower(op, method="lanczos", max_iter=20, seed=seed).value
+    upper = conv_operator_norm_upper(w, n, method=method, **kw).value
+    assert upper >= exact * (1 - 1e-12) and exact >= lower * (1 - 1e-12)
+
+
+def test_gram_tol_stops_early_and_stays_certified():
+    w = torch.randn(8, 8, 3, 3, dtype=DT)
+    exact = _exact(w, (8, 6, 6), padding=1)
+    full = conv_operator_norm_upper(w, 6, padding=1, n_iter=12)
+    early = conv_operator_norm_upper(w, 6, padding=1, n_iter=12, tol=0.05)
+    assert exact * (1 - 1e-12) <= full.value <= early.value
+    assert early.value <= early.details["circulant_lower"] * 1.05 * (1 + 1e-12)
