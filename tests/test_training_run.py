@@ -39,7 +39,7 @@ def _pgd_acc(model, x, y, eps=0.1):
 
 
 def test_tiny_digits_run_improves_pgd_accuracy(tmp_path):
-    cfg = load_config("digits-pgdat-tiny", ["run.epochs=4", "run.progress=false"])
+    cfg = load_config("digits-pgdat-tiny", ["run.epochs=2", "selection.pgd_steps=5", "run.progress=false"])
     t0 = time.process_time()
     summary = train(cfg, tmp_path)
     cpu = time.process_time() - t0
@@ -54,7 +54,7 @@ def test_tiny_digits_run_improves_pgd_accuracy(tmp_path):
     # run folder: resolved config, one metrics row per epoch, summary, best model chosen on validation
     assert load_config(tmp_path / "resolved_config.yaml") == cfg
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all("val_pgd_acc" in r for r in rows)
+    assert [r["epoch"] for r in rows] == [0, 1] and all("val_pgd_acc" in r for r in rows)
     best = max(rows, key=lambda r: r["val_pgd_acc"])
     assert summary["selection"]["best_value"] == best["val_pgd_acc"]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"

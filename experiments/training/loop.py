@@ -513,6 +513,9 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
             atomic_torch_save(state, resume_path)
         D.barrier(ctx)
 
+    if not resume:
+        checkpoint()  # a run folder always holds a resumable state, even if stopped before the first step
+
     status = "completed"
     last_val: dict = {}
     t_start = time.perf_counter() - prog.seconds
