@@ -142,6 +142,18 @@ def correlations(models: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ranking(models: Sequence[dict[str, Any]], key: str, descending: bool = False) -> str:
+    """``"a (1.2) < b (3.4)"``-style order of the models by ``key``; equal values are shown as ties (``=``)."""
+    pairs = sorted(((float(m[key]), str(m.get("name", ""))) for m in models if _finite(m.get(key))), reverse=descending)
+    if not pairs:
+        return ""
+    out = f"{pairs[0][1]} ({_fmt(pairs[0][0])})"
+    for (prev, _), (value, name) in zip(pairs, pairs[1:]):
+        tie = math.isclose(prev, value, rel_tol=1e-9, abs_tol=1e-12)
+        out += (" = " if tie else (" > " if descending else " < ")) + f"{name} ({_fmt(value)})"
+    return out
+
+
 def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The aggregate table: one row per model with the scalar columns of ``TABLE_COLUMNS``."""
     return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
@@ -390,11 +402,15 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines.append("")
 
     if len(models) >= 2 and any(_finite(m.get("theory_prediction")) for m in models):
-        lines += ["## Theory vs measurement", ""]
-        ordered = sorted(models, key=lambda m: (m.get("theory_prediction") is None, m.get("theory_prediction") or 0))
-        lines.append("Predicted order (lowest predicted bound first): " + ", ".join(str(m.get("name")) for m in ordered) + ".")
-        measured = sorted(models, key=lambda m: -(m.get("robust_acc") or 0))
-        lines.append("Measured order (most robust first): " + ", ".join(str(m.get("name")) for m in measured) + ".")
+        lines += ["## Theory vs measurement", "",
+                  "Each quantity orders the models; the theory predicts that a lower Lipschitz bound goes with higher robustness.", ""]
+        for key, label, best_first in (("theory_prediction", "theory's predicted bound (estimate), lowest first", False),
+                                       ("certified_lipschitz", "certified upper bound, lowest first", False),
+                                       ("empirical_lipschitz", "empirical lower bound, lowest first", False),
+                                       ("robust_acc", "robust accuracy, highest first", True)):
+            text = ranking(models, key, descending=best_first)
+            if text:
+                lines.append(f"- {label}: {text}")
         lines.append("")
     tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
              and m["empirical_lipschitz"] > 0]

@@ -36,7 +36,9 @@ def test_report_from_known_records(tmp_path):
     assert text.count("Regenerate: `archlip report") == 3
     assert "certified_lipschitz (certified_upper)" in text and "empirical_lipschitz (lower)" in text
     assert "| wrn-tiny-r |" in text and "stage3" in text
-    assert "Predicted order (lowest predicted bound first): wrn-tiny-r, wrn-tiny" in text
+    assert "theory's predicted bound (estimate), lowest first: wrn-tiny-r (40) < wrn-tiny (50)" in text
+    assert "robust accuracy, highest first: wrn-tiny-r (0.55) > wrn-tiny (0.5)" in text
+    assert report.ranking([{"name": "a", "x": 1.0}, {"name": "b", "x": 1.0}, {"name": "c"}], "x") == "a (1) = b (1)"
 
 
 def test_stage_of_and_spearman():
