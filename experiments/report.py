@@ -307,6 +307,12 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if logx:
         ax.set_xscale("log")
+    elif x_key == "last_width":
+        xs = sorted({x_of(m) for m in points})
+        if len(xs) <= 8:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs])
+    ax.margins(x=0.15)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
