@@ -188,7 +188,8 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
         mix = a
     else:
         grid = liplt_grid(conv1, conv2, sc_spec)
-        mix = a / 2.0
+        covered = all(grid[d] // conv1.stride[d] == conv1.out_spatial[d] for d in range(2))
+        mix = a if covered else a / 2.0  # conv1's outputs fill the grid: the mask M is the identity
     if shortcut == "identity" and conv1.stride != (1, 1):
         raise ValueError("an identity shortcut needs stride 1")
     m1 = grid[0] // conv1.stride[0]
@@ -209,9 +210,10 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
         elif shortcut == "identity":
             T = T + torch.eye(T.shape[-1], dtype=T.dtype)
         sum_norm = max(sum_norm, _max_sv(T))
-    bound = sum_norm if circular else sum_norm + abs(a) / 2.0 * c2 * c1
+    no_mask = circular or mix == a
+    bound = sum_norm if no_mask else sum_norm + abs(a) / 2.0 * c2 * c1
     return {"grid": list(grid), "sum_norm": sum_norm, "c1": c1, "c2": c2,
-            "bound": bound * (1.0 + ROUNDOFF_MARGIN), "circular_padding": circular}
+            "bound": bound * (1.0 + ROUNDOFF_MARGIN), "circular_padding": circular, "mask": not no_mask}
 
 
 def _operator(spec: ConvSpec, in_shape: Sequence[int]):

@@ -13,7 +13,9 @@ from lipschitz import graph as G
 from lipschitz.bounds import METHODS, network_bound
 from lipschitz.liplt import circular_liplt_terms, conv_spec, dense_linear_term
 from lipschitz.lower import attack_ratio_lower, eval_mode, jacobian_norm_lower
+from lipschitz.rules import activation_from_module
 from spectral.guarantee import Guarantee
+from hypothesis import given, settings, strategies as st
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,8 +75,8 @@ class PreActNet(nn.Module):
         return self.fc(self.pool(self.act(self.bn5(x))).flatten(1))
 
     def lipschitz_graph(self):
-        kind = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}[type(self.act)]
-        A = lambda: G.Activation(kind)  # noqa: E731
+        kind, params = activation_from_module(self.act)
+        A = lambda: G.Activation(kind, params)  # noqa: E731
         block1 = G.Residual(G.Sequential([G.BatchNorm(self.bn1), A(), G.Layer(self.conv1), G.BatchNorm(self.bn2),
                                           A(), G.Layer(self.conv2)]), None, name="block1", role="block")
         block2 = G.Sequential([G.BatchNorm(self.bn3), A(), G.Residual(
@@ -269,3 +271,71 @@ def test_training_mode_is_restored_and_json_written(tmp_path):
     data = json.loads(path.read_text())
     assert data["value"]["guarantee"] == "certified_upper" and set(data["comparison"]) == set(METHODS)
     assert math.isfinite(data["value"]["value"])
+
+
+ACT_MODULES = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def _random_sequential(act, n, pool, seed):
+    torch.manual_seed(seed)
+    pools = {"max": nn.MaxPool2d(2, stride=1), "avg": nn.AvgPool2d(3, stride=1, padding=1), "none": nn.Identity()}
+    body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), ACT_MODULES[act](), pools[pool],
+                         nn.Conv2d(3, 2, 3, stride=2), nn.BatchNorm2d(2), ACT_MODULES[act]())
+    with torch.no_grad():
+        out = body.eval()(torch.zeros(1, 1, n, n)).numel()
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(out, 3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), act=st.sampled_from(sorted(ACT_MODULES)), n=st.sampled_from([4, 5, 6]),
+       kind=st.sampled_from(["preact", "seq-max", "seq-avg", "seq-none"]))
+def test_property_certified_bounds_dominate_jacobians(seed, act, n, kind):
+    if kind == "preact":
+        torch.manual_seed(seed)
+        model = PreActNet(lambda: ACT_MODULES[act](), c=2)
+    else:
+        model = _random_sequential(act, n, kind.split("-")[1], seed)
+    model = _randomise_bn(model.double(), seed=seed)
+    nb = network_bound(model, (1, n, n))
+    jac = _max_jacobian_norm(model, (1, n, n), n_points=4, seed=seed)
+    for meth in METHODS:
+        assert nb.comparison[meth] >= jac * (1 - 1e-9)
+    assert nb.comparison["folded+liplt"] <= nb.comparison["folded"] * 1.03
+    assert nb.comparison["folded"] <= nb.comparison["product"] * 1.03
+
+
+def _aligned_rank_one(c_in, c_mid, c_out, seed):
+    """Non-negative rank-one weights W1 = u v^T, W2 = v u^T: W2 W1 = |u|^2 v v^T is PSD with norm
+    ||W2|| ||W1||, so LipLT is tight for the pair and for the identity residual around it."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = (torch.rand(k, generator=g, dtype=torch.float64) + 0.1 for k in (c_mid, c_in))
+    assert c_in == c_out
+    return torch.outer(u, v), torch.outer(v, u)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("dense_max_entries", [2**21, 0])
+def test_liplt_is_tight_on_aligned_layers(conv, dense_max_entries):
+    """On positive inputs all ReLUs are active, so the Jacobian is W2 W1 (or I + W2 W1): the bound is attained."""
+    w1, w2 = _aligned_rank_one(3, 4, 3, seed=11)
+    if conv:
+        l1, l2 = nn.Conv2d(3, 4, 1, bias=False).double(), nn.Conv2d(4, 3, 1, bias=False).double()
+        shape = (3, 3, 3)
+    else:
+        l1, l2 = nn.Linear(3, 4, bias=False).double(), nn.Linear(4, 3, bias=False).double()
+        shape = (3,)
+    with torch.no_grad():
+        l1.weight.copy_(w1.view(l1.weight.shape))
+        l2.weight.copy_(w2.view(l2.weight.shape))
+    seq = G.Sequential([G.Layer(l1), G.Activation("relu"), G.Layer(l2)])
+    res = G.Residual(G.Sequential([G.Layer(l1), G.Activation("relu"), G.Layer(l2)]))
+    prod = float(torch.linalg.matrix_norm(w2 @ w1, ord=2))
+    ident = float(torch.linalg.matrix_norm(torch.eye(3, dtype=torch.float64) + w2 @ w1, ord=2))
+    kw = dict(method="folded+liplt", compare=False, dense_max_entries=dense_max_entries)
+    got_seq = network_bound(seq, shape, **kw).value.value
+    got_res = network_bound(res, shape, **kw).value.value
+    assert got_seq >= prod * (1 - 1e-9) and got_seq == pytest.approx(prod, rel=2e-2)
+    assert got_res >= ident * (1 - 1e-9) and got_res == pytest.approx(ident, rel=2e-2)
+    # ... and these are attained Lipschitz constants: Jacobian at a positive input
+    model = nn.Sequential(l1, nn.ReLU(), l2)
+    assert _max_jacobian_norm(model, shape, n_points=1) == pytest.approx(prod, rel=1e-9)
