@@ -1,0 +1,21 @@
+"""Network-level Lipschitz analysis: certified bounds composed over a network graph, data lower bounds,
+CLEVER estimates (and, in ``lipschitz.theory``, random-matrix predictions).
+
+Public API (imports are light; nothing runs at import):
+- ``network_bound(model_or_graph, input_shape, method="folded+liplt") -> NetworkBound`` (lipschitz.bounds)
+- ``jacobian_norm_lower``, ``attack_ratio_lower``, ``local_lipschitz_metric`` (lipschitz.lower)
+- ``clever`` (lipschitz.clever)
+- ``activation_slope``, ``pool_lipschitz`` (lipschitz.rules)
+"""
+from lipschitz.bounds import METHODS, NetworkBound, graph_from_module, network_bound
+from lipschitz.clever import CleverResult, clever
+from lipschitz.lower import (LocalLipschitzResult, attack_ratio_lower, jacobian_norm_lower,
+                             local_lipschitz_metric)
+from lipschitz.rules import activation_slope, pool_lipschitz
+
+__all__ = [
+    "METHODS", "NetworkBound", "graph_from_module", "network_bound",
+    "CleverResult", "clever",
+    "LocalLipschitzResult", "attack_ratio_lower", "jacobian_norm_lower", "local_lipschitz_metric",
+    "activation_slope", "pool_lipschitz",
+]
