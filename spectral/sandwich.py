@@ -182,100 +182,283 @@ def padding_operator_norm(in_shape: Sequence[int], padding: Sequence[tuple[int, 
     return math.sqrt(float(counts.max()))
 
 
+def _tap_table(
+    kernel: Sequence[int], grid: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tap (kernel row-major): coarse position ``q`` (K, nd) and flattened input phase ``r`` (K,)."""
+    axes_q, axes_r = [], []
+    for k, m, s, d in zip(kernel, grid, stride, dilation):
+        t = (d * torch.arange(k)) % m
+        axes_q.append(t // s)
+        axes_r.append(t % s)
+    mesh_q = torch.meshgrid(*axes_q, indexing="ij")
+    mesh_r = torch.meshgrid(*axes_r, indexing="ij")
+    q = torch.stack([g.reshape(-1) for g in mesh_q], dim=1)
+    r = torch.zeros(q.shape[0], dtype=torch.long)
+    for axis, s in zip(mesh_r, stride):
+        r = r * s + axis.reshape(-1)
+    return q, r
+
+
+class _FourierGram:
+    """``H(u) = B(u) B(u)^H`` (side "out") or ``B(u)^H B(u)`` (side "in") of a circular convolution,
+    assembled as ``sum_delta G_delta exp(-+2 pi i <u, delta / M>)`` from the kernel's tap autocorrelations.
+
+    ``B(u) = sum_a W_a exp(-2 pi i <u, q_a> / M) E_{r_a}`` is the frequency block of the polyphase form
+    (``M = grid / stride``). Forming the real matrices ``G_delta`` costs ``K^2/2`` small real products once;
+    each frequency then costs ``D r^2`` instead of an ``r^2 c`` complex product.
+    """
+
+    def __init__(self, weight: torch.Tensor, grid: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int], groups: int, dtype: torch.dtype) -> None:
+        w = weight.detach().to(dtype)
+        nd = w.dim() - 2
+        self.nd, self.groups, self.dtype = nd, groups, dtype
+        self.grid, self.stride = tuple(grid), tuple(stride)
+        self.coarse = tuple(g // s for g, s in zip(grid, stride))
+        c_out, c_in_g = w.shape[0] // groups, w.shape[1]
+        kernel = tuple(w.shape[2:])
+        n_phase = math.prod(stride)
+        self.c_out, self.c_in_g, self.n_phase = c_out, c_in_g, n_phase
+        self.side = "out" if c_out <= c_in_g * n_phase else "in"
+        self.size = c_out if self.side == "out" else c_in_g * n_phase
+        q, r = _tap_table(kernel, grid, stride, dilation)
+        self.q, self.r = q, r
+        taps = w.reshape(groups, c_out, c_in_g, -1).permute(0, 3, 1, 2).contiguous()  # (g, K, co, ci)
+        self.taps = taps
+        K = taps.shape[1]
+        # all tap pairs at once: P[g, a, b] = W_a W_b^T (side "out") or W_a^T W_b (side "in")
+        if self.side == "out":
+            stacked = taps.reshape(groups, K * c_out, c_in_g)
+            pairs = (stacked @ stacked.mT).reshape(groups, K, c_out, K, c_out).permute(1, 3, 0, 2, 4)
+        else:
+            stacked = taps.permute(0, 2, 1, 3).reshape(groups, c_out, K * c_in_g)
+            pairs = (stacked.mT @ stacked).reshape(groups, K, c_in_g, K, c_in_g).permute(1, 3, 0, 2, 4)
+        deltas: dict[tuple[int, ...], int] = {}
+        pair_a, pair_b, pair_d = [], [], []
+        for a in range(K):
+            for b in range(K):
+                if self.side == "out" and r[a] != r[b]:
+                    continue
+                delta = tuple(int(x) for x in (q[a] - q[b]))
+                pair_a.append(a)
+                pair_b.append(b)
+                pair_d.append(deltas.setdefault(delta, len(deltas)))
+        D = len(deltas)
+        ia, ib, idd = torch.tensor(pair_a), torch.tensor(pair_b), torch.tensor(pair_d)
+        if self.side == "out":
+            G = torch.zeros(D, groups, c_out, c_out, dtype=dtype)
+            G.index_add_(0, idd, pairs[ia, ib])
+        else:
+            ci = c_in_g
+            G = torch.zeros(D, n_phase, n_phase, groups, ci, ci, dtype=dtype)
+            for ra in range(n_phase):
+                for rb in range(n_phase):
+                    sel = (r[ia] == ra) & (r[ib] == rb)
+                    if sel.any():
+                        G[:, ra, rb].index_add_(0, idd[sel], pairs[ia[sel], ib[sel]])
+            G = G.permute(0, 3, 1, 4, 2, 5).reshape(D, groups, n_phase * ci, n_phase * ci)
+        del pairs
+        self.deltas = torch.tensor(list(deltas.keys()), dtype=torch.float64).reshape(len(deltas), nd)
+        self.G = G  # (D, g, n, n)
+        self.sign = -1.0 if self.side == "out" else 1.0
+        self.taps_count = K
+        self.frobenius2 = float(w.double().square().sum())
+        # frequencies: full grid on all but the last coarse axis, one-sided on the last (real kernels)
+        axes = [torch.arange(M) for M in self.coarse[:-1]] + [torch.arange(self.coarse[-1] // 2 + 1)]
+        mesh = torch.meshgrid(*axes, indexing="ij")
+        self.freqs = torch.stack([m.reshape(-1) for m in mesh], dim=1)  # (F, nd)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.freqs.shape[0] * self.groups
+
+    def blocks(self, freq_index: torch.Tensor) -> torch.Tensor:
+        """``H`` for the given frequency indices: (len, groups, n, n) complex."""
+        u = self.freqs[freq_index].to(torch.float64)
+        scaled = self.deltas / torch.tensor(self.coarse, dtype=torch.float64)
+        angle = self.sign * 2 * math.pi * (u @ scaled.T)  # (F, D)
+        flat = self.G.reshape(self.G.shape[0], -1)
+        re = (torch.cos(angle).to(self.dtype) @ flat).reshape(len(freq_index), self.groups, self.size, self.size)
+        im = (torch.sin(angle).to(self.dtype) @ flat).reshape(len(freq_index), self.groups, self.size, self.size)
+        return torch.complex(re, im)
+
+    def frequency_block(self, freq: torch.Tensor, group: int) -> torch.Tensor:
+        """``B(u)`` (c_out x c_in_g * phases, columns phase-major) for one frequency and group."""
+        u = freq.to(torch.float64)
+        angle = -2 * math.pi * (self.q.to(torch.float64) / torch.tensor(self.coarse, dtype=torch.float64)) @ u
+        phase = torch.polar(torch.ones_like(angle), angle).to(torch.complex128)
+        ci = self.c_in_g
+        B = torch.zeros(self.c_out, self.n_phase * ci, dtype=torch.complex128)
+        for a in range(self.taps_count):
+            ra = int(self.r[a])
+            B[:, ra * ci:(ra + 1) * ci] += self.taps[group, a].to(torch.float64) * phase[a]
+        return B
+
+
+def _power_top(H: torch.Tensor, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched power iteration on Hermitian PSD blocks: (Rayleigh quotients, unit vectors)."""
+    shape = H.shape[:-1]
+    x = torch.complex(torch.randn(shape, generator=generator, dtype=torch.float64),
+                      torch.randn(shape, generator=generator, dtype=torch.float64)).to(H.dtype)
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    for _ in range(iters):
+        y = (H @ x.unsqueeze(-1)).squeeze(-1)
+        x = y / torch.clamp(torch.linalg.vector_norm(y, dim=-1, keepdim=True), min=1e-300)
+    theta = torch.einsum("...i,...i->...", x.conj(), (H @ x.unsqueeze(-1)).squeeze(-1)).real
+    return theta.to(torch.float64), x
+
+
 def fourier_certificate(
     weight: torch.Tensor,
     grid: Sequence[int],
-    target: float,
     *,
     stride: Sequence[int] | int = 1,
     dilation: Sequence[int] | int = 1,
     groups: int = 1,
+    rho: float = 0.005,
+    target: float | None = None,
+    sample_blocks: int = 48,
+    power_iters: int = 30,
     dtype: torch.dtype = torch.float64,
     max_memory_bytes: int = 2**30,
+    seed: int = 0,
 ) -> NormValue:
     """Certified upper bound on the norm of the circular convolution on ``grid`` via per-frequency Cholesky.
 
-    Certifies ``||B(w)||^2 <= mu`` for every frequency block ``B(w)``, starting from ``mu = target^2``;
-    blocks that fail get ``mu(w) = lambda_max(H(w)) (1 + 1e-7)`` and are certified again. The returned value
-    is ``sqrt(max_w mu(w) + margin(w))`` with a rigorous floating-point margin; ``details["argmax"]``
-    gives the frequency index with the largest certified value, ``details["failed"]`` how many blocks
-    exceeded the target.
+    A random sample of frequency blocks gets top-eigenvalue estimates ``theta`` by power iteration; every
+    block ``H(u)`` is then certified ``H(u) <= mu`` with ``mu = max(theta, target^2) (1 + rho)^2`` by a
+    Cholesky factorisation of ``mu I - H(u)``. Blocks that fail get their own estimate (more power
+    iterations) and a geometrically growing ``mu(u)`` until certified. The value is
+    ``sqrt(max_u mu(u) + margin(u))`` with a rigorous floating-point margin. ``details``: circulant_lower
+    (``sqrt(max theta)``, a lower bound on the circulant's norm), the best frequency/group and its top input
+    vector (for warm starts), failed blocks, the margin.
 
     References: Sedghi et al. (2019); Senderovich et al. (2022); Higham (2002), Thm 10.3.
     """
-    from spectral.exact import iter_fourier_blocks
-
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"certificate dtype must be float32 or float64, got {dtype}")
-    if not target >= 0 or not math.isfinite(target):
-        raise ValueError(f"target must be finite and >= 0, got {target}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
     t0 = time.perf_counter()
-    w = weight.detach().to(dtype)
-    u = _unit_roundoff(dtype)
-    c_out = w.shape[0] // groups
-    taps = math.prod(w.shape[2:])
-    strides = (stride,) * (w.dim() - 2) if isinstance(stride, int) else tuple(stride)
-    c_side = (w.shape[1]) * math.prod(strides)
-    r = min(c_out, c_side)
-    inner = max(c_out, c_side)
+    nd = weight.dim() - 2
+    grid = tuple(grid)
+    strides = (stride,) * nd if isinstance(stride, int) else tuple(stride)
+    dilations = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
+    if len(grid) != nd or any(g % s for g, s in zip(grid, strides)):
+        raise ValueError(f"grid {grid} must have {nd} sizes, each divisible by the stride {strides}")
+    fg = _FourierGram(weight, grid, strides, dilations, groups, dtype)
+    n = fg.size
     bytes_per = 16 if dtype == torch.float64 else 8
-    # per frequency block: B (c_out x c_side), H and its factor (r x r), some workspace
-    per_block = bytes_per * (c_out * c_side + 3 * r * r) * groups
-    chunk_blocks = max(1, int(max_memory_bytes // max(per_block, 1)))
-    entries_per_block = groups * c_out * c_side
-    mu0 = float(target) ** 2
-    best = 0.0
-    best_index = -1
-    failed = 0
-    n_blocks = 0
-    max_margin_rel = 0.0
-    grid_arg: Any = tuple(grid) if len(grid) > 1 else int(grid[0])
-    gamma_chol = _gamma(4 * (r + 1), u)
-    gamma_form = _gamma(4 * (inner + 2 * taps + 2), u)
-    eye = torch.eye(r, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
-    for blocks in iter_fourier_blocks(
-        w, grid_arg, strides if len(strides) > 1 else strides[0], dilation, groups,
-        onesided=True, max_entries=chunk_blocks * entries_per_block,
-    ):
-        B = blocks.reshape(-1, c_out, blocks.shape[-1])
-        H = B @ B.mH if c_out <= c_side else B.mH @ B
-        fro2 = B.abs().square().sum(dim=(-2, -1)).real.to(torch.float64)  # ||B||_F^2 per block
-        trace_h = torch.diagonal(H, dim1=-2, dim2=-1).real.sum(-1).to(torch.float64)
+    chunk = max(1, int(max_memory_bytes // (bytes_per * 4 * n * n * groups)))
+    n_freq = fg.freqs.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    best_theta, best_vec, best_at = -1.0, None, (0, 0)
+
+    def note(theta: torch.Tensor, vec: torch.Tensor, freq_idx: torch.Tensor) -> None:
+        nonlocal best_theta, best_vec, best_at
+        i = int(torch.argmax(theta))
+        if float(theta[i]) > best_theta:
+            f_i, g_i = divmod(i, groups)
+            best_theta, best_vec, best_at = float(theta[i]), vec[i].clone(), (int(freq_idx[f_i]), g_i)
+
+    # target from a random sample of blocks
+    sample = torch.randperm(n_freq, generator=gen)[: max(1, min(sample_blocks, n_freq, chunk))]
+    H = fg.blocks(sample).reshape(-1, n, n)
+    theta_s, vec_s = _power_top(H, power_iters, gen)
+    note(theta_s, vec_s, sample)
+    mu0 = max(float(theta_s.max()), (target or 0.0) ** 2, 0.0) * (1 + rho) ** 2
+    # certify mu I - H >= 0 for every block
+    u = _unit_roundoff(dtype)
+    gamma_chol = _gamma(4 * (n + 1), u)
+    inner = fg.c_in_g if fg.side == "out" else fg.c_out
+    gamma_form = _gamma(4 * (inner + 2 * fg.taps_count + len(fg.deltas) + 4), u)
+    form_margin = gamma_form * fg.taps_count * fg.frobenius2 * 2
+    eye = torch.eye(n, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
+    best, failed, max_margin_rel, cholesky_calls = 0.0, 0, 0.0, 0
+    for start in range(0, n_freq, chunk):
+        idx = torch.arange(start, min(n_freq, start + chunk))
+        H = fg.blocks(idx).reshape(-1, n, n)
         mu = torch.full((H.shape[0],), mu0, dtype=torch.float64)
         _, info = torch.linalg.cholesky_ex(mu0 * eye - H)
+        cholesky_calls += H.shape[0]
         bad = (info != 0).nonzero().flatten()
         if bad.numel():
             failed += int(bad.numel())
-            lam = torch.linalg.eigvalsh(H[bad])[..., -1].real.to(torch.float64)
-            mu_bad = torch.maximum(lam, torch.zeros_like(lam)) * (1 + 1e-7) + 1e-30
-            for _ in range(60):
-                _, info_b = torch.linalg.cholesky_ex(mu_bad.to(H.real.dtype)[:, None, None] * eye - H[bad])
+            theta_b, vec_b = _power_top(H[bad], 3 * power_iters, gen)
+            note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
+            mu_b = torch.clamp(theta_b, min=mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + form_margin
+            todo = torch.arange(bad.numel())
+            for _ in range(400):
+                shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
+                _, info_b = torch.linalg.cholesky_ex(shift - H[bad[todo]])
+                cholesky_calls += int(todo.numel())
                 still = info_b != 0
                 if not still.any():
                     break
-                mu_bad = torch.where(still, mu_bad * (1 + 1e-5) + fro2[bad] * 1e-7, mu_bad)
+                todo = todo[still]
+                mu_b[todo] = mu_b[todo] * (1 + rho)
             else:  # pragma: no cover - pathological round-off
                 raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")
-            mu[bad] = mu_bad
-        # rigorous margin: Cholesky backward error on mu I - H plus error of forming H (and its blocks)
-        trace_b = r * mu - trace_h
-        margin = gamma_chol * torch.clamp(trace_b, min=0) * (1 + 2 * gamma_chol) + gamma_form * fro2 * 2
-        certified = mu + margin
-        idx = int(torch.argmax(certified))
-        if float(certified[idx]) > best:
-            best = float(certified[idx])
-            best_index = n_blocks + idx
+            mu[bad] = mu_b
+        trace_h = torch.diagonal(H, dim1=-2, dim2=-1).real.sum(-1).to(torch.float64)
+        trace_b = torch.clamp(n * mu - trace_h, min=0.0)
+        margin = gamma_chol * trace_b * (1 + 2 * gamma_chol) + form_margin
+        best = max(best, float((mu + margin).max()))
         max_margin_rel = max(max_margin_rel, float((margin / torch.clamp(mu, min=1e-300)).max()))
-        n_blocks += H.shape[0]
-    value = math.sqrt(max(best, 0.0))
+    f_star, g_star = best_at
+    in_vec = None
+    if best_vec is not None:
+        if fg.side == "out":
+            in_vec = fg.frequency_block(fg.freqs[f_star], g_star).mH @ best_vec.to(torch.complex128)
+        else:
+            in_vec = best_vec.to(torch.complex128)
+        in_vec = in_vec / torch.clamp(torch.linalg.vector_norm(in_vec), min=1e-300)
     return NormValue(
-        value, Guarantee.UPPER, "fft_cholesky", n_blocks, time.perf_counter() - t0,
+        math.sqrt(max(best, 0.0)), Guarantee.UPPER, "fft_cholesky", cholesky_calls, time.perf_counter() - t0,
         {
-            "grid": list(grid), "target": float(target), "blocks": n_blocks, "failed": failed,
-            "argmax": best_index, "block_size": r, "dtype": str(dtype).replace("torch.", ""),
-            "max_roundoff_margin_rel": max_margin_rel,
+            "grid": list(grid), "blocks": n_freq * groups, "block_size": n, "side": fg.side,
+            "failed": failed, "rho": rho, "circulant_lower": math.sqrt(max(best_theta, 0.0)),
+            "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
+            "argmax_vector": in_vec, "coarse_grid": list(fg.coarse), "stride": list(strides),
+            "dtype": str(dtype).replace("torch.", ""), "max_roundoff_margin_rel": max_margin_rel,
         },
     )
+
+
+def plane_wave(
+    op: Any, frequency: Sequence[int], group: int, vector: torch.Tensor, coarse: Sequence[int], grid_offset: Sequence[int]
+) -> torch.Tensor:
+    """Real input ``x[c, s P + r - offset] = Re(v[r, c] exp(-+2 pi i <u, P> / M))`` restricted to the input,
+    the better of the two signs by Rayleigh quotient; a warm start for the top singular vector."""
+    spatial = op.in_shape[1:]
+    stride = op.stride
+    c_in_g = op.weight.shape[1]
+    n_phase = math.prod(stride)
+    v = vector.reshape(n_phase, c_in_g)
+    best, best_x = -1.0, None
+    for sign in (-1.0, 1.0):
+        coords = torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij")
+        angle = torch.zeros(spatial, dtype=torch.float64)
+        phase_idx = torch.zeros(spatial, dtype=torch.long)
+        for axis, (pos, off, s, M, uu) in enumerate(zip(coords, grid_offset, stride, coarse, frequency)):
+            t = pos + off
+            angle = angle + sign * 2 * math.pi * uu * torch.div(t, s, rounding_mode="floor").double() / M
+            phase_idx = phase_idx * s + (t % s)
+        wave = torch.polar(torch.ones_like(angle), angle)  # spatial
+        vals = v[phase_idx]  # spatial x c_in_g
+        x_g = (vals * wave.unsqueeze(-1)).real.movedim(-1, 0)  # (c_in_g, *spatial)
+        x = torch.zeros(op.in_shape, dtype=torch.float64)
+        x[group * c_in_g:(group + 1) * c_in_g] = x_g
+        x = x.to(op.dtype).unsqueeze(0)
+        nx = float(torch.linalg.vector_norm(x.double()))
+        if nx == 0:
+            continue
+        with torch.no_grad():
+            ratio = float(torch.linalg.vector_norm(op.forward(x).double())) / nx
+        if ratio > best:
+            best, best_x = ratio, x / nx
+    return best_x if best_x is not None else torch.randn((1, *op.in_shape), dtype=op.dtype)
 
 
 def _as_operator(
@@ -351,10 +534,10 @@ def sandwich(
     groups: int = 1,
     budget_seconds: float = 120.0,
     max_memory_bytes: int = 2**30,
-    dense_max_entries: int = 2**22,
+    dense_max_entries: int = 2**16,
     fft_svd_max_flops: float = 5e10,
     lower_method: str = "lanczos",
-    lower_iters: int = 60,
+    lower_iters: int = 12,
     certificate_dtype: torch.dtype = torch.float64,
     probabilistic: bool = False,
     delta: float = 1e-3,
@@ -403,15 +586,6 @@ def sandwich(
             steps.append({"step": "probabilistic_upper", "value": prob.value, "seconds": prob.seconds})
         return Sandwich(lower, upper, exact, prob, rtol, time.perf_counter() - t0, steps, layer)
 
-    # 1. tiny: dense SVD is exact and cheap (float64 copy of the operator)
-    dense_entries = op.in_features * op.out_features
-    if dense_entries <= dense_max_entries:
-        op64 = _with_weight(op, op.weight.to(torch.float64))
-        ex = operator_norm_dense(op64, max_entries=dense_max_entries)
-        steps.append({"step": "dense_svd", "value": ex.value, "seconds": ex.seconds})
-        ex = _exact(op, ex.value, "dense_svd", ex.seconds, {"entries": dense_entries})
-        return finish(ex, ex, ex)
-
     # 2. linear: the operator norm is the weight's largest singular value
     if op.kind == "linear":
         ts = time.perf_counter()
@@ -423,6 +597,7 @@ def sandwich(
     # 3. convolutions
     plan = _plan_cost(op)
     layer["plan"] = plan
+    dense_entries = plan["dense_entries"]
     spatial = op.in_shape[1:]
     out_spatial = op.out_shape[1:]
     is_circular_exact = (
@@ -438,6 +613,14 @@ def sandwich(
         steps.append({"step": "fft_svd_circular", "value": ex.value, "seconds": ex.seconds})
         return finish(ex, ex, ex)
 
+    # tiny: dense SVD is exact and cheap (float64 copy of the operator)
+    if dense_entries <= dense_max_entries:
+        op64 = _with_weight(op, op.weight.to(torch.float64))
+        ex = operator_norm_dense(op64, max_entries=dense_max_entries)
+        steps.append({"step": "dense_svd", "value": ex.value, "seconds": ex.seconds})
+        ex = _exact(op, ex.value, "dense_svd", ex.seconds, {"entries": dense_entries})
+        return finish(ex, ex, ex)
+
     # Fourier certificate grid and extra factor
     if is_circular_exact or is_circular_sub:
         grid, factor = tuple(spatial), 1.0
@@ -447,24 +630,32 @@ def sandwich(
         factor = padding_operator_norm(op.in_shape, op.padding, op.padding_mode)
         upper_kind = "circular_grid_padded"
 
-    # lower bound on the true layer; the certificate's target comes from it
-    low = operator_norm_lower(op, method=lower_method, tol=rtol / 50, max_iter=lower_iters, seed=seed)
-    steps.append({"step": f"lower_{lower_method}", "value": low.value, "iterations": low.iterations,
-                  "seconds": low.seconds})
-    target = low.value * (1 + rtol / 2) / factor
+    # certified upper bound from the Fourier blocks (no dependence on the lower bound)
     cert = fourier_certificate(
-        op.weight, grid, target, stride=op.stride, dilation=op.dilation, groups=op.groups,
-        dtype=certificate_dtype, max_memory_bytes=max_memory_bytes,
+        op.weight, grid, stride=op.stride, dilation=op.dilation, groups=op.groups, rho=rtol / 4,
+        dtype=certificate_dtype, max_memory_bytes=max_memory_bytes, seed=seed,
     )
-    steps.append({"step": "fft_cholesky", "value": cert.value * factor, "target": target * factor,
-                  "failed_blocks": cert.details["failed"], "seconds": cert.seconds})
-    details = dict(cert.details)
+    steps.append({"step": "fft_cholesky", "value": cert.value * factor, "failed_blocks": cert.details["failed"],
+                  "circulant_lower": cert.details["circulant_lower"], "seconds": cert.seconds})
+    details = {k: v for k, v in cert.details.items() if k != "argmax_vector"}
     details.update({"bound": upper_kind, "padding_norm_factor": factor})
     upper = NormValue(cert.value * factor, Guarantee.UPPER, "fft_cholesky", cert.iterations, cert.seconds, details)
+    # lower bound on the true layer, warm-started from the plane wave of the top frequency block
+    ts = time.perf_counter()
+    init = plane_wave(op, cert.details["argmax_frequency"], cert.details["argmax_group"],
+                      cert.details["argmax_vector"], cert.details["coarse_grid"], [p[0] for p in op.padding])
+    steps.append({"step": "plane_wave_warm_start", "seconds": time.perf_counter() - ts})
+    low = operator_norm_lower(op, method=lower_method, tol=rtol / 100, max_iter=lower_iters, init=init, seed=seed)
+    steps.append({"step": f"lower_{lower_method}", "value": low.value, "iterations": low.iterations,
+                  "seconds": low.seconds})
+    if is_circular_exact and cert.details["circulant_lower"] > low.value:
+        # the layer is the circulant itself: a frequency block's Rayleigh quotient bounds it from below
+        low = NormValue(cert.details["circulant_lower"], Guarantee.LOWER, "fft_block_power", None, cert.seconds,
+                        {"vector": low.details["vector"]})
     # refine the lower bound (warm-started) while the gap is open, it still moves and time remains
     while upper.value > low.value * (1 + rtol) and time.perf_counter() - t0 < budget_seconds:
         more = operator_norm_lower(
-            op, method=lower_method, tol=rtol / 200, max_iter=2 * lower_iters, init=low.details["vector"],
+            op, method=lower_method, tol=rtol / 400, max_iter=2 * lower_iters, init=low.details["vector"],
             seed=seed,
         )
         steps.append({"step": f"lower_{lower_method}_warm", "value": more.value, "iterations": more.iterations,

@@ -1,0 +1,261 @@
+"""sandwich / Fourier certificate / probabilistic upper bound, checked against dense SVD ground truth."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from spectral.exact import iter_fourier_blocks, operator_norm_dense
+from spectral.guarantee import Guarantee
+from spectral.operators import LayerOperator
+from spectral.probabilistic import krylov_failure_probability, krylov_relative_error, probabilistic_upper
+from spectral.sandwich import (
+    _FourierGram,
+    circular_grid,
+    fourier_certificate,
+    padding_operator_norm,
+    sandwich,
+)
+
+FORCE_BOUNDS = {"dense_max_entries": 0, "fft_svd_max_flops": 0}
+
+
+def _dense_norm(weight, in_shape, stride=1, padding=0, padding_mode="zeros", dilation=1, groups=1):
+    op = LayerOperator.conv(weight.double(), in_shape, stride, padding, dilation, groups, padding_mode)
+    return operator_norm_dense(op).value
+
+
+@pytest.mark.parametrize(
+    "c_out,c_in,kernel,grid,stride,dilation,groups",
+    [
+        (5, 3, (3, 3), (6, 6), (1, 1), (1, 1), 1),  # side "out" would be 5 > 3: side "in"
+        (3, 5, (3, 3), (6, 6), (1, 1), (1, 1), 1),  # side "out"
+        (6, 2, (3, 3), (8, 6), (2, 2), (1, 1), 1),  # strided, side "in" (2*4 = 8 > 6)
+        (3, 4, (3, 2), (6, 4), (2, 2), (1, 1), 1),  # strided, side "out"
+        (4, 4, (3, 3), (8, 8), (1, 1), (2, 2), 2),  # dilation and groups
+        (4, 3, (5,), (12,), (3,), (1,), 1),  # conv1d strided
+    ],
+)
+def test_fourier_gram_blocks_have_the_fft_spectra(c_out, c_in, kernel, grid, stride, dilation, groups):
+    torch.manual_seed(1)
+    w = torch.randn(c_out, c_in // groups if groups > 1 else c_in, *kernel, dtype=torch.float64)
+    if groups > 1:
+        w = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64)
+    fg = _FourierGram(w, grid, stride, dilation, groups, torch.float64)
+    H = fg.blocks(torch.arange(fg.freqs.shape[0]))  # (F, g, n, n)
+    ours = torch.sort(torch.linalg.eigvalsh(H).flatten().clamp(min=0).sqrt(), descending=True).values
+    size = grid if len(grid) > 1 else grid[0]
+    s_arg = stride if len(stride) > 1 else stride[0]
+    d_arg = dilation if len(dilation) > 1 else dilation[0]
+    blocks = torch.cat(list(iter_fourier_blocks(w, size, s_arg, d_arg, groups, onesided=True)))
+    ref = torch.sort(torch.linalg.svdvals(blocks).flatten(), descending=True).values
+    # same set of singular values (the conjugate half grids may differ; the larger side adds zeros)
+    ours, ref = ours[ours > 1e-9], ref[ref > 1e-9]
+    dist = (ours[:, None] - ref[None, :]).abs()
+    assert dist.min(dim=1).values.max() < 1e-9 and dist.min(dim=0).values.max() < 1e-9
+    assert ours[0] == pytest.approx(float(ref[0]), rel=1e-12)
+    # the top input vector of a block really is amplified by that block's top singular value
+    f = int(torch.randint(fg.freqs.shape[0], (1,)))
+    B = fg.frequency_block(fg.freqs[f], 0)
+    assert torch.allclose(torch.linalg.svdvals(B)[0] ** 2, torch.linalg.eigvalsh(H[f, 0])[-1], rtol=1e-9)
+
+
+def test_fourier_certificate_bounds_the_circular_norm_and_is_tight():
+    torch.manual_seed(2)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    exact = _dense_norm(w, (4, 8, 8), padding=1, padding_mode="circular")
+    cert = fourier_certificate(w, (8, 8), rho=1e-3)
+    assert cert.guarantee is Guarantee.UPPER
+    assert exact <= cert.value <= exact * (1 + 2.5e-3)
+    assert cert.details["circulant_lower"] <= exact * (1 + 1e-12)
+    # a too-low target forces failures that are then certified individually: still an upper bound
+    low = fourier_certificate(w, (8, 8), rho=1e-3, sample_blocks=1, power_iters=1)
+    assert low.value >= exact
+
+
+def test_float32_certificate_carries_a_larger_roundoff_margin_but_stays_valid():
+    torch.manual_seed(3)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    exact = _dense_norm(w, (8, 6, 6), padding=1, padding_mode="circular")
+    c64 = fourier_certificate(w, (6, 6), rho=1e-3, dtype=torch.float64)
+    c32 = fourier_certificate(w, (6, 6), rho=1e-3, dtype=torch.float32)
+    assert c32.value >= exact and c64.value >= exact
+    assert c32.details["max_roundoff_margin_rel"] > 1e3 * c64.details["max_roundoff_margin_rel"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    c_in=st.integers(1, 4),
+    c_out=st.integers(1, 4),
+    k=st.integers(1, 3),
+    n=st.integers(3, 7),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 2),
+    mode=st.sampled_from(["zeros", "circular", "reflect", "replicate"]),
+    seed=st.integers(0, 10_000),
+)
+def test_sandwich_brackets_the_dense_norm(c_in, c_out, k, n, stride, pad, mode, seed):
+    if mode == "reflect":
+        pad = min(pad, n - 1)
+    if n + 2 * pad < k:
+        pad = k
+        if mode == "reflect":
+            return
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+    in_shape = (c_in, n, n)
+    exact = _dense_norm(w, in_shape, stride, pad, mode)
+    s = sandwich(w, in_shape, stride=stride, padding=pad, padding_mode=mode, **FORCE_BOUNDS)
+    assert s.lower.value <= exact * (1 + 1e-9)
+    assert s.upper.value >= exact * (1 - 1e-9)
+    assert s.lower.guarantee in (Guarantee.LOWER, Guarantee.EXACT)
+    assert s.upper.guarantee in (Guarantee.UPPER, Guarantee.EXACT)
+    default = sandwich(w, in_shape, stride=stride, padding=pad, padding_mode=mode, dense_max_entries=2**20)
+    assert default.exact is not None and default.gap == 0.0
+    assert default.exact.value == pytest.approx(exact, rel=1e-9)
+
+
+@settings(max_examples=10, deadline=None)
+@given(stride=st.integers(1, 2), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]),
+       seed=st.integers(0, 10_000))
+def test_sandwich_dilation_groups_conv1d(stride, dilation, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    w2 = torch.randn(4, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
+    exact = _dense_norm(w2, (4, 8, 8), stride, 2, "zeros", dilation, groups)
+    s = sandwich(w2, (4, 8, 8), stride=stride, padding=2, dilation=dilation, groups=groups, **FORCE_BOUNDS)
+    assert s.lower.value <= exact * (1 + 1e-9) <= s.upper.value * (1 + 2e-9)
+    w1 = torch.randn(4, 4 // groups, 3, generator=g, dtype=torch.float64)
+    op1 = LayerOperator.conv(w1, (4, 10), stride, 1, dilation, groups)
+    exact1 = operator_norm_dense(op1).value
+    s1 = sandwich(w1, (4, 10), stride=stride, padding=1, dilation=dilation, groups=groups, **FORCE_BOUNDS)
+    assert s1.lower.value <= exact1 * (1 + 1e-9) <= s1.upper.value * (1 + 2e-9)
+
+
+def test_sandwich_circular_same_is_exact_and_kaiming_layer_is_tight():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular", bias=False)
+    s = sandwich(conv, (16, 8, 8))
+    assert s.exact is not None and s.exact.method == "fft_circular"
+    ref = _dense_norm(conv.weight.detach(), (16, 8, 8), padding=1, padding_mode="circular")
+    assert s.exact.value == pytest.approx(ref, rel=1e-5)
+    # zero padding, non-trivial size: certified bounds within rtol
+    zconv = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(zconv.weight)
+    z = sandwich(zconv, (12, 8, 8), rtol=0.03, dense_max_entries=0)
+    zref = _dense_norm(zconv.weight.detach(), (12, 8, 8), padding=1)
+    assert z.lower.value <= zref * (1 + 1e-5) and z.upper.value >= zref * (1 - 1e-9)
+    assert z.gap <= 0.06  # circ(10) vs zero(8): the bound's own slack at this small size
+    assert z.upper.method == "fft_cholesky" and z.upper.guarantee is Guarantee.UPPER
+
+
+def test_sandwich_linear_and_module_parameters():
+    torch.manual_seed(5)
+    lin = nn.Linear(300, 200)
+    s = sandwich(lin, (300,), dense_max_entries=0)
+    assert s.exact is not None and s.exact.value == pytest.approx(
+        torch.linalg.matrix_norm(lin.weight.detach().double(), 2).item(), rel=1e-12
+    )
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True)
+    a = sandwich(conv, (3, 6, 6), **FORCE_BOUNDS)
+    b = sandwich(conv.weight.detach(), (3, 6, 6), stride=2, padding=1, **FORCE_BOUNDS)
+    assert a.upper.value == pytest.approx(b.upper.value, rel=1e-12)
+    assert a.layer["stride"] == [2, 2]
+
+
+def test_sandwich_to_dict_is_json_and_lists_methods():
+    torch.manual_seed(6)
+    w = torch.randn(4, 3, 3, 3)
+    s = sandwich(w, (3, 7, 7), padding=1, probabilistic=True, delta=1e-2, **FORCE_BOUNDS)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["upper"]["guarantee"] == "certified_upper"
+    assert d["lower"]["guarantee"] == "lower"
+    assert d["probabilistic_upper"]["guarantee"] == "probabilistic_upper"
+    assert d["probabilistic_upper"]["details"]["failure_probability"] == 1e-2
+    roles = {m["role"] for m in d["methods"]}
+    assert {"lower", "upper", "probabilistic_upper"} <= roles
+    assert "vector" not in d["lower"]["details"]
+    assert d["gap"] == pytest.approx(s.gap)
+
+
+def test_sandwich_bad_input_messages():
+    with pytest.raises(TypeError, match="Conv1d, nn.Conv2d, nn.Linear"):
+        sandwich(nn.ReLU(), (3, 4, 4))
+    with pytest.raises(ValueError, match="rtol"):
+        sandwich(torch.randn(2, 2, 3, 3), (2, 5, 5), rtol=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sandwich(torch.full((2, 2, 3, 3), float("nan")), (2, 5, 5))
+    with pytest.raises(ValueError, match="lower_method"):
+        sandwich(torch.randn(2, 2, 3, 3), (2, 5, 5), lower_method="magic")
+    with pytest.raises(ValueError, match="input channels"):
+        sandwich(torch.randn(2, 2, 3, 3), (3, 5, 5))
+
+
+@pytest.mark.parametrize("mode,pad", [("reflect", 1), ("reflect", 2), ("replicate", 2), ("circular", 3), ("zeros", 2)])
+def test_padding_operator_norm_matches_dense(mode, pad):
+    op = LayerOperator.conv(torch.ones(1, 1, 1, 1, dtype=torch.float64), (1, 4, 5), padding=pad, padding_mode=mode)
+    ref = operator_norm_dense(op).value
+    assert padding_operator_norm((1, 4, 5), op.padding, mode) == pytest.approx(ref, rel=1e-12)
+
+
+def test_circular_grid_is_padded_size_rounded_to_stride():
+    assert circular_grid((32, 32), ((1, 1), (1, 1)), (1, 1)) == (34, 34)
+    assert circular_grid((32, 31), ((1, 1), (1, 1)), (2, 2)) == (34, 34)
+    assert circular_grid((16,), ((0, 0),), (3,)) == (18,)
+
+
+# ------------------------------------------------------------------------------ probabilistic upper bound
+def _matrix_with_spectrum(n, top_gap, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    s = torch.sqrt(torch.linspace(0.0, 1.0 - top_gap, n, dtype=torch.float64))
+    s[-1] = 1.0
+    return q * s  # singular values s, norm exactly 1
+
+
+def test_failure_probability_is_monotone_and_inverts():
+    n = 500
+    p_small = krylov_failure_probability(n, 10, 0.05)
+    p_big = krylov_failure_probability(n, 10, 0.2)
+    assert 0 <= p_big < p_small <= 1
+    assert krylov_failure_probability(n, 10, 0.1, "lanczos") <= krylov_failure_probability(n, 10, 0.1, "power")
+    eps = krylov_relative_error(n, 10, 1e-3)
+    assert krylov_failure_probability(n, 10, eps) <= 1e-3 < krylov_failure_probability(n, 10, eps * 0.99)
+    with pytest.raises(ValueError, match="delta"):
+        krylov_relative_error(n, 10, 0.0)
+    with pytest.raises(ValueError, match="method"):
+        krylov_failure_probability(n, 10, 0.1, "magic")
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_probabilistic_upper_violation_rate_is_below_delta(method):
+    """Monte Carlo over random starts on adversarial spectra: P(value < ||M||) must stay below delta,
+    while the raw Ritz value (what a naive method reports) violates almost always."""
+    n, delta, trials = 40, 0.2, 150
+    M = _matrix_with_spectrum(n, 0.02, seed=7)
+    violations = naive_violations = 0
+    for t in range(trials):
+        r = probabilistic_upper(M, delta=delta, method=method, max_iter=3, min_iter=3, seed=t)
+        assert r.guarantee is Guarantee.PROBABILISTIC_UPPER and r.details["failure_probability"] == delta
+        violations += r.value < 1.0 - 1e-12
+        naive_violations += r.details["ritz_value"] < 1.0 - 1e-12
+    # binomial slack: with a true rate <= delta, 150 trials exceed delta + 0.1 with prob < 1e-3
+    assert violations / trials <= delta + 0.1
+    assert naive_violations / trials > 0.9
+
+
+def test_probabilistic_upper_on_an_operator_converges_to_the_norm():
+    torch.manual_seed(8)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    op = LayerOperator.conv(w, (2, 6, 6), padding=1)
+    exact = operator_norm_dense(op).value
+    r = probabilistic_upper(op, delta=1e-3, rtol=0.01, max_iter=72, seed=0)
+    assert r.value >= exact * (1 - 1e-12)
+    assert r.details["ritz_value"] <= exact * (1 + 1e-12)
+    assert r.value <= exact * 1.03
+    with pytest.raises(TypeError, match="linear map"):
+        probabilistic_upper(object())
