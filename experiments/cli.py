@@ -394,21 +394,25 @@ def _eps(args: argparse.Namespace, info: dict[str, Any]) -> float:
 def cmd_spectral(args: argparse.Namespace) -> int:
     import torch
 
-    import spectral
+    from spectral.analyze import analyze
 
     device = resolve_device(args.device)
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
     example = torch.zeros((1, *info["input_shape"]), device=device)
-    table = spectral.analyze(model, example, rtol=args.rtol)
+    table = analyze(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
     payload = {"target": info["name"], "source": info["source"], "input_shape": info["input_shape"], "layers": rows}
     out = _out_dir(args)
     if out is not None:
         table.to_json(out / "spectral.json")
         table.to_csv(out / "spectral.csv")
-    columns = [c for c in ("name", "weight_shape", "stride", "input_size", "lower", "upper", "gap", "method") if rows and c in rows[0]]
-    text = format_table(rows, columns or list(rows[0]) if rows else [])
+    columns = [c for c in ("name", "weight_shape", "stride", "input_size", "lower", "upper", "gap", "upper_method",
+                           "ratio_to_random") if rows and c in rows[0]]
+    text = (f"per-layer l2 operator norms of {info['name']} at input {'x'.join(map(str, info['input_shape']))} "
+            f"(lower: certified lower bound, upper: certified upper bound, gap = upper/lower - 1, "
+            f"ratio_to_random: upper / random-matrix baseline of the same kernel std):\n")
+    text += format_table(rows, columns or (list(rows[0]) if rows else []))
     if out is not None:
         text += f"\nwrote {out / 'spectral.json'} and {out / 'spectral.csv'}"
     _emit(args, payload, text)

@@ -58,11 +58,11 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
 def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
     """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size."""
-    from spectral import analyze
+    from spectral.analyze import analyze
 
     device = next(model.parameters()).device
     example = torch.zeros((1, *input_shape), device=device)
-    table = analyze(model, example, rtol=rtol)
+    table = analyze(model, example, rtol=rtol, progress=progress)
     return [dict(row) for row in table.rows]
 
 

@@ -65,7 +65,11 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     found = False
     if (run_dir / "spectral.json").is_file():
         spectral_payload = _read_json(run_dir / "spectral.json")
-        record["layers"] = spectral_payload["layers"] if isinstance(spectral_payload, dict) and "layers" in spectral_payload else spectral_payload
+        if isinstance(spectral_payload, dict):
+            spectral_payload = spectral_payload.get("layers", spectral_payload.get("rows"))
+        if not isinstance(spectral_payload, list):
+            raise ValueError(f"{run_dir / 'spectral.json'} has no layer rows; rewrite it with archlip spectral --out {run_dir}")
+        record["layers"] = spectral_payload
         found = True
     if (run_dir / "bound.json").is_file():
         bound_payload = _read_json(run_dir / "bound.json")
@@ -450,10 +454,15 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     for m in models:
         if m.get("layers"):
             lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
-                      "| layer | stage | lower | upper | gap | method |", "|---|---|---|---|---|---|"]
+                      "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
+                      "x random = upper bound / random-matrix baseline (a random kernel with the same entry std; an estimate).", "",
+                      "| layer | stage | weight | input | lower | upper | gap | x random | upper method |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for row in m["layers"]:
-                lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(_value(row.get('lower')))} | "
-                             f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('upper_method', row.get('method')))} |")
+                lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(row.get('weight_shape'))} | "
+                             f"{_fmt(row.get('input_size'))} | {_fmt(_value(row.get('lower')))} | "
+                             f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('ratio_to_random'))} | "
+                             f"{_fmt(row.get('upper_method', row.get('method')))} |")
             lines.append("")
 
     missing = [(m.get("name"), step, why) for m in models for step, why in (m.get("unavailable") or {}).items()]
