@@ -412,3 +412,25 @@ def test_wrn_tiny_end_to_end(tmp_path):
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
     assert s["worst_case"]["robust_accuracy"] <= min(s["robust_accuracy"].values()) <= s["clean_accuracy"]
     assert len(_per_example(tmp_path)) == 12
+
+
+class _NoisyNet(nn.Module):
+    """A randomised defence: Gaussian input noise at every forward, also in eval mode."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x + 0.05 * torch.randn_like(x))
+
+
+def test_autoattack_rand_version_on_a_randomised_model(digits_setup):
+    model, x, y = digits_setup
+    cheap = get_attack_preset("aa-rand").with_overrides(
+        name="aa-rand-cheap", extra={"autoattack_overrides": {"apgd": {"n_iter": 5, "eot_iter": 4}}})
+    s = evaluate(_NoisyNet(model), x, y, [cheap], eps=0.1, n=8, progress=False, lipschitz_metric=False)
+    info = s["attacks"]["aa-rand-cheap"]
+    assert info["settings"]["version"] == "rand" and info["settings"]["attacks"] == ["apgd-ce", "apgd-dlr"]
+    assert "non_standard" in info["settings"]
+    assert 0.0 <= s["robust_accuracy"]["aa-rand-cheap"] <= s["clean_accuracy"]
