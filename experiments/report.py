@@ -219,37 +219,52 @@ def _pyplot():
 
 
 def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 4) -> Path | None:
-    """Per-layer certified upper bound and lower bound, coloured by stage; one panel per model."""
+    """Per-layer certified upper and lower bounds (and the random-matrix baseline), coloured by stage."""
     with_layers = [m for m in models if m.get("layers")][:max_models]
     if not with_layers:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(with_layers), figsize=(5.2 * len(with_layers), 3.8), squeeze=False, sharey=True)
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    fig, axes = plt.subplots(1, len(with_layers), figsize=(5.2 * len(with_layers), 4.3), squeeze=False, sharey=True)
+    stages_seen: list[str] = []
+    values: list[float] = []
     for ax, model in zip(axes[0], with_layers):
-        seen: set[str] = set()
         for i, row in enumerate(model["layers"]):
             stage = stage_of(str(row.get("name", "")))
+            if stage not in stages_seen:
+                stages_seen.append(stage)
             colour = _STAGE_COLOURS.get(stage, "#8c564b")
-            upper, lower = _value(row.get("upper")), _value(row.get("lower"))
-            label = stage if stage not in seen else None
-            seen.add(stage)
+            upper, lower, base = _value(row.get("upper")), _value(row.get("lower")), _value(row.get("random_baseline"))
             if upper is not None:
-                ax.scatter([i], [upper], marker="v", color=colour, s=28, label=label, zorder=3)
+                ax.scatter([i], [upper], marker="v", color=colour, s=34, zorder=3)
+                values.append(upper)
             if lower is not None:
-                ax.scatter([i], [lower], marker="^", color=colour, s=18, facecolors="none", zorder=3)
+                ax.scatter([i], [lower], marker="^", color=colour, s=22, facecolors="none", zorder=3)
+                values.append(lower)
             if upper is not None and lower is not None:
                 ax.plot([i, i], [lower, upper], color=colour, lw=1.0)
-        ax.set_yscale("log")
-        from matplotlib.ticker import MaxNLocator
-
+            if base is not None:
+                ax.scatter([i], [base], marker="x", color="#777777", s=20, zorder=2)
+                values.append(base)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (forward order)")
         ax.set_title(str(model.get("name", "")), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best", title="v upper  ^ lower", title_fontsize=7)
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        for ax in axes[0]:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
     axes[0][0].set_ylabel("l2 operator norm")
-    fig.suptitle("per-layer spectral norms by stage (certified upper v, lower ^)", fontsize=10)
-    fig.tight_layout()
+    handles = [Line2D([], [], ls="", marker="s", color=_STAGE_COLOURS.get(s, "#8c564b"), label=s) for s in stages_seen]
+    handles += [Line2D([], [], ls="", marker="v", color="k", label="certified upper"),
+                Line2D([], [], ls="", marker="^", color="k", markerfacecolor="none", label="lower"),
+                Line2D([], [], ls="", marker="x", color="#777777", label="random-matrix baseline")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle("per-layer spectral norms by stage", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, plt, path)
 
 
@@ -274,7 +289,8 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
                 heights.append(m[key])
         bars = ax.bar(xs, heights, width=width, color=colour, label=label)
         for bar, h in zip(bars, heights):
-            ax.annotate(f"{h:.3g}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
+            label = f"{h:,.0f}" if 100 <= h < 1e6 else f"{h:.3g}"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
     ax.set_xticks(range(len(chosen)))
     ax.set_xticklabels([str(m.get("name", i)) for i, m in enumerate(chosen)], fontsize=8)
