@@ -589,7 +589,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep or run")
-    path = write_report(run_dir, out_dir=Path(args.out) if args.out else None)
+    regenerate = f"archlip report {run_dir}" + (f" --out {args.out}" if args.out else "")
+    path = write_report(run_dir, out_dir=Path(args.out) if args.out else None, regenerate=regenerate)
     _emit(args, {"report": str(path)}, f"report: {path}")
     return EXIT_OK
 

@@ -385,7 +385,7 @@ def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: b
 # ----------------------------------------------------------------------------------------------
 
 _CAPTIONS = {
-    "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size.",
+    "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size (eval-mode BatchNorm directly after a conv folded in), and the random-matrix baseline (x) of a kernel with the same entry std.",
     "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
     "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
     "robustness_vs_params": "Robust accuracy against parameter count.",
