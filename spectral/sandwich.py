@@ -534,10 +534,12 @@ def sandwich(
     groups: int = 1,
     budget_seconds: float = 120.0,
     max_memory_bytes: int = 2**30,
-    dense_max_entries: int = 2**16,
+    dense_max_entries: int = 2**20,
+    dense_max_flops: float = 5e9,
     fft_svd_max_flops: float = 5e10,
     lower_method: str = "lanczos",
     lower_iters: int = 12,
+    max_refine: int = 4,
     certificate_dtype: torch.dtype = torch.float64,
     probabilistic: bool = False,
     delta: float = 1e-3,
@@ -613,8 +615,9 @@ def sandwich(
         steps.append({"step": "fft_svd_circular", "value": ex.value, "seconds": ex.seconds})
         return finish(ex, ex, ex)
 
-    # tiny: dense SVD is exact and cheap (float64 copy of the operator)
-    if dense_entries <= dense_max_entries:
+    # small: dense SVD is exact and cheap (float64 copy of the operator)
+    n_min = min(op.in_features, op.out_features)
+    if dense_entries <= dense_max_entries and 4.0 * dense_entries * n_min <= dense_max_flops:
         op64 = _with_weight(op, op.weight.to(torch.float64))
         ex = operator_norm_dense(op64, max_entries=dense_max_entries)
         steps.append({"step": "dense_svd", "value": ex.value, "seconds": ex.seconds})
@@ -653,14 +656,16 @@ def sandwich(
         low = NormValue(cert.details["circulant_lower"], Guarantee.LOWER, "fft_block_power", None, cert.seconds,
                         {"vector": low.details["vector"]})
     # refine the lower bound (warm-started) while the gap is open, it still moves and time remains
-    while upper.value > low.value * (1 + rtol) and time.perf_counter() - t0 < budget_seconds:
+    rounds = 0
+    while upper.value > low.value * (1 + rtol) and time.perf_counter() - t0 < budget_seconds and rounds < max_refine:
+        rounds += 1
         more = operator_norm_lower(
             op, method=lower_method, tol=rtol / 400, max_iter=2 * lower_iters, init=low.details["vector"],
             seed=seed,
         )
         steps.append({"step": f"lower_{lower_method}_warm", "value": more.value, "iterations": more.iterations,
                       "seconds": more.seconds})
-        stalled = more.value <= low.value * (1 + 1e-6)
+        stalled = more.value <= low.value * (1 + rtol / 100)
         if more.value > low.value:
             low = NormValue(more.value, Guarantee.LOWER, more.method, (low.iterations or 0) + (more.iterations or 0),
                             low.seconds + more.seconds, more.details)

@@ -1,0 +1,147 @@
+"""analyze(): hooks, real input shapes, conv->BN folding checked against dense Jacobians, exports."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from spectral.analyze import analyze, fold_batchnorm, fold_scale, record_layers
+
+
+def _randomize_bn(bn: nn.BatchNorm2d, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 3 + 0.1)
+        bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+
+
+def _small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
+    ).double()
+    _randomize_bn(net[1], 1)
+    return net.eval()
+
+
+def _jacobian_norm(fn, x: torch.Tensor) -> float:
+    jac = torch.autograd.functional.jacobian(fn, x).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(jac, ord=2).item()
+
+
+def test_analyze_rows_shapes_and_folded_bn_against_dense_jacobian():
+    net = _small_net()
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    table = analyze(net, x, progress=False)
+    assert [r["name"] for r in table] == ["0", "3", "6"]
+    first, second, last = table.rows
+    assert first["input_shape"] == [2, 6, 6] and second["input_shape"] == [4, 6, 6]
+    assert second["stride"] == [2, 2] and second["padding_mode"] == "circular"
+    assert last["input_shape"] == [54] and last["kind"] == "Linear"
+    assert first["folded_batchnorm"] == "1" and second["folded_batchnorm"] is None
+    # ground truth: the Jacobian of x -> BN(conv(x)) (affine, so exact), computed from the real modules
+    conv_bn = _jacobian_norm(lambda z: net[1](net[0](z.reshape(1, 2, 6, 6))), x.reshape(-1))
+    assert first["lower"] <= conv_bn * (1 + 1e-9) <= first["upper"] * (1 + 2e-9)
+    assert first["exact"] == pytest.approx(conv_bn, rel=1e-9)  # tiny layer: dense SVD
+    conv2 = _jacobian_norm(lambda z: net[3](z.reshape(1, 4, 6, 6)), torch.zeros(4 * 36, dtype=torch.float64))
+    assert second["exact"] == pytest.approx(conv2, rel=1e-9)
+    lin = torch.linalg.matrix_norm(net[6].weight.detach(), ord=2).item()
+    assert last["exact"] == pytest.approx(lin, rel=1e-12)
+    for row in table:
+        assert row["lower_guarantee"] in ("exact", "lower") and row["upper_guarantee"] in ("exact", "certified_upper")
+        assert row["random_baseline_guarantee"] == "estimate"
+        assert row["ratio_to_random"] == pytest.approx(row["upper"] / row["random_baseline"])
+
+
+def test_analyze_bounds_path_on_folded_layer():
+    net = _small_net()
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    table = analyze(net, x, progress=False, dense_max_entries=0, fft_svd_max_flops=0)
+    conv_bn = _jacobian_norm(lambda z: net[1](net[0](z.reshape(1, 2, 6, 6))), x.reshape(-1))
+    row = table["0"]
+    assert row["upper_method"] == "fft_cholesky"
+    assert row["lower"] <= conv_bn * (1 + 1e-9) <= row["upper"] * (1 + 2e-9)
+
+
+def test_train_mode_batchnorm_is_refused():
+    net = _small_net().train()
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        analyze(net, torch.rand(2, 2, 6, 6, dtype=torch.float64), progress=False)
+    assert net[1].num_batches_tracked.item() == 0  # nothing ran
+
+
+def test_preactivation_and_inplace_relu_are_not_folded():
+    torch.manual_seed(1)
+    pre = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1)).eval()
+    recs = record_layers(pre, torch.rand(1, 3, 5, 5))
+    assert len(recs) == 1 and recs[0].folded_batchnorm is None
+    inplace = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(3)).eval()
+    recs = record_layers(inplace, torch.rand(1, 3, 5, 5))
+    assert recs[0].folded_batchnorm is None and "in place" in recs[0].notes[0]
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.pool = nn.AvgPool1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(self.conv(x)))
+
+
+def test_shared_module_is_recorded_per_call_with_its_input_shape():
+    recs = record_layers(_Shared(), torch.rand(1, 2, 8))
+    assert [r.name for r in recs] == ["conv", "conv#2"]
+    assert [r.input_shape for r in recs] == [(2, 8), (2, 4)]
+
+
+def test_fold_batchnorm_matches_module_composition():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, bias=False).double()
+    bn = nn.BatchNorm2d(4).double().eval()
+    _randomize_bn(bn, 3)
+    folded = fold_batchnorm(conv.weight, fold_scale(bn))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    ref = bn(conv(x)) - bn(torch.zeros_like(conv(x)))  # drop the affine offset
+    out = nn.functional.conv2d(x, folded)
+    assert torch.allclose(out, ref, atol=1e-12)
+    with pytest.raises(ValueError, match="channels"):
+        fold_batchnorm(conv.weight, torch.ones(3, dtype=torch.float64))
+
+
+def test_exports_json_and_csv(tmp_path):
+    table = analyze(_small_net(), torch.rand(1, 2, 6, 6, dtype=torch.float64), progress=False)
+    j = json.loads(table.to_json(tmp_path / "t.json").read_text())
+    assert len(j["rows"]) == 3 and j["meta"]["layers"] == 3
+    with table.to_csv(tmp_path / "t.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["weight_shape"] == "4x2x3x3" and float(rows[0]["upper"]) == pytest.approx(table.rows[0]["upper"])
+    assert rows[2]["stride"] == ""
+    with pytest.raises(KeyError, match="no layer named"):
+        table["nope"]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        analyze(lambda x: x, torch.rand(1, 3))
+    with pytest.raises(TypeError, match="tensor"):
+        analyze(nn.Linear(3, 2), [[1.0, 2.0, 3.0]])
+
+
+def test_analyze_tiny_wideresnet():
+    models = pytest.importorskip("experiments.models")
+    model = models.create_model("wrn-tiny", in_channels=1).eval()
+    table = analyze(model, torch.rand(1, 1, 8, 8), progress=False, rtol=0.05)
+    convs = [r for r in table if r["kind"] == "Conv2d"]
+    assert len(convs) >= 7 and table.rows[-1]["kind"] == "Linear"
+    for r in table:
+        assert r["lower"] <= r["upper"] * (1 + 1e-9)
+        assert r["gap"] <= 0.05 or r["upper_method"] == "fft_cholesky"
