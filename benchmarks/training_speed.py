@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default="fp32,channels_last", help="comma list of: fp32, channels_last, bf16, compile")
+    ap.add_argument("--variants", default="fp32,channels_last", help="comma list of: fp32, channels_last, bf16, compile, bf16_compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -96,7 +96,8 @@ def main() -> None:
     runners["reference"] = lambda: reference_step(ref_model, ref_opt, x, y, eps, step, steps)
     for variant in [v for v in args.variants.split(",") if v]:
         sets = {"fp32": [], "channels_last": ["speed.channels_last=true"], "bf16": ["speed.amp=bf16", "speed.channels_last=true"],
-                "compile": ["speed.compile=true", "speed.channels_last=true"]}[variant]
+                "compile": ["speed.compile=true", "speed.channels_last=true"],
+                "bf16_compile": ["speed.amp=bf16", "speed.compile=true", "speed.channels_last=true"]}[variant]
         cfg = load_config(None, ["attack.eps=8/255", "attack.step_size=2/255", "attack.steps=10",
                                  "attack.random_start=uniform", "method.name=pgd_at", *sets])
         m = copy.deepcopy(base_model)
