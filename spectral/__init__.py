@@ -1,7 +1,57 @@
 """Per-layer spectral norms of conv and linear layers: exact values, certified bounds, lower bounds.
 
 Pure functions on one layer's weights and input size; no knowledge of networks.
+
+Public API (submodules load on first use, so ``import spectral`` stays light):
+
+- ``sandwich(layer_or_weight, input_shape, rtol=0.02, ...) -> Sandwich``: certified lower/upper bounds.
+- ``analyze(model, example_input, ...) -> LayerTable``: every conv/linear of a model, BN folded.
+- ``LayerOperator``, ``compose``, ``ChannelScale``: layers as linear maps.
+- ``conv_singular_values_circular``, ``conv_operator_norm_circular``, ``operator_norm_dense``: exact values.
+- ``conv_operator_norm_upper``, ``linear_operator_norm_upper``, ``UPPER_METHODS``: certified upper bounds.
+- ``operator_norm_lower``: certified lower bounds (power iteration, Lanczos).
+- ``probabilistic_upper``: upper bound holding with probability ``1 - delta``.
+- ``random_conv_norm_prediction``, ``random_linear_norm_prediction``: random-matrix baselines.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from spectral.guarantee import Guarantee, NormValue
 
-__all__ = ["Guarantee", "NormValue"]
+_LAZY = {
+    "sandwich": "spectral.sandwich",
+    "Sandwich": "spectral.sandwich",
+    "fourier_certificate": "spectral.sandwich",
+    "analyze": "spectral.analyze",
+    "LayerTable": "spectral.analyze",
+    "LayerOperator": "spectral.operators",
+    "compose": "spectral.operators",
+    "ChannelScale": "spectral.operators",
+    "conv_singular_values_circular": "spectral.exact",
+    "conv_operator_norm_circular": "spectral.exact",
+    "operator_norm_dense": "spectral.exact",
+    "conv_operator_norm_upper": "spectral.upper",
+    "linear_operator_norm_upper": "spectral.upper",
+    "UPPER_METHODS": "spectral.upper",
+    "operator_norm_lower": "spectral.lower",
+    "probabilistic_upper": "spectral.probabilistic",
+    "random_conv_norm_prediction": "spectral.random_matrix",
+    "random_linear_norm_prediction": "spectral.random_matrix",
+}
+
+__all__ = ["Guarantee", "NormValue", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spectral' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -538,6 +538,8 @@ def sandwich(
     dense_max_flops: float = 5e9,
     fft_svd_max_flops: float = 5e10,
     lower_method: str = "lanczos",
+    upper_method: str = "auto",
+    assumed_flops_per_second: float = 2e10,
     lower_iters: int = 12,
     max_refine: int = 4,
     certificate_dtype: torch.dtype = torch.float64,
@@ -550,16 +552,25 @@ def sandwich(
     ``layer_or_weight`` is an ``nn.Conv1d/Conv2d/Linear`` (its own stride/padding/... are used) or a weight
     tensor with the conv parameters given here. ``input_shape`` excludes the batch: ``(C, H, W)``, ``(C, L)``
     or ``(F,)``. Refines until ``upper/lower - 1 <= rtol`` or ``budget_seconds``; ``max_memory_bytes`` bounds
-    the Fourier blocks held at once. ``probabilistic=True`` adds a Krylov upper bound that holds with
-    probability ``1 - delta``.
+    the Fourier blocks held at once. Method choice (recorded in ``layer["plan"]``): exact SVD for linear
+    layers, exact FFT for "same" circular convs when ``fft_svd_max_flops`` allows, dense SVD when the
+    operator is small (``dense_max_entries``/``dense_max_flops``), else ``upper_method``: "auto" takes the
+    Fourier Cholesky certificate unless its estimated time (at ``assumed_flops_per_second``) exceeds the
+    budget, then the cheap Singla-Feizi bound; any name in ``spectral.upper.UPPER_METHODS`` forces that
+    bound. ``certificate_dtype`` float32 is faster but adds a larger (rigorous) round-off margin.
+    ``probabilistic=True`` adds a Krylov upper bound that holds with probability ``1 - delta``.
 
     References: Sedghi et al. (2019); Senderovich et al. (2022); Higham (2002); Kuczynski & Wozniakowski (1992).
     """
     from spectral.exact import conv_operator_norm_circular, operator_norm_dense
     from spectral.lower import LOWER_METHODS, operator_norm_lower
+    from spectral.upper import UPPER_METHODS, conv_operator_norm_upper
 
     if not rtol > 0:
         raise ValueError(f"rtol must be > 0 (relative gap upper/lower - 1), got {rtol!r}")
+    valid_upper = ("auto", "fft_cholesky", *UPPER_METHODS)
+    if upper_method not in valid_upper:
+        raise ValueError(f"unknown upper_method {upper_method!r}; valid: {', '.join(valid_upper)}")
     if lower_method not in LOWER_METHODS:
         raise ValueError(f"unknown lower_method {lower_method!r}; valid: {', '.join(LOWER_METHODS)}")
     if budget_seconds <= 0 or max_memory_bytes <= 0:
@@ -633,25 +644,42 @@ def sandwich(
         factor = padding_operator_norm(op.in_shape, op.padding, op.padding_mode)
         upper_kind = "circular_grid_padded"
 
-    # certified upper bound from the Fourier blocks (no dependence on the lower bound)
-    cert = fourier_certificate(
-        op.weight, grid, stride=op.stride, dilation=op.dilation, groups=op.groups, rho=rtol / 4,
-        dtype=certificate_dtype, max_memory_bytes=max_memory_bytes, seed=seed,
-    )
-    steps.append({"step": "fft_cholesky", "value": cert.value * factor, "failed_blocks": cert.details["failed"],
-                  "circulant_lower": cert.details["circulant_lower"], "seconds": cert.seconds})
-    details = {k: v for k, v in cert.details.items() if k != "argmax_vector"}
-    details.update({"bound": upper_kind, "padding_norm_factor": factor})
-    upper = NormValue(cert.value * factor, Guarantee.UPPER, "fft_cholesky", cert.iterations, cert.seconds, details)
-    # lower bound on the true layer, warm-started from the plane wave of the top frequency block
-    ts = time.perf_counter()
-    init = plane_wave(op, cert.details["argmax_frequency"], cert.details["argmax_group"],
-                      cert.details["argmax_vector"], cert.details["coarse_grid"], [p[0] for p in op.padding])
-    steps.append({"step": "plane_wave_warm_start", "seconds": time.perf_counter() - ts})
+    # choose the upper-bound method from the up-front cost estimate
+    chosen = upper_method
+    if upper_method == "auto":
+        est = plan["certificate_flops"] / assumed_flops_per_second
+        chosen = "fft_cholesky" if est <= budget_seconds else "singla_feizi"
+    plan["chosen_upper"] = chosen
+    plan["assumed_flops_per_second"] = assumed_flops_per_second
+    init = None
+    if chosen == "fft_cholesky":
+        # certified upper bound from the Fourier blocks (no dependence on the lower bound)
+        cert = fourier_certificate(
+            op.weight, grid, stride=op.stride, dilation=op.dilation, groups=op.groups, rho=rtol / 4,
+            dtype=certificate_dtype, max_memory_bytes=max_memory_bytes, seed=seed,
+        )
+        steps.append({"step": "fft_cholesky", "value": cert.value * factor, "failed_blocks": cert.details["failed"],
+                      "circulant_lower": cert.details["circulant_lower"], "seconds": cert.seconds})
+        details = {k: v for k, v in cert.details.items() if k != "argmax_vector"}
+        details.update({"bound": upper_kind, "padding_norm_factor": factor})
+        upper = NormValue(cert.value * factor, Guarantee.UPPER, "fft_cholesky", cert.iterations, cert.seconds,
+                          details)
+        # warm start: the plane wave of the top frequency block
+        ts = time.perf_counter()
+        init = plane_wave(op, cert.details["argmax_frequency"], cert.details["argmax_group"],
+                          cert.details["argmax_vector"], cert.details["coarse_grid"], [p[0] for p in op.padding])
+        steps.append({"step": "plane_wave_warm_start", "seconds": time.perf_counter() - ts})
+    else:
+        upper = conv_operator_norm_upper(
+            op.weight, spatial, stride=op.stride, padding=[p for pair in op.padding for p in pair]
+            if len(spatial) == 2 else op.padding[0][0], padding_mode=op.padding_mode, dilation=op.dilation,
+            groups=op.groups, method=chosen,
+        )
+        steps.append({"step": chosen, "value": upper.value, "seconds": upper.seconds})
     low = operator_norm_lower(op, method=lower_method, tol=rtol / 100, max_iter=lower_iters, init=init, seed=seed)
     steps.append({"step": f"lower_{lower_method}", "value": low.value, "iterations": low.iterations,
                   "seconds": low.seconds})
-    if is_circular_exact and cert.details["circulant_lower"] > low.value:
+    if chosen == "fft_cholesky" and is_circular_exact and cert.details["circulant_lower"] > low.value:
         # the layer is the circulant itself: a frequency block's Rayleigh quotient bounds it from below
         low = NormValue(cert.details["circulant_lower"], Guarantee.LOWER, "fft_block_power", None, cert.seconds,
                         {"vector": low.details["vector"]})

@@ -182,7 +182,20 @@ def test_sandwich_to_dict_is_json_and_lists_methods():
     assert d["gap"] == pytest.approx(s.gap)
 
 
+@pytest.mark.parametrize("upper_method", ["singla_feizi", "gram", "frobenius"])
+def test_sandwich_with_forced_upper_methods_and_budget_fallback(upper_method):
+    torch.manual_seed(9)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    exact = _dense_norm(w, (4, 7, 7), 2, 1)
+    s = sandwich(w, (4, 7, 7), stride=2, padding=1, upper_method=upper_method, **FORCE_BOUNDS)
+    assert s.upper.method == upper_method and s.lower.value <= exact * (1 + 1e-9) <= s.upper.value * (1 + 1e-9)
+    cheap = sandwich(w, (4, 7, 7), stride=2, padding=1, budget_seconds=1e-9, **FORCE_BOUNDS)
+    assert cheap.layer["plan"]["chosen_upper"] == "singla_feizi" and cheap.upper.value >= exact
+
+
 def test_sandwich_bad_input_messages():
+    with pytest.raises(ValueError, match="upper_method"):
+        sandwich(torch.randn(2, 2, 3, 3), (2, 5, 5), upper_method="magic")
     with pytest.raises(TypeError, match="Conv1d, nn.Conv2d, nn.Linear"):
         sandwich(nn.ReLU(), (3, 4, 4))
     with pytest.raises(ValueError, match="rtol"):
