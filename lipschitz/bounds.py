@@ -569,10 +569,11 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
     holder = nn.ModuleList(modules) if model is None else model
     params = [p for m in modules for p in m.parameters()]
     dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
     with eval_mode(holder), torch.no_grad():
         for m in modules:
             m.eval()
-        x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype)
+        x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype).to(device)
         if tuple(x.shape[1:]) != input_shape:
             raise ValueError(f"example_input has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, input_shape))})")
         shapes: dict[int, tuple] = {}

@@ -109,7 +109,8 @@ def conv_spec(module: nn.Module, in_shape: Sequence[int], in_scale: torch.Tensor
                     tuple(op.dilation) + ((1,) if nd == 1 else ()), op.padding_mode, module, module.groups, w)
 
 
-def _phases(k: int, dil: int, pad_left: int, s: int, m: int, freqs: torch.Tensor) -> torch.Tensor:
+def _phases(k: int, dil: int, pad_left: int, s: int, m: int, freqs: torch.Tensor,
+            device: torch.device | None = None) -> torch.Tensor:
     """E[u, a, r] = exp(2 pi i u q_a / m) if tap a reads input phase r (offset t_a = a*dil - pad = s q_a + r)."""
     t = torch.arange(k) * dil - pad_left
     q = torch.div(t, s, rounding_mode="floor")
@@ -117,7 +118,7 @@ def _phases(k: int, dil: int, pad_left: int, s: int, m: int, freqs: torch.Tensor
     angle = 2 * math.pi * freqs.to(torch.float64)[:, None] * q[None, :].to(torch.float64) / m
     E = torch.zeros(len(freqs), k, s, dtype=torch.complex128)
     E[:, torch.arange(k), r] = torch.polar(torch.ones_like(angle), angle)
-    return E
+    return E.to(device) if device is not None else E
 
 
 def symbol(spec: ConvSpec, grid: tuple[int, int], u_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,8 +134,9 @@ def symbol(spec: ConvSpec, grid: tuple[int, int], u_freqs: torch.Tensor | None =
     m1, m2 = n1 // s1, n2 // s2
     u = torch.arange(m1) if u_freqs is None else u_freqs
     kh, kw = spec.weight.shape[2:]
-    E1 = _phases(kh, spec.dilation[0], spec.padding[0][0], s1, m1, u)
-    E2 = _phases(kw, spec.dilation[1], spec.padding[1][0], s2, m2, torch.arange(m2))
+    dev = spec.weight.device
+    E1 = _phases(kh, spec.dilation[0], spec.padding[0][0], s1, m1, u.cpu(), dev)
+    E2 = _phases(kw, spec.dilation[1], spec.padding[1][0], s2, m2, torch.arange(m2), dev)
     K = torch.einsum("ocab,uax,vby->uvocxy", spec.weight.to(torch.complex128), E1, E2)
     return K.reshape(len(u), m2, spec.c_out, spec.c_in * s1 * s2)
 
@@ -163,9 +165,12 @@ def liplt_grid(conv1: ConvSpec, conv2: ConvSpec, shortcut: ConvSpec | None = Non
 
 
 def _max_sv(blocks: torch.Tensor) -> float:
+    """max over the batch of sigma_max, from the largest eigenvalue of the smaller Gram matrix of each block."""
     if blocks.numel() == 0:
         return 0.0
-    return float(torch.linalg.matrix_norm(blocks, ord=2).max())
+    gram = blocks.mH @ blocks if blocks.shape[-1] <= blocks.shape[-2] else blocks @ blocks.mH
+    lam = torch.linalg.eigvalsh(gram)[..., -1]
+    return math.sqrt(max(float(lam.max()), 0.0))
 
 
 def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: ConvSpec | str | None = None,
@@ -208,7 +213,7 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
         if sc_spec is not None:
             T = T + symbol(sc_spec, grid, u)
         elif shortcut == "identity":
-            T = T + torch.eye(T.shape[-1], dtype=T.dtype)
+            T = T + torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
         sum_norm = max(sum_norm, _max_sv(T))
     no_mask = circular or mix == a
     bound = sum_norm if no_mask else sum_norm + abs(a) / 2.0 * c2 * c1
@@ -250,12 +255,14 @@ def dense_linear_term(conv1: ConvSpec, conv2: ConvSpec, a: float, in_shape: Sequ
 
     op1 = _operator(conv1, in_shape)
     op2 = _operator(conv2, op1.out_shape)
+    dev = conv1.weight.device
     scaled = compose(op1, op2, ChannelScale(op2.out_shape, torch.full((op2.out_shape[0],), float(a),
-                                                                      dtype=torch.float64)))
+                                                                      dtype=torch.float64, device=dev)))
     if shortcut is None:
         total = scaled
     elif shortcut == "identity":
-        total = SumMap([scaled, ChannelScale(tuple(in_shape), torch.ones(in_shape[0], dtype=torch.float64))])
+        total = SumMap([scaled, ChannelScale(tuple(in_shape), torch.ones(in_shape[0], dtype=torch.float64,
+                                                                           device=dev))])
     else:
         total = SumMap([scaled, _operator(shortcut, in_shape)])
     return dense_norm(total, max_entries=2**31)
