@@ -225,3 +225,21 @@ def test_sweep_dry_run_json(capsys, tmp_path):
 
 def _num(v):
     return v["value"] if isinstance(v, dict) else float(v)
+
+
+def test_demo_subcommand_wiring(capsys, tmp_path, monkeypatch):
+    """`archlip demo` passes its flags to run_demo and prints the report path (the pipeline itself is in test_demo)."""
+    import experiments.demo as demo
+
+    seen = {}
+
+    def fake_run_demo(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return {"report": out / "report.md", "results": out / "results.json"}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    code = cli.main(["demo", "--quick", "--out", str(tmp_path / "d"), "--seed", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["report"].endswith("report.md")
+    assert seen["quick"] is True and seen["seed"] == 3 and seen["threads"] == 1 and seen["device"] == "cpu"
+    assert seen["out"] == tmp_path / "d" and seen["verbose"] is False
