@@ -610,9 +610,13 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
         if isinstance(n, (G.Sequential, G.Residual)) and (n.name or getattr(n, "role", None)) and n is not root:
             rec = {"name": n.name, "role": n.role, "in_shape": list(shapes[id(n)][0]),
                    "out_shape": list(shapes[id(n)][1])}
+            labels = {}
             for meth in methods:
                 if id(n) in node_values[meth]:
-                    rec[meth] = node_values[meth][id(n)][0]
+                    value_m, exact_m = node_values[meth][id(n)]
+                    rec[meth] = value_m
+                    labels[meth] = (Guarantee.EXACT if exact_m else Guarantee.UPPER).value
+            rec["guarantee"] = labels
             nodes.append(rec)
     v, exact = results[method]
     value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",

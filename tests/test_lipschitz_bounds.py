@@ -100,6 +100,7 @@ def test_handbuilt_preact_net_bounds_dominate_jacobians(act):
     assert [b["name"] for b in nb.blocks] == ["block1", "block2"] and len(nb.stages) == 1
     for blk in nb.blocks:
         assert blk["folded+liplt"] <= blk["product"] * 1.03
+        assert blk["guarantee"] == {m: "certified_upper" for m in METHODS}
     assert len(nb.layers) == 7 and all(r["upper"] >= r["lower"] > 0 for r in nb.layers if "upper" in r)
     json.dumps(nb.to_dict())
 
