@@ -227,40 +227,38 @@ class _FourierGram:
         taps = w.reshape(groups, c_out, c_in_g, -1).permute(0, 3, 1, 2).contiguous()  # (g, K, co, ci)
         self.taps = taps
         K = taps.shape[1]
-        # all tap pairs at once: P[g, a, b] = W_a W_b^T (side "out") or W_a^T W_b (side "in")
-        if self.side == "out":
-            stacked = taps.reshape(groups, K * c_out, c_in_g)
-            pairs = (stacked @ stacked.mT).reshape(groups, K, c_out, K, c_out).permute(1, 3, 0, 2, 4)
-        else:
-            stacked = taps.permute(0, 2, 1, 3).reshape(groups, c_out, K * c_in_g)
-            pairs = (stacked.mT @ stacked).reshape(groups, K, c_in_g, K, c_in_g).permute(1, 3, 0, 2, 4)
+        # tap-pair products, each computed once: W_a W_b^T (side "out") or W_a^T W_b (side "in");
+        # the pair (b, a) contributes the transpose at the opposite offset
         deltas: dict[tuple[int, ...], int] = {}
-        pair_a, pair_b, pair_d = [], [], []
         for a in range(K):
             for b in range(K):
                 if self.side == "out" and r[a] != r[b]:
                     continue
-                delta = tuple(int(x) for x in (q[a] - q[b]))
-                pair_a.append(a)
-                pair_b.append(b)
-                pair_d.append(deltas.setdefault(delta, len(deltas)))
+                deltas.setdefault(tuple(int(x) for x in (q[a] - q[b])), len(deltas))
         D = len(deltas)
-        ia, ib, idd = torch.tensor(pair_a), torch.tensor(pair_b), torch.tensor(pair_d)
-        if self.side == "out":
-            G = torch.zeros(D, groups, c_out, c_out, dtype=dtype)
-            G.index_add_(0, idd, pairs[ia, ib])
-        else:
-            ci = c_in_g
-            G = torch.zeros(D, n_phase, n_phase, groups, ci, ci, dtype=dtype)
-            for ra in range(n_phase):
-                for rb in range(n_phase):
-                    sel = (r[ia] == ra) & (r[ib] == rb)
-                    if sel.any():
-                        G[:, ra, rb].index_add_(0, idd[sel], pairs[ia[sel], ib[sel]])
-            G = G.permute(0, 3, 1, 4, 2, 5).reshape(D, groups, n_phase * ci, n_phase * ci)
-        del pairs
+        ci = c_in_g
+        G = torch.zeros(D, groups, self.size, self.size, dtype=dtype)
+        for a in range(K):
+            for b in range(a, K):
+                if self.side == "out" and r[a] != r[b]:
+                    continue
+                d_ab = deltas[tuple(int(x) for x in (q[a] - q[b]))]
+                d_ba = deltas[tuple(int(x) for x in (q[b] - q[a]))]
+                if self.side == "out":
+                    prod = taps[:, a] @ taps[:, b].mT
+                    G[d_ab].add_(prod)
+                    if b != a:
+                        G[d_ba].add_(prod.mT)
+                else:
+                    prod = taps[:, a].mT @ taps[:, b]
+                    ra, rb = int(r[a]), int(r[b])
+                    G[d_ab, :, ra * ci:(ra + 1) * ci, rb * ci:(rb + 1) * ci].add_(prod)
+                    if b != a:
+                        G[d_ba, :, rb * ci:(rb + 1) * ci, ra * ci:(ra + 1) * ci].add_(prod.mT)
         self.deltas = torch.tensor(list(deltas.keys()), dtype=torch.float64).reshape(len(deltas), nd)
         self.G = G  # (D, g, n, n)
+        self.complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        self.neg_flat = (-G).reshape(D, -1).to(self.complex_dtype)
         self.sign = -1.0 if self.side == "out" else 1.0
         self.taps_count = K
         self.frobenius2 = float(w.double().square().sum())
@@ -273,15 +271,27 @@ class _FourierGram:
     def n_blocks(self) -> int:
         return self.freqs.shape[0] * self.groups
 
-    def blocks(self, freq_index: torch.Tensor) -> torch.Tensor:
-        """``H`` for the given frequency indices: (len, groups, n, n) complex."""
+    def _phases(self, freq_index: torch.Tensor) -> torch.Tensor:
         u = self.freqs[freq_index].to(torch.float64)
         scaled = self.deltas / torch.tensor(self.coarse, dtype=torch.float64)
         angle = self.sign * 2 * math.pi * (u @ scaled.T)  # (F, D)
-        flat = self.G.reshape(self.G.shape[0], -1)
-        re = (torch.cos(angle).to(self.dtype) @ flat).reshape(len(freq_index), self.groups, self.size, self.size)
-        im = (torch.sin(angle).to(self.dtype) @ flat).reshape(len(freq_index), self.groups, self.size, self.size)
-        return torch.complex(re, im)
+        return torch.polar(torch.ones_like(angle), angle).to(self.complex_dtype)
+
+    def shifted_blocks(self, freq_index: torch.Tensor, shift: float) -> torch.Tensor:
+        """``shift * I - H(u)`` for the given frequency indices: (len, groups, n, n) complex (one GEMM)."""
+        out = (self._phases(freq_index) @ self.neg_flat).reshape(len(freq_index), self.groups, self.size, self.size)
+        if shift:
+            out.diagonal(dim1=-2, dim2=-1).add_(shift)
+        return out
+
+    def blocks(self, freq_index: torch.Tensor) -> torch.Tensor:
+        """``H(u)`` for the given frequency indices: (len, groups, n, n) complex."""
+        return self.shifted_blocks(freq_index, 0.0).neg_()
+
+    def traces(self, freq_index: torch.Tensor) -> torch.Tensor:
+        """``trace H(u)`` (len, groups), real float64."""
+        tr = torch.diagonal(self.G, dim1=-2, dim2=-1).sum(-1).to(torch.float64)  # (D, g)
+        return (self._phases(freq_index).to(torch.complex128) @ tr.to(torch.complex128)).real
 
     def frequency_block(self, freq: torch.Tensor, group: int) -> torch.Tensor:
         """``B(u)`` (c_out x c_in_g * phases, columns phase-major) for one frequency and group."""
@@ -318,8 +328,8 @@ def fourier_certificate(
     groups: int = 1,
     rho: float = 0.005,
     target: float | None = None,
-    sample_blocks: int = 48,
-    power_iters: int = 30,
+    sample_blocks: int = 32,
+    power_iters: int = 25,
     dtype: torch.dtype = torch.float64,
     max_memory_bytes: int = 2**30,
     seed: int = 0,
@@ -378,20 +388,22 @@ def fourier_certificate(
     best, failed, max_margin_rel, cholesky_calls = 0.0, 0, 0.0, 0
     for start in range(0, n_freq, chunk):
         idx = torch.arange(start, min(n_freq, start + chunk))
-        H = fg.blocks(idx).reshape(-1, n, n)
-        mu = torch.full((H.shape[0],), mu0, dtype=torch.float64)
-        _, info = torch.linalg.cholesky_ex(mu0 * eye - H)
-        cholesky_calls += H.shape[0]
+        S = fg.shifted_blocks(idx, mu0).reshape(-1, n, n)  # mu0 I - H(u)
+        mu = torch.full((S.shape[0],), mu0, dtype=torch.float64)
+        _, info = torch.linalg.cholesky_ex(S)
+        cholesky_calls += S.shape[0]
         bad = (info != 0).nonzero().flatten()
         if bad.numel():
             failed += int(bad.numel())
-            theta_b, vec_b = _power_top(H[bad], 3 * power_iters, gen)
+            H_bad = S[bad].neg_()
+            H_bad.diagonal(dim1=-2, dim2=-1).add_(mu0)
+            theta_b, vec_b = _power_top(H_bad, 3 * power_iters, gen)
             note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
             mu_b = torch.clamp(theta_b, min=mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + form_margin
             todo = torch.arange(bad.numel())
             for _ in range(400):
                 shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
-                _, info_b = torch.linalg.cholesky_ex(shift - H[bad[todo]])
+                _, info_b = torch.linalg.cholesky_ex(shift - H_bad[todo])
                 cholesky_calls += int(todo.numel())
                 still = info_b != 0
                 if not still.any():
@@ -401,7 +413,8 @@ def fourier_certificate(
             else:  # pragma: no cover - pathological round-off
                 raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")
             mu[bad] = mu_b
-        trace_h = torch.diagonal(H, dim1=-2, dim2=-1).real.sum(-1).to(torch.float64)
+        del S
+        trace_h = fg.traces(idx).reshape(-1)
         trace_b = torch.clamp(n * mu - trace_h, min=0.0)
         margin = gamma_chol * trace_b * (1 + 2 * gamma_chol) + form_margin
         best = max(best, float((mu + margin).max()))
