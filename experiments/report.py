@@ -304,27 +304,49 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
     return _save(fig, plt, path)
 
 
+def _series_key(m: dict[str, Any]) -> str:
+    """What stays fixed when only the last-stage width changes: the depths and the other widths."""
+    depths = "-".join(map(str, m.get("depths") or [])) or "?"
+    widths = m.get("widths") or []
+    return f"depths {depths}, widths {'-'.join(map(str, widths[:-1]))}-*" if widths else f"depths {depths}"
+
+
 def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path, *, xlabel: str,
                  title: str, logx: bool = False, y_keys: Sequence[str] = ("robust_acc", "clean_acc")) -> Path | None:
-    """Accuracy (robust, and clean when present) against one property of each model, points labelled by name."""
+    """Accuracy (robust filled, clean hollow) against one property of each model.
+
+    For ``x_key="last_width"`` models that differ only in the last-stage width are joined by a line (one
+    series per depth/width setting); otherwise points are not joined. With few points each is labelled.
+    """
     def x_of(m: dict[str, Any]) -> float | None:
-        return _last_width(m) if x_key == "last_width" else (m.get(x_key) if _finite(m.get(x_key)) else None)
+        return _last_width(m) if x_key == "last_width" else (float(m[x_key]) if _finite(m.get(x_key)) else None)
 
     points = [m for m in models if x_of(m) is not None and _finite(m.get(y_keys[0]))]
     if not points:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    markers = {"robust_acc": ("o", "#d62728", "robust accuracy"), "clean_acc": ("s", "#1f77b4", "clean accuracy")}
-    for y_key in y_keys:
-        marker, colour, label = markers.get(y_key, ("D", "#555555", y_key))
-        pts = sorted((x_of(m), m[y_key], str(m.get("name", ""))) for m in points if _finite(m.get(y_key)))
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label, ls=":" if len(pts) > 1 else "")
-        if y_key == y_keys[0]:
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for m in points:
+        series.setdefault(_series_key(m) if x_key == "last_width" else "all", []).append(m)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (key, members) in enumerate(series.items()):
+        members = sorted(members, key=x_of)
+        colour = "#d62728" if len(series) == 1 else colours[index % len(colours)]
+        joined = x_key == "last_width" and len(members) > 1
+        for y_key in y_keys:
+            pts = [(x_of(m), float(m[y_key])) for m in members if _finite(m.get(y_key))]
+            if not pts:
+                continue
+            robust = y_key == y_keys[0]
+            label = ("robust accuracy" if robust else "clean accuracy") if len(series) == 1 else (
+                f"{key} ({'robust' if robust else 'clean'})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if robust else "s", ls=(":" if joined else ""),
+                    color=colour if robust or len(series) > 1 else "#1f77b4", markerfacecolor=None if robust else "none",
+                    label=label)
+        if len(points) <= 4:
+            for m in members:
+                ax.annotate(str(m.get("name", "")), (x_of(m), m[y_keys[0]]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if logx:
         ax.set_xscale("log")
     elif x_key == "last_width":
@@ -337,7 +359,7 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, path)
 
