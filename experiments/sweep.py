@@ -356,9 +356,11 @@ def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str
     if train_summary is None:
         if options.get("launcher", spec.launcher) == "torchrun":
             cmd = torchrun_command(spec, run, train_dir, int(options.get("nproc_per_node") or spec.nproc_per_node), resume)
-            completed = subprocess.run(cmd)
+            with open(run_dir / "train.log", "a") as log:  # stdout to a log (keeps --json output clean); stderr shows progress
+                completed = subprocess.run(cmd, stdout=log)
             if completed.returncode != 0:
-                raise RuntimeError(f"torchrun job for run {run.run_id} failed with exit code {completed.returncode}: {shlex.join(cmd)}")
+                raise RuntimeError(f"torchrun job for run {run.run_id} failed with exit code {completed.returncode} "
+                                   f"(log: {run_dir / 'train.log'}): {shlex.join(cmd)}")
             train_summary = _finished_training(train_dir) or {}
         else:
             from experiments.training import train
