@@ -82,7 +82,7 @@ def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.
     """
     from lipschitz.bounds import network_bound
 
-    bound = network_bound(model, tuple(input_shape))
+    bound = network_bound(model, tuple(input_shape), rtol=rtol)
     full = bound.to_dict() if hasattr(bound, "to_dict") else dict(bound)
     return {**_read_network_bound(full), "bound": full}
 
