@@ -289,7 +289,21 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         model = model_zoo.create_model(target, num_classes=DATASETS[data]["num_classes"], in_channels=shape[0])
         result = {"source": "preset", "name": target, "dataset": data, "input_shape": shape, "metadata": {}}
     model = model.to(device).eval()
+    _check_input_shape(model, result["input_shape"], device)
     return model, result
+
+
+def _check_input_shape(model, input_shape: tuple[int, ...], device) -> None:
+    """One forward pass on zeros, so a wrong --input-shape is a one-line error instead of a deep traceback."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model cannot take inputs of shape {'x'.join(map(str, input_shape))} ({first}); "
+                        f"pass --input-shape C x H x W matching the model (e.g. 3x32x32) or the right --data") from None
 
 
 def _checkpoint_in_dir(directory: Path) -> Path:
@@ -427,6 +441,8 @@ def cmd_bound(args: argparse.Namespace) -> int:
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
     payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
+    if args.n < 0:
+        raise UserError(f"--n must be >= 0 (0 skips the data lower bounds), got {args.n}")
     if args.n > 0:
         x, y = load_eval_data(info["dataset"], root=args.data_root, n=args.n, seed=args.seed, download=args.download)
         payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=_eps(args, info), seed=args.seed)
@@ -587,6 +603,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from experiments.report import write_report
 
     run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} is a file; pass the --out directory of a demo, sweep or run")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep or run")
     regenerate = f"archlip report {run_dir}" + (f" --out {args.out}" if args.out else "")

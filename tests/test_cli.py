@@ -95,6 +95,16 @@ def test_cuda_requested_without_cuda(capsys):
     assert_one_line_error(code, err, "CUDA is not available", "--device cpu")
 
 
+def test_wrong_input_shape_and_negative_n(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "spectral", "wrn-tiny", "--input-shape", "3x")
+    assert_one_line_error(code, err, "cannot take inputs of shape 3", "--input-shape")
+    code, _, err = run_cli(capsys, "bound", "wrn-tiny", "--data", "digits", "--n", "-3")
+    assert_one_line_error(code, err, "--n must be >= 0")
+    (tmp_path / "f.txt").write_text("x")
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "f.txt"))
+    assert_one_line_error(code, err, "is a file")
+
+
 def test_missing_dataset_says_where_and_how(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "wrn-tiny", "--data", "cifar10")
     assert_one_line_error(code, err, "--data-root", "--download")
