@@ -108,7 +108,7 @@ def write_rows(rows: list[dict], out_dir: Path, stem: str) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     if rows:
         with open(out_dir / f"{stem}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
 

@@ -62,7 +62,8 @@ class ConfigSearch:
 
 def _objective_functions(objective, n_stages: int, weight_model: str, std: float | None, bn_gain: float,
                          input_size: int, num_classes: int, in_channels: int, strides: tuple[int, ...]):
-    """(vectorised f(D, W, pi) or None, sympy expression or None, is_default_bound)."""
+    """(sympy objective in D, W, pi with the fixed quantities substituted, or None for a callable;
+    whether it is the default log-bound; the symbols)."""
     s = symbolic.wrn_symbols(n_stages)
     fixed = {s.num_classes: num_classes, s.in_channels: in_channels, s.input_size: input_size,
              s.bn_gain: bn_gain, s.std: std if std is not None else 1.0}
@@ -78,10 +79,10 @@ def _objective_functions(objective, n_stages: int, weight_model: str, std: float
             raise ValueError(f"objective has unknown symbols {sorted(extra)}; use D1.., W0.., pi1.. only")
         is_default = False
     elif callable(objective):
-        return None, None, False, s
+        return None, False, s
     else:
         raise TypeError(f"objective must be None, a sympy expression or a callable(depths, widths), got {objective!r}")
-    return expr, expr, is_default, s
+    return expr, is_default, s
 
 
 def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *, n_stages: int = 3,
@@ -95,7 +96,7 @@ def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *,
 
     ``objective``: None, a sympy expression in the symbols D1.., W0.., pi1.. of ``symbolic.wrn_symbols``, or a
     callable ``f(depths, widths) -> float`` (it is also called with float tuples during the relaxation; if that
-    fails the integer search is centred on a uniform allocation). Widths are multiples of ``width_step`` in
+    fails the integer search is centred on the starting points). Widths are multiples of ``width_step`` in
     ``width_range``; depths in ``depth_range``. The bound is multimodal (the budget can go to any one stage), so the
     relaxation is solved from ``n_starts`` starting points (uniform, each stage alone, seeded random) and the integer
     search runs around every local optimum. Returns the ``top_k`` feasible configurations, best first.
@@ -114,7 +115,7 @@ def optimal_config(budget: int, objective: sp.Expr | Objective | None = None, *,
     if weight_model == "fixed" and std is None:
         raise ValueError("weight_model='fixed' needs std=<entry standard deviation>")
 
-    expr, _, is_default, s = _objective_functions(objective, n_stages, weight_model, std, bn_gain, input_size,
+    expr, is_default, s = _objective_functions(objective, n_stages, weight_model, std, bn_gain, input_size,
                                                   num_classes, in_channels, strides)
     p_expr = symbolic.param_count_expr(symbols=s).subs({s.num_classes: num_classes, s.in_channels: in_channels})
     args = (*s.depths, *s.widths, *s.projections)
