@@ -575,7 +575,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = sweep.load_sweep(args.sweep_file)
     out = _out_dir(args, default=str(Path("runs") / "sweeps" / spec.name))
-    device = resolve_device(args.device) if args.device else None
+    device = resolve_device(args.device)  # auto: cuda when available, for training and the measurements
     result = sweep.run_sweep(
         spec,
         out,
@@ -585,7 +585,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         only=args.run,
         aggregate_only=args.aggregate_only,
-        device=None if device is None else str(device),
+        device=str(device),
     )
     lines = [f"sweep {spec.name}: {result['done']} of {result['total']} runs finished "
              f"({result['ran']} ran now, {result['skipped']} skipped as already done)"]
@@ -638,7 +638,8 @@ class _Parser(argparse.ArgumentParser):
 def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results", threads: int | None = None) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu unless stated)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto, i.e. cuda when available; "
+                                                      "the demo: cpu)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--out", default=None, help=out_help)
     group.add_argument("--threads", type=int, default=threads,
