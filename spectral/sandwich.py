@@ -266,6 +266,8 @@ class _FourierGram:
         axes = [torch.arange(M) for M in self.coarse[:-1]] + [torch.arange(self.coarse[-1] // 2 + 1)]
         mesh = torch.meshgrid(*axes, indexing="ij")
         self.freqs = torch.stack([m.reshape(-1) for m in mesh], dim=1)  # (F, nd)
+        if D == 1:  # only the zero offset (e.g. a 1x1 kernel, any stride): H(u) is the same at every u
+            self.freqs = self.freqs[:1]
 
     @property
     def n_blocks(self) -> int:
