@@ -243,6 +243,18 @@ def find_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None 
     raise FileNotFoundError(f"no final model in {train_dir}; the training run did not finish (rerun to resume it)")
 
 
+def train_facts(train_summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The scalar facts of a training summary, with the final validation metrics and selection flattened."""
+    summary = dict(train_summary or {})
+    facts = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k != "out_dir"}
+    facts.update({k: v for k, v in (summary.get("final_val") or {}).items() if isinstance(v, (int, float))})
+    selection = summary.get("selection") or {}
+    if selection.get("metric"):
+        facts["selection_metric"] = selection["metric"]
+        facts["selected_epoch"] = selection.get("best_epoch")
+    return facts
+
+
 def load_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None, device: str) -> nn.Module:
     from experiments.checkpoints import load_checkpoint
     from experiments.cli import _unpack_loaded_checkpoint
@@ -281,7 +293,7 @@ def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any
         lower_iters=int(analysis_options.get("lower_iters", 50)), attack_ratio_steps=int(analysis_options.get("attack_ratio_steps", 20)),
         num_classes=info["num_classes"], seed=seed, out_dir=Path(train_dir).parent, verbose=verbose, steps=steps,
     )
-    record["train"] = {k: v for k, v in (train_summary or {}).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    record["train"] = train_facts(train_summary)
     return record
 
 
@@ -351,7 +363,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
         )
         record["recipe"] = recipe
         record["train_seconds"] = round(train_seconds, 2)
-        record["train"] = {k: v for k, v in (train_summary or {}).items() if isinstance(v, (int, float, str, bool))}
+        record["train"] = train_facts(train_summary)
         write_json(model_dir / "record.json", record)
         models.append(record)
 

@@ -441,6 +441,19 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
             lines += [f"Robust accuracy: attack `{models[0].get('robust_attack', '?')}` at linf eps = {', '.join(_fmt(e) for e in eps)}"
                       f"{'; ' + str(models[0]['eval_points']) if models[0].get('eval_points') else ''}.", ""]
 
+    trained = [m for m in models if isinstance(m.get("train"), dict) and m["train"]]
+    if trained:
+        lines += ["## Training", "",
+                  "| model | recipe | method | epochs | seconds | val clean acc | val PGD acc | selection |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in trained:
+            t = m["train"]
+            selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
+            lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
+                         f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
+                         f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
+        lines += ["", "Validation accuracies are on a split held out of the training data (model selection never sees the test set).", ""]
+
     stage_models = [m for m in models if m.get("stage_bounds")]
     if stage_models:
         stages = sorted({s for m in stage_models for s in m["stage_bounds"]})
