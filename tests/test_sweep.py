@@ -215,3 +215,23 @@ def test_real_sweep_trains_measures_and_resumes(tmp_path):
     assert record["widths"] == [8, 16, 32, 16] and record["params"] < 76450
     assert 0 < record["empirical_lipschitz"] <= record["certified_lipschitz"]
     assert record["theory_prediction"] > 0 and 0 <= record["robust_acc"] <= record["clean_acc"]
+
+
+@pytest.mark.slow
+def test_gpu_sweep_is_at_the_wrn_34_10_budget():
+    """Every configuration of the shipped CIFAR-10 sweep has WRN-34-10's parameter count (+-2%), counted on
+    the real models (meta device), and WRN-34-10 itself is one of them."""
+    spec = sweep.load_sweep("cifar10-budget-gpu")
+    assert spec.launcher == "torchrun" and len(spec.runs) == 12
+    for run in spec.runs:
+        assert abs(run.params - 46_160_474) <= 0.02 * 46_160_474, run
+        widths = run.overrides[sweep.WIDTHS_KEY]
+        assert widths[0] == 16 and all(w % 8 == 0 for w in widths)
+    wrn_34_10 = next(r for r in spec.runs if r.run_id == "d5-5-5_w16-160-320-640")
+    assert wrn_34_10.params == 46_160_474
+    from experiments.models import create_model
+    import torch
+
+    with torch.device("meta"):
+        model = create_model("wrn-34-r", depths=(7, 5, 3), widths=spec.runs[3].overrides[sweep.WIDTHS_KEY])
+    assert sum(p.numel() for p in model.parameters()) == spec.runs[3].params
