@@ -539,6 +539,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, out, resume=args.resume)
     status = summary.get("status", "completed")
     text = f"training {config.name}: {status}; run folder {out}"
+    final_model = (summary.get("files") or {}).get("final_model")
+    if final_model:
+        text += f"\nmodel: {final_model} (next: archlip eval {final_model} / archlip bound {final_model})"
     if status != "completed":
         text += f" (continue with: archlip train {args.recipe} --out {out} --resume)"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
