@@ -341,7 +341,8 @@ def fourier_certificate(
     A random sample of frequency blocks gets top-eigenvalue estimates ``theta`` by power iteration; every
     block ``H(u)`` is then certified ``H(u) <= mu`` with ``mu = max(theta, target^2) (1 + rho)^2`` by a
     Cholesky factorisation of ``mu I - H(u)``. Blocks that fail get their own estimate (more power
-    iterations) and a geometrically growing ``mu(u)`` until certified. The value is
+    iterations) and a geometrically growing ``mu(u)`` until certified; later blocks are certified at the
+    highest level reached (the bound is the maximum anyway). The value is
     ``sqrt(max_u mu(u) + margin(u))`` with a rigorous floating-point margin. ``details``: circulant_lower
     (``sqrt(max theta)``, a lower bound on the circulant's norm), the best frequency/group and its top input
     vector (for warm starts), failed blocks, the margin.
@@ -415,6 +416,8 @@ def fourier_certificate(
             else:  # pragma: no cover - pathological round-off
                 raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")
             mu[bad] = mu_b
+            # the bound is a maximum: later blocks may as well be certified at the level reached
+            mu0 = max(mu0, float(mu_b.max()))
         del S
         trace_h = fg.traces(idx).reshape(-1)
         trace_b = torch.clamp(n * mu - trace_h, min=0.0)
