@@ -10,7 +10,6 @@ the theory's prediction, and writes ``report.md`` with PNG plots and ``results.j
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
