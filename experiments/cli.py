@@ -408,13 +408,13 @@ def _eps(args: argparse.Namespace, info: dict[str, Any]) -> float:
 def cmd_spectral(args: argparse.Namespace) -> int:
     import torch
 
-    from spectral.analyze import analyze
+    from experiments.demo import spectral_analyze
 
     device = resolve_device(args.device)
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
     example = torch.zeros((1, *info["input_shape"]), device=device)
-    table = analyze(model, example, rtol=args.rtol, progress=not args.json)
+    table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
     payload = {"target": info["name"], "source": info["source"], "input_shape": info["input_shape"], "layers": rows}
     out = _out_dir(args)

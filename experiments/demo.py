@@ -55,13 +55,18 @@ def architecture(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def spectral_analyze():
+    """``spectral.analyze`` (the function), also when the submodule of the same name shadows it on the package."""
+    from spectral import analyze
+
+    return getattr(analyze, "analyze", analyze)
+
+
 def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
     """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size."""
-    from spectral.analyze import analyze
-
     device = next(model.parameters()).device
     example = torch.zeros((1, *input_shape), device=device)
-    table = analyze(model, example, rtol=rtol, progress=progress)
+    table = spectral_analyze()(model, example, rtol=rtol, progress=progress)
     return [dict(row) for row in table.rows]
 
 
