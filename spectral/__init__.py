@@ -2,7 +2,7 @@
 
 Pure functions on one layer's weights and input size; no knowledge of networks.
 
-Public API (submodules load on first use, so ``import spectral`` stays light):
+Public API (``sandwich``/``analyze`` are bound at import; the others load on first use):
 
 - ``sandwich(layer_or_weight, input_shape, rtol=0.02, ...) -> Sandwich``: certified lower/upper bounds.
 - ``analyze(model, example_input, ...) -> LayerTable``: every conv/linear of a model, BN folded.
@@ -20,12 +20,15 @@ from typing import Any
 
 from spectral.guarantee import Guarantee, NormValue
 
+# ``sandwich`` and ``analyze`` share their submodules' names: bind the functions eagerly, after the
+# submodule import (Python sets ``spectral.<submodule>`` only when the submodule is first loaded, so
+# later ``import spectral.analyze`` no longer shadows the function).
+from spectral.sandwich import Sandwich, fourier_certificate, sandwich  # noqa: E402  (after the submodule)
+from spectral.analyze import LayerTable, analyze  # noqa: E402
+
+_EAGER = ["sandwich", "Sandwich", "fourier_certificate", "analyze", "LayerTable"]
+
 _LAZY = {
-    "sandwich": "spectral.sandwich",
-    "Sandwich": "spectral.sandwich",
-    "fourier_certificate": "spectral.sandwich",
-    "analyze": "spectral.analyze",
-    "LayerTable": "spectral.analyze",
     "LayerOperator": "spectral.operators",
     "compose": "spectral.operators",
     "ChannelScale": "spectral.operators",
@@ -41,7 +44,7 @@ _LAZY = {
     "random_linear_norm_prediction": "spectral.random_matrix",
 }
 
-__all__ = ["Guarantee", "NormValue", *_LAZY]
+__all__ = ["Guarantee", "NormValue", *_EAGER, *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -88,3 +88,15 @@ def test_spectral_package_exports_resolve():
         assert getattr(spectral, name) is not None
     with pytest.raises(AttributeError, match="no attribute"):
         spectral.not_a_function  # noqa: B018
+
+
+def test_functions_are_not_shadowed_by_their_submodules():
+    import importlib
+
+    import spectral
+    import spectral.analyze  # noqa: F401  (a submodule import must not rebind the package attribute)
+    import spectral.sandwich  # noqa: F401
+
+    importlib.import_module("spectral.analyze")
+    assert callable(spectral.analyze) and spectral.analyze.__module__ == "spectral.analyze"
+    assert callable(spectral.sandwich) and spectral.sandwich.__name__ == "sandwich"
