@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,19 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from _common import machine_name as _machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "autoattack_overhead.json"
-
-
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return "unknown"
 
 
 def _digits_model(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -16,20 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-
-def _machine() -> str:
-    import platform
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+from _common import machine_name as _machine  # noqa: E402
 
 
 def train_pgd_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, eps: float, steps: int,

@@ -27,9 +27,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from spectral.exact import conv_operator_norm_circular  # noqa: E402
 from spectral.sandwich import circular_grid, sandwich  # noqa: E402
+from _common import machine_name as machine, timed  # noqa: E402
 
 WIDTHS = (16, 320, 640, 512)
 DEPTHS = (5, 5, 5)
@@ -68,23 +67,6 @@ def wrn_layers(widths=WIDTHS, depths=DEPTHS, strides=STRIDES, size=32, in_channe
 
 def kaiming(c_out: int, c_in: int, k: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(c_out, c_in, k, k, generator=generator) * math.sqrt(2.0 / (c_in * k * k))
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def baseline(w: torch.Tensor, layer: dict) -> tuple[float, float, float]:

@@ -15,9 +15,6 @@ import contextlib
 import copy
 import datetime
 import json
-import platform
-import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ import torch.nn.functional as F
 from experiments.config import load_config
 from experiments.models import create_model
 from experiments.training.loop import autocast_factory, training_step
+from _common import machine_name as _cpu_name, timed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training_speed.json"
 
@@ -51,21 +49,8 @@ def reference_step(model, optimizer, x, y, eps, step_size, steps):
     return loss.item()
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
 def _timed(fn) -> tuple[float, float]:
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+    return timed(fn)[1:]
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import tarfile
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch

@@ -208,7 +208,6 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     best = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    shape = (-1,) + (1,) * (x.dim() - 1)
 
     def clipped(t: torch.Tensor) -> torch.Tensor:
         return t if clip is None else t.clamp(*clip)

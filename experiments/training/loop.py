@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from experiments.config import (TrainConfig, config_diff, config_from_dict, config_to_dict, effective_attack_numbers,
