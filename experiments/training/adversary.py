@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.attacks import model_mode
+from experiments.attacks import model_mode, project
 from experiments.training.losses import trades_inner_loss
 
 START_KINDS = ("uniform", "normal", "none")
@@ -136,7 +136,4 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, lo: to
              hi: torch.Tensor | None) -> torch.Tensor:
     if norm == "linf":
         return torch.clamp(x_adv, lo, hi)
-    delta = x_adv - x
-    n = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-    delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
-    return (x + delta).clamp_(0.0, 1.0)
+    return project(x_adv, x, eps, norm)
