@@ -25,15 +25,6 @@ from experiments.attacks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP spinning on a shared 2-core machine costs 10x); restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _small_net(in_features: int = 16, classes: int = 4, bn: bool = True) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten(), nn.Linear(in_features, 12)]
     if bn:

@@ -16,15 +16,6 @@ from experiments.evaluate import LogitsError, build_autoattack, evaluate, select
 AA_CUSTOM = "aa-custom:apgd-ce+apgd-t"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP spinning on a shared 2-core machine costs 10x); restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 

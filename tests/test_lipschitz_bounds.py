@@ -18,16 +18,6 @@ from spectral.guarantee import Guarantee
 from hypothesis import given, settings, strategies as st
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tiny problems run far faster on one thread on the shared 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

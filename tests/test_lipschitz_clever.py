@@ -10,16 +10,6 @@ from lipschitz.clever import clever, fit_reverse_weibull
 from spectral.guarantee import Guarantee
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tiny problems run far faster on one thread on the shared 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _linear_classifier(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).double()

@@ -12,16 +12,6 @@ from lipschitz.lower import attack_ratio_lower, eval_mode, jacobian_norm_lower, 
 from spectral.guarantee import Guarantee
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tiny problems run far faster on one thread on the shared 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),

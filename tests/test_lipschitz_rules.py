@@ -13,15 +13,6 @@ from lipschitz.rules import (absolute_value_split, activation_slope, batchnorm_s
 from spectral.guarantee import Guarantee
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tiny problems run far faster on one thread on the shared 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ACTS = {
     "silu": (nn.SiLU(), {}),
     "gelu": (nn.GELU(), {}),
