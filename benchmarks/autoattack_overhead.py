@@ -158,7 +158,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": _machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "note": "2 CPU cores shared by 8 engineers: cpu_time is the reliable figure, wall_time is noisy",
+        "note": "2 CPU cores, possibly shared with other jobs: cpu_time is the reliable figure, wall_time is noisy",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))

@@ -63,7 +63,7 @@ def main() -> dict:
         "goal_speedup": 5.0, "max_rel_diff_vmap_vs_loop": max_rel_diff,
         "torch": torch.__version__, "machine": _machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "note": "shared 2-core machine (8 engineers); medians over repeats",
+        "note": "2-core machine, possibly shared with other jobs; medians over repeats",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

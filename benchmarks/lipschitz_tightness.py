@@ -109,7 +109,7 @@ def main() -> dict:
         "cpu_time": {"train": t_train[1], "bound": t_bound[1], "lower": t_lower[1]},
         "threads": args.threads, "torch": torch.__version__, "machine": _machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "note": "shared 2-core machine (8 engineers)",
+        "note": "2-core machine, possibly shared with other jobs",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from spectral.exact import conv_operator_norm_circular  # noqa: E402
-from spectral.sandwich import circular_grid, sandwich  # noqa: E402
+from spectral.sandwich import sandwich  # noqa: E402
+from spectral.upper import zero_padding_grid  # noqa: E402
 from _common import machine_name as machine, timed  # noqa: E402
 
 WIDTHS = (16, 320, 640, 512)
@@ -70,7 +71,9 @@ def kaiming(c_out: int, c_in: int, k: int, generator: torch.Generator) -> torch.
 
 
 def baseline(w: torch.Tensor, layer: dict) -> tuple[float, float, float]:
-    grid = circular_grid((layer["n"], layer["n"]), ((layer["pad"],) * 2,) * 2, (layer["stride"],) * 2)
+    # the same circular grid as the certificate (zero padding: spectral.upper.zero_padding_grid)
+    n = zero_padding_grid(layer["n"], layer["k"], layer["stride"], 1, layer["pad"], layer["pad"])
+    grid = (n, n)
     nv, wall, cpu = timed(lambda: conv_operator_norm_circular(w, grid, stride=layer["stride"]))
     return nv.value, wall, cpu
 
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "note": "shared 2-core machine (8 engineers): compare cpu_time; wall time includes waiting for cores",
+            "note": "2-core machine, possibly shared with other jobs: compare cpu_time; wall time includes waiting for cores",
         },
         "cpu_time": total_cpu, "wall_time": total_wall,
         "summary": summary, "rows": rows,

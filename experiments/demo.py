@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-#: The demo's two recipes (engineer T's tiny digits recipes): the small WRN and its reduced twin.
+#: The demo's two recipes (the tiny digits recipes in experiments/configs): the small WRN and its reduced twin.
 DEMO_RECIPES: tuple[str, ...] = ("digits-pgdat-tiny", "digits-pgdat-tiny-r")
 
 #: Settings of the full demo and of ``--quick`` (the test suite's reduced setting).

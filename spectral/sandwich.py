@@ -6,8 +6,9 @@
 - circular padding that maps the ``n`` grid onto itself (``n % stride == 0``): the layer *is* a circular
   convolution; exact FFT spectrum when cheap, else the Fourier certificate below (then a bound on the layer);
 - small operators: exact dense SVD;
-- zero padding: the layer is a compression of the circular convolution on a grid ``m >= n + p_l + p_r``
-  (a multiple of the stride), so any bound on that circular operator bounds the layer;
+- zero padding: the layer is a compression (submatrix) of the circular convolution on the grid of
+  ``spectral.upper.zero_padding_grid`` (``n + p`` for "same" convs; a multiple of the stride), so any bound
+  on that circular operator bounds the layer;
 - reflect/replicate padding (and circular padding of other sizes): ``conv_valid o pad``: circular-grid
   bound times ``||pad||`` (exact: ``sqrt(max copies of one pixel)``);
 - when the certificate's estimated time exceeds the budget: a cheap bound from ``spectral.upper``.
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from spectral.guarantee import Guarantee, NormValue
+from spectral.upper import zero_padding_grid
 
 __all__ = ["Sandwich", "sandwich", "fourier_certificate", "padding_operator_norm", "circular_grid"]
 
@@ -159,6 +161,21 @@ def circular_grid(
         total = n + pl + pr
         out.append(int(math.ceil(total / s) * s))
     return tuple(out)
+
+
+def certificate_grid(op: Any) -> tuple[int, ...]:
+    """The circular grid whose convolution contains ``op`` as a submatrix (times ``||P||`` for copy padding).
+
+    Zero padding: the smallest grid proved sufficient in ``spectral.upper.zero_padding_grid`` (``n + p`` for
+    "same" 3x3 convs, one row/column less than ``n + 2p``, so fewer Fourier blocks). Copy padding (reflect,
+    replicate, circular with a size the stride does not divide): the padded size, see ``circular_grid``.
+    """
+    spatial = op.in_shape[1:]
+    if op.padding_mode != "zeros":
+        return circular_grid(spatial, op.padding, op.stride)
+    kernel = op.weight.shape[2:]
+    return tuple(zero_padding_grid(n, k, s, d, pl, pr)
+                 for n, k, s, d, (pl, pr) in zip(spatial, kernel, op.stride, op.dilation, op.padding))
 
 
 def padding_operator_norm(in_shape: Sequence[int], padding: Sequence[tuple[int, int]], mode: str) -> float:
@@ -511,8 +528,7 @@ def _plan_cost(op: Any) -> dict[str, Any]:
     c_side = w.shape[1] * math.prod(op.stride)
     r = min(c_out, c_side)
     taps = math.prod(w.shape[2:])
-    spatial_in = op.in_shape[1:]
-    grid = circular_grid(spatial_in, op.padding, op.stride)
+    grid = certificate_grid(op)
     freq_grid = [g // s for g, s in zip(grid, op.stride)]
     n_freq = math.prod(freq_grid[:-1]) * (freq_grid[-1] // 2 + 1) * groups
     cert_flops = n_freq * (8 * r * r * max(c_out, c_side) + 8 * r ** 3 / 3)
@@ -645,7 +661,7 @@ def sandwich(
         grid, factor = tuple(spatial), 1.0
         upper_kind = "circular_grid_n"
     else:
-        grid = circular_grid(spatial, op.padding, op.stride)
+        grid = certificate_grid(op)
         factor = padding_operator_norm(op.in_shape, op.padding, op.padding_mode)
         upper_kind = "circular_grid_padded"
 
