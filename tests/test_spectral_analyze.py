@@ -137,7 +137,7 @@ def test_bad_arguments():
 
 
 def test_analyze_tiny_wideresnet():
-    models = pytest.importorskip("experiments.models")
+    import experiments.models as models
     model = models.create_model("wrn-tiny", in_channels=1).eval()
     table = analyze(model, torch.rand(1, 1, 8, 8), progress=False, rtol=0.05)
     convs = [r for r in table if r["kind"] == "Conv2d"]
