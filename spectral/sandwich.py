@@ -692,9 +692,9 @@ def sandwich(
         steps.append({"step": "plane_wave_warm_start", "seconds": time.perf_counter() - ts})
     else:
         upper = conv_operator_norm_upper(
-            op.weight, spatial, stride=op.stride, padding=[p for pair in op.padding for p in pair]
-            if len(spatial) == 2 else op.padding[0][0], padding_mode=op.padding_mode, dilation=op.dilation,
-            groups=op.groups, method=chosen,
+            # (before, after) pairs for every spatial dim: conv1d "same" with an even kernel is asymmetric
+            op.weight, spatial, stride=op.stride, padding=[p for pair in op.padding for p in pair],
+            padding_mode=op.padding_mode, dilation=op.dilation, groups=op.groups, method=chosen,
         )
         steps.append({"step": chosen, "value": upper.value, "seconds": upper.seconds})
     low = operator_norm_lower(op, method=lower_method, tol=rtol / 100, max_iter=lower_iters, init=init, seed=seed)

@@ -272,3 +272,20 @@ def test_probabilistic_upper_on_an_operator_converges_to_the_norm():
     assert r.value <= exact * 1.03
     with pytest.raises(TypeError, match="linear map"):
         probabilistic_upper(object())
+
+
+@pytest.mark.parametrize("upper_method", ["gram", "singla_feizi", "symbol"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate"])
+def test_sandwich_conv1d_asymmetric_same_padding_upper_is_certified(upper_method, padding_mode):
+    # conv1d "same" with an even kernel pads (0, 1): the forced spectral.upper route must see both sides
+    torch.manual_seed(11)
+    violations = 0
+    for _ in range(20):
+        w = torch.randn(1, 2, 2, dtype=torch.float64)
+        exact = _dense_norm(w, (2, 9), padding="same", padding_mode=padding_mode)
+        s = sandwich(w, (2, 9), padding="same", padding_mode=padding_mode, upper_method=upper_method,
+                     **FORCE_BOUNDS)
+        assert s.upper.guarantee is Guarantee.UPPER
+        violations += s.upper.value < exact * (1 - 1e-9)
+        assert s.lower.value <= exact * (1 + 1e-9)
+    assert violations == 0
