@@ -457,7 +457,11 @@ class _Engine:
         value = 1.0
         for f in factors:
             value *= f.value
-        nontrivial = [f for f in factors if not (f.exact and f.value == 1.0)]
+        # a 1-Lipschitz activation is a trivial (exact) factor only when it comes first: its inputs then range
+        # over all of R^n and its top slope is attained everywhere at once; after a layer (x -> relu(Wx)) the
+        # product ||W|| can exceed the Lipschitz constant, so the result is only an upper bound
+        nontrivial = [f for i, f in enumerate(factors)
+                      if not (f.exact and f.value == 1.0 and (f.kind != "act" or i == 0))]
         exact = len(nontrivial) <= 1 and all(f.exact for f in nontrivial)
         return value, exact
 

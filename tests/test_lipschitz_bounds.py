@@ -331,3 +331,18 @@ def test_liplt_is_tight_on_aligned_layers(conv, dense_max_entries):
     # ... and these are attained Lipschitz constants: Jacobian at a positive input
     model = nn.Sequential(l1, nn.ReLU(), l2)
     assert _max_jacobian_norm(model, shape, n_points=1) == pytest.approx(prod, rel=1e-9)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.0), nn.Tanh()])
+def test_activation_after_a_layer_is_not_labelled_exact(act):
+    """x -> relu([x, -x]) is 1-Lipschitz while ||W|| = sqrt(2): the product is an upper bound, not exact."""
+    lin = nn.Linear(1, 2, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [-1.0]], dtype=torch.float64))
+    for meth in METHODS:
+        nb = network_bound(nn.Sequential(lin, act), (1,), method=meth, compare=False)
+        assert nb.value.value == pytest.approx(2**0.5)
+        assert nb.value.guarantee is Guarantee.UPPER
+    # an activation applied to the input itself attains its slope everywhere: W o relu stays exact
+    nb = network_bound(nn.Sequential(nn.ReLU(), nn.Linear(2, 3).double()), (2,), method="folded", compare=False)
+    assert nb.value.guarantee is Guarantee.EXACT
