@@ -457,11 +457,12 @@ class _Engine:
         value = 1.0
         for f in factors:
             value *= f.value
-        # a 1-Lipschitz activation is a trivial (exact) factor only when it comes first: its inputs then range
-        # over all of R^n and its top slope is attained everywhere at once; after a layer (x -> relu(Wx)) the
-        # product ||W|| can exceed the Lipschitz constant, so the result is only an upper bound
-        nontrivial = [f for i, f in enumerate(factors)
-                      if not (f.exact and f.value == 1.0 and (f.kind != "act" or i == 0))]
+        # exact only for one exact factor after leading 1-Lipschitz activations (their inputs range over all of
+        # R^n, so the top slope is attained everywhere at once). A nonlinear or norm-1 factor after a layer does
+        # not keep the product exact: x -> relu(Wx) or maxpool(Wx) can be less than ||W||-Lipschitz
+        nontrivial = list(factors)
+        while nontrivial and nontrivial[0].kind == "act" and nontrivial[0].exact and nontrivial[0].value == 1.0:
+            nontrivial.pop(0)
         exact = len(nontrivial) <= 1 and all(f.exact for f in nontrivial)
         return value, exact
 

@@ -343,6 +343,14 @@ def test_activation_after_a_layer_is_not_labelled_exact(act):
         nb = network_bound(nn.Sequential(lin, act), (1,), method=meth, compare=False)
         assert nb.value.value == pytest.approx(2**0.5)
         assert nb.value.guarantee is Guarantee.UPPER
+    # max pooling after a layer: max(x, -x) = |x| is 1-Lipschitz, the conv alone has norm sqrt(2)
+    conv = nn.Conv1d(1, 1, 2, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[-1.0, 1.0]]], dtype=torch.float64))
+    for meth in METHODS:
+        nb = network_bound(nn.Sequential(conv, nn.MaxPool1d(2)), (1, 1), method=meth, compare=False)
+        assert nb.value.value == pytest.approx(2**0.5)
+        assert nb.value.guarantee is Guarantee.UPPER
     # an activation applied to the input itself attains its slope everywhere: W o relu stays exact
     nb = network_bound(nn.Sequential(nn.ReLU(), nn.Linear(2, 3).double()), (2,), method="folded", compare=False)
     assert nb.value.guarantee is Guarantee.EXACT
