@@ -184,6 +184,10 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
         if c.padding_mode not in ("zeros",) and not circular:
             raise ValueError(f"padding_mode {c.padding_mode!r} is not supported by the circular LipLT bound")
     sc_spec = shortcut if isinstance(shortcut, ConvSpec) else None
+    if circular and sc_spec is not None and sc_spec.padding_mode != "circular" and \
+            any(p for pair in sc_spec.padding for p in pair):
+        # a zero/reflect/replicate-padded shortcut is not its circular version on the n grid
+        raise ValueError(f"a {sc_spec.padding_mode!r}-padded shortcut is not supported by the circular LipLT bound")
     if circular:
         for d in range(2):
             if conv1.out_spatial[d] * conv1.stride[d] != conv1.in_spatial[d] or \

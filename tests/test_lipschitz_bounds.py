@@ -354,3 +354,22 @@ def test_activation_after_a_layer_is_not_labelled_exact(act):
     # an activation applied to the input itself attains its slope everywhere: W o relu stays exact
     nb = network_bound(nn.Sequential(nn.ReLU(), nn.Linear(2, 3).double()), (2,), method="folded", compare=False)
     assert nb.value.guarantee is Guarantee.EXACT
+
+
+@pytest.mark.parametrize("sc_mode", ["zeros", "reflect", "replicate"])
+def test_circular_liplt_refuses_a_padded_non_circular_shortcut(sc_mode):
+    """circular convs with a zero/reflect/replicate-padded 3x3 shortcut: the circular symbol of the shortcut
+    is not the shortcut, so the circular route must refuse (it under-estimated the dense term by up to 20%)."""
+    torch.manual_seed(0)
+    shape = (1, 3, 3)
+    c1 = nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular", bias=False).double()
+    c2 = nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular", bias=False).double()
+    sc = nn.Conv2d(1, 1, 3, padding=1, padding_mode=sc_mode, bias=False).double()
+    s1, s2, s3 = conv_spec(c1, shape), conv_spec(c2, shape), conv_spec(sc, shape)
+    with pytest.raises(ValueError, match="shortcut"):
+        circular_liplt_terms(s1, s2, 0.5, s3)
+    # an unpadded 1x1 shortcut is its own circular version: still accepted and certified
+    sc1 = nn.Conv2d(1, 1, 1, bias=False).double()
+    s4 = conv_spec(sc1, shape)
+    bound = circular_liplt_terms(s1, s2, 0.5, s4)["bound"]
+    assert bound >= dense_linear_term(s1, s2, 0.5, shape, s4) * (1 - 1e-12)
