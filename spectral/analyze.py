@@ -153,6 +153,10 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
         if not module.track_running_stats or module.running_var is None:
             rec.notes.append(f"BatchNorm {bn_name} uses batch statistics (track_running_stats=False): not folded")
             return
+        if isinstance(rec.module, nn.Linear) and len(rec.output_shape) != 1:
+            # BatchNorm scales dim 1 of its input; a linear layer's features are the last dim
+            rec.notes.append(f"BatchNorm {bn_name} scales dim 1, not this linear layer's features: not folded")
+            return
         if module.running_var.shape[0] != rec.output_shape[0]:
             rec.notes.append(f"BatchNorm {bn_name} does not act on this layer's output channels: not folded")
             return

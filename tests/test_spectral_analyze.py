@@ -145,3 +145,18 @@ def test_analyze_tiny_wideresnet():
     for r in table:
         assert r["lower"] <= r["upper"] * (1 + 1e-9)
         assert r["gap"] <= 0.05 or r["upper_method"] == "fft_cholesky"
+
+
+def test_batchnorm1d_after_a_linear_on_3d_input_is_not_folded():
+    """Linear on (B, L, F) then BatchNorm1d(L == F): BN scales the L axis, not the features; folding it into
+    the weight's output features reported an 'exact' norm below the composition's (3.33 < 3.61 here)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4, bias=False).double()
+    bn = nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([5.0, 0.1, 0.1, 0.1], dtype=torch.float64))
+    model = nn.Sequential(lin, bn).eval()
+    table = analyze(model, torch.randn(1, 4, 4, dtype=torch.float64), progress=False, random_baseline=False)
+    row = table.rows[0]
+    assert row["folded_batchnorm"] is None and any("not folded" in n for n in row["notes"])
+    assert row["upper"] >= float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2)) * (1 - 1e-12)
