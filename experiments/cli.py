@@ -269,6 +269,7 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
             path = _checkpoint_in_dir(path)
         from experiments.checkpoints import load_checkpoint
 
+        _check_checkpoint_format(path)
         loaded = load_checkpoint(path)
         model, metadata = _unpack_loaded_checkpoint(loaded)
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
@@ -304,6 +305,18 @@ def _check_input_shape(model, input_shape: tuple[int, ...], device) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"the model cannot take inputs of shape {'x'.join(map(str, input_shape))} ({first}); "
                         f"pass --input-shape C x H x W matching the model (e.g. 3x32x32) or the right --data") from None
+
+
+def _check_checkpoint_format(path: Path) -> None:
+    """Reject files that are none of the checkpoint formats (torch zip/pickle/tar, safetensors) by their first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head or path.suffix == ".safetensors":
+        return  # the loader reports empty or corrupted files itself
+    if head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{" or head[257:262] == b"ustar":
+        return
+    raise UserError(f"{path} is not a checkpoint (neither a torch.save .pt/.pth file nor safetensors); "
+                    f"pass a checkpoint file or a preset name")
 
 
 def _checkpoint_in_dir(directory: Path) -> Path:
@@ -411,13 +424,13 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     from experiments.demo import spectral_analyze
 
     device = resolve_device(args.device)
+    out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
     payload = {"target": info["name"], "source": info["source"], "input_shape": info["input_shape"], "layers": rows}
-    out = _out_dir(args)
     if out is not None:
         table.to_json(out / "spectral.json")
         table.to_csv(out / "spectral.csv")
@@ -437,6 +450,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     from experiments.demo import bound_summary, data_lower_bounds
 
     device = resolve_device(args.device)
+    out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
@@ -446,7 +460,6 @@ def cmd_bound(args: argparse.Namespace) -> int:
     if args.n > 0:
         x, y = load_eval_data(info["dataset"], root=args.data_root, n=args.n, seed=args.seed, download=args.download)
         payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=_eps(args, info), seed=args.seed)
-    out = _out_dir(args)
     if out is not None:
         write_json(out / "bound.json", payload)
     lines = [f"l2 Lipschitz constant of the logits of {info['name']} at input {'x'.join(map(str, info['input_shape']))}:"]
@@ -535,6 +548,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
+    if args.download and config.data.dataset in ("cifar10", "cifar100"):
+        if not config.data.root:
+            raise UserError("--download needs a dataset folder: add --set data.root=DIR")
+        from experiments.data import load_cifar
+
+        load_cifar(config.data.dataset, config.data.root, "test", download=True)  # downloads only if missing
     out = _out_dir(args, default=str(Path("runs") / config.name))
     summary = train(config, out, resume=args.resume)
     status = summary.get("status", "completed")
@@ -706,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe path or packaged recipe name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10/100 into data.root first if missing")
     _common(p, "run directory (default runs/RECIPE)")
     p.set_defaults(func=cmd_train)
 
@@ -761,7 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch_threads(args.threads):
             return handler(args)
-    except USER_ERRORS as exc:
+    except BrokenPipeError:  # e.g. `archlip ... | head`: the reader left; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (*USER_ERRORS, OSError) as exc:  # OSError: e.g. --download without network, a full disk
         if show_traceback:
             raise
         command = args.command if args.command != "theory" else f"theory {args.theory_command}"
@@ -770,10 +794,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("archlip: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `archlip ... | head`: the reader left; not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

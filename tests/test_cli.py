@@ -253,3 +253,43 @@ def test_demo_subcommand_wiring(capsys, tmp_path, monkeypatch):
     assert code == 0 and out["report"].endswith("report.md")
     assert seen["quick"] is True and seen["seed"] == 3 and seen["threads"] == 1 and seen["device"] == "cpu"
     assert seen["out"] == tmp_path / "d" and seen["verbose"] is False
+
+
+# ------------------------------------------------------------------------------------------ review regressions
+
+
+def test_text_file_as_checkpoint_says_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "notes.pt").write_text("# my notes, not weights\n")
+    code, _, err = run_cli(capsys, "spectral", str(tmp_path / "notes.pt"))
+    assert_one_line_error(code, err, "is not a checkpoint", "preset")
+    assert "unpickle" not in err
+
+
+def test_out_is_a_file_fails_before_the_analysis(capsys, tmp_path, monkeypatch):
+    import experiments.demo
+
+    def never(*args, **kwargs):
+        pytest.fail("the analysis ran although --out is a file")
+
+    monkeypatch.setattr(experiments.demo, "spectral_analyze", never)
+    monkeypatch.setattr(experiments.demo, "bound_summary", never)
+    (tmp_path / "afile").write_text("x")
+    for command in ("spectral", "bound"):
+        code, _, err = run_cli(capsys, command, "wrn-tiny", "--data", "digits", "--out", str(tmp_path / "afile"))
+        assert_one_line_error(code, err, "is a file")
+
+
+def test_download_failure_is_one_line(capsys, tmp_path, monkeypatch):
+    import experiments.data
+
+    def offline(root, name="cifar10", **kwargs):
+        raise OSError(f"could not download {name} (offline); fetch it by hand into {root}")
+
+    monkeypatch.setattr(experiments.data, "download_cifar", offline)
+    code, _, err = run_cli(capsys, "eval", "wrn-tiny", "--data", "cifar10", "--data-root", str(tmp_path / "c"),
+                           "--download", "--n", "2")
+    assert_one_line_error(code, err, "could not download")
+    # the missing-data message tells `archlip train` users to pass --download: train must accept it
+    code, _, err = run_cli(capsys, "train", "cifar10-sat-wrn-34-r", "--set", f"data.root={tmp_path / 'c'}",
+                           "--download", "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "could not download")
