@@ -629,6 +629,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"{run_dir} is a file; pass the --out directory of a demo, sweep or run")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep or run")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; give a directory for report.md and its figures")
     regenerate = f"archlip report {run_dir}" + (f" --out {args.out}" if args.out else "")
     path = write_report(run_dir, out_dir=Path(args.out) if args.out else None, regenerate=regenerate)
     _emit(args, {"report": str(path)}, f"report: {path}")

@@ -293,3 +293,10 @@ def test_download_failure_is_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "train", "cifar10-sat-wrn-34-r", "--set", f"data.root={tmp_path / 'c'}",
                            "--download", "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, "could not download")
+
+
+def test_report_out_is_a_file(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "run"), "--out", str(tmp_path / "afile"))
+    assert_one_line_error(code, err, "--out", "is a file", "give a directory")
