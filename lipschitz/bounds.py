@@ -216,6 +216,18 @@ class _Engine:
             return self.cache[key]
         m = node.module
         in_shape = self.shapes[id(node)][0]
+        if isinstance(m, nn.Linear) and len(in_shape) != 1 and (in_scale is not None or out_scale is not None):
+            # on an (L, F) input a channel scaling (BatchNorm1d) acts on dim 0, not on the weight's features:
+            # no folding, ||D2 (W acting on rows) D1|| <= max|D2| ||W|| max|D1|
+            base = self.layer_norm(node)
+            factor = 1.0
+            for sc in (in_scale, out_scale):
+                if sc is not None:
+                    factor *= float(sc.abs().max())
+            nv = NormValue(base.value * factor, Guarantee.UPPER, base.method, details={"unfolded_scales": True})
+            self.cache[key] = nv
+            self.layer_rows[id(node)].update(folded_upper=nv.value, folded_guarantee=nv.guarantee.value)
+            return nv
         w = fold_weight(m, in_scale, out_scale)
         if isinstance(m, nn.Linear):
             sw = sandwich(w, in_shape, self.rtol, **self.sandwich_kw)

@@ -373,3 +373,19 @@ def test_circular_liplt_refuses_a_padded_non_circular_shortcut(sc_mode):
     s4 = conv_spec(sc1, shape)
     bound = circular_liplt_terms(s1, s2, 0.5, s4)["bound"]
     assert bound >= dense_linear_term(s1, s2, 0.5, shape, s4) * (1 - 1e-12)
+
+
+def test_batchnorm1d_beside_a_linear_on_2d_input_is_not_folded_into_its_features():
+    """Linear on (L, F) with BatchNorm1d(L == F): the BN scales rows (dim 0), not the weight's features."""
+    lin = nn.Linear(4, 4, bias=False).double()
+    bn = nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([5.0, 0.1, 0.1, 0.1], dtype=torch.float64))
+    for model in (nn.Sequential(lin, bn), nn.Sequential(bn, lin), nn.Sequential(bn, nn.ReLU(), lin)):
+        model.eval()
+        shape = (4, 4)
+        jac = jacrev(lambda t: model(t[None])[0])(torch.full(shape, 3.0, dtype=torch.float64)).reshape(16, 16)
+        true = float(torch.linalg.matrix_norm(jac, ord=2))
+        nb = network_bound(model, shape, compare=True)
+        for meth, value in nb.comparison.items():
+            assert value >= true * (1 - 1e-9), (meth, value, true)
