@@ -469,12 +469,11 @@ class _Engine:
         value = 1.0
         for f in factors:
             value *= f.value
-        # exact only for one exact factor after leading 1-Lipschitz activations (their inputs range over all of
-        # R^n, so the top slope is attained everywhere at once). A nonlinear or norm-1 factor after a layer does
-        # not keep the product exact: x -> relu(Wx) or maxpool(Wx) can be less than ||W||-Lipschitz
-        nontrivial = list(factors)
-        while nontrivial and nontrivial[0].kind == "act" and nontrivial[0].exact and nontrivial[0].value == 1.0:
-            nontrivial.pop(0)
+        # exact only for a single exact factor (besides identity activations): a nonlinear or norm-1 factor
+        # next to a layer does not keep the product exact, x -> relu(Wx), maxpool(Wx) or W relu(d relu(x) + c)
+        # can be less than ||W||-Lipschitz
+        nontrivial = [f for f in factors
+                      if not (f.kind == "act" and f.exact and f.value == 1.0 and f.info.get("kind") == "identity")]
         exact = len(nontrivial) <= 1 and all(f.exact for f in nontrivial)
         return value, exact
 

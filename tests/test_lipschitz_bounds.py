@@ -351,9 +351,19 @@ def test_activation_after_a_layer_is_not_labelled_exact(act):
         nb = network_bound(nn.Sequential(conv, nn.MaxPool1d(2)), (1, 1), method=meth, compare=False)
         assert nb.value.value == pytest.approx(2**0.5)
         assert nb.value.guarantee is Guarantee.UPPER
-    # an activation applied to the input itself attains its slope everywhere: W o relu stays exact
-    nb = network_bound(nn.Sequential(nn.ReLU(), nn.Linear(2, 3).double()), (2,), method="folded", compare=False)
-    assert nb.value.guarantee is Guarantee.EXACT
+    # an activation on the range of an earlier one: relu(-relu(x0) - 1) = 0, so W o relu o BN o relu is only
+    # |s1|-Lipschitz in x1 while the product is ||W diag|d||| (it was labelled exact)
+    bn = nn.BatchNorm1d(2).double().eval()
+    lin2 = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([-1.0, 1.0], dtype=torch.float64))
+        bn.bias.copy_(torch.tensor([-1.0, 0.0], dtype=torch.float64))
+        lin2.weight.fill_(1.0)
+    model = nn.Sequential(nn.ReLU(), bn, nn.ReLU(), lin2).eval()
+    for meth in METHODS:
+        nb = network_bound(model, (2,), method=meth, compare=False)
+        assert nb.value.value >= float(bn.weight[1] / torch.sqrt(bn.running_var[1] + bn.eps))
+        assert nb.value.guarantee is Guarantee.UPPER
 
 
 @pytest.mark.parametrize("sc_mode", ["zeros", "reflect", "replicate"])
