@@ -294,7 +294,8 @@ class _Engine:
         spec_info = {}
         if len(layers) == 1 and consts == 1.0 and not any(o[0] in ("pool", "flatten") for o in seg.ops):
             spec_info = self._single_layer_info(seg)
-        exact = exact and nv.guarantee is Guarantee.EXACT and consts == 1.0
+        # a pool of norm 1 beside a layer is not exact either (||W P|| < ||W|| unless P is a co-isometry)
+        exact = exact and nv.guarantee is Guarantee.EXACT and not any(o[0] == "pool" for o in seg.ops)
         return _Factor("seg", value * consts, exact and len(layers) == 1, spec_info)
 
     def _single_layer_info(self, seg: _Seg) -> dict:

@@ -399,3 +399,16 @@ def test_batchnorm1d_beside_a_linear_on_2d_input_is_not_folded_into_its_features
         nb = network_bound(model, shape, compare=True)
         for meth, value in nb.comparison.items():
             assert value >= true * (1 - 1e-9), (meth, value, true)
+
+
+def test_norm_one_avg_pool_beside_a_layer_is_not_labelled_exact():
+    """AvgPool1d(2, 3, 1, count_include_pad=False) on L=7 averages [x0], [x2, x3], [x5, x6]: norm 1, but
+    x -> w . pool(x) with w = (0, 1, 1) is 1-Lipschitz while ||w|| = sqrt(2) (it was labelled exact)."""
+    lin = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64))
+    model = nn.Sequential(nn.AvgPool1d(2, 3, 1, count_include_pad=False), nn.Flatten(), lin)
+    for meth in METHODS:
+        nb = network_bound(model, (1, 7), method=meth, compare=False)
+        assert nb.value.value >= 1.0 - 1e-12
+        assert nb.value.guarantee is Guarantee.UPPER
