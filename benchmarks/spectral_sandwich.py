@@ -11,8 +11,8 @@ measures every layer, ``none`` skips it.
 
 Goal (issue 2): median gap <= 2%, max gap <= 4%, whole model <= 60 s on 2 cores.
 
-Run: ``.venv/bin/python benchmarks/spectral.py [--baseline all|per-shape|none] [--limit N]``.
-Writes ``benchmarks/results/spectral.json`` (+ ``spectral.png``) and prints a final summary line.
+Run: ``.venv/bin/python benchmarks/spectral_sandwich.py [--baseline all|per-shape|none] [--limit N]``.
+Writes ``benchmarks/results/spectral_sandwich.json`` (+ ``spectral_sandwich.png``) and prints a final summary line.
 
 The process sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before importing torch: on the shared
 2-core machine, spinning OpenMP threads made LAPACK calls up to 100x slower under load. Recorded in the JSON.
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rtol", type=float, default=0.02)
     parser.add_argument("--certificate-dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spectral.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spectral_sandwich.json")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
