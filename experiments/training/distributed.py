@@ -7,6 +7,7 @@ DistributedDataParallel equal the single-process gradient of the same global bat
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ def setup(backend: str, device_type: str) -> DistContext:
 
 def teardown(ctx: DistContext) -> None:
     if ctx.initialized_here and dist.is_initialized():
+        # free DDP reducers (reference cycles) and their pending gloo work while the interpreter is fully
+        # alive: left to interpreter finalisation they can abort the process ("terminate called ...")
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -418,7 +418,11 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
     ctx = D.setup(cfg.distributed.backend, device.type)
     try:
         with run_environment(cfg, device), StopFlag() as stop:
-            return _train(cfg, out_dir, resume, on_step, device, ctx, stop)
+            summary = _train(cfg, out_dir, resume, on_step, device, ctx, stop)
+        # every rank finishes its collectives and I/O before any rank tears the group down (gloo aborts a
+        # process whose peer closed the connection while it was still shutting down)
+        D.barrier(ctx)
+        return summary
     finally:
         D.teardown(ctx)
 
