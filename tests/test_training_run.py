@@ -224,3 +224,13 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert row_a["train_adv_acc"] == row_b["train_adv_acc"]
     assert row_a["val_clean_acc"] == pytest.approx(row_b["val_clean_acc"])
     assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-5)
+
+
+def test_resuming_a_completed_run_keeps_its_validation_summary(tmp_path):
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=128", "data.val_size=32"])
+    first = train(cfg, tmp_path)
+    assert first["final_val"], "a completed run reports its last validation"
+    again = train(cfg, tmp_path, resume=True)  # nothing left to train
+    assert again["status"] == "completed" and again["global_step"] == first["global_step"]
+    assert again["final_val"] == first["final_val"]
+    assert json.loads((tmp_path / "summary.json").read_text())["final_val"] == first["final_val"]

@@ -382,6 +382,19 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         atomic_write(path, lambda fh: fh.write("".join(k + "\n" for k in keep)), mode="w")
 
 
+def _last_validation(path: Path) -> dict:
+    """The ``val_*`` entries of the last epoch row in ``metrics.jsonl`` ({} if none): a resumed run that has no
+    epoch left to train still reports (and stamps its final model with) the validation it ended with."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    for row in reversed(rows):
+        val = {k: v for k, v in row.items() if k.startswith("val_")}
+        if val:
+            return val
+    return {}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -520,7 +533,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
         checkpoint()  # a run folder always holds a resumable state, even if stopped before the first step
 
     status = "completed"
-    last_val: dict = {}
+    last_val: dict = _last_validation(out_dir / METRICS_FILE) if resume else {}
     t_start = time.perf_counter() - prog.seconds
     while prog.epoch < total:
         epoch = prog.epoch
