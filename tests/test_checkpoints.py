@@ -13,24 +13,14 @@ from torch import nn
 
 from experiments import checkpoints as ck
 from experiments.models import create_model, list_models, model_config
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from tests.reference import read_reference
 
 
 def reference_state_dict(name: str) -> dict[str, torch.Tensor]:
     """Meta tensors with exactly the keys and shapes of a reference key list."""
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference key list {path} absent (CI clones shared/ beside the repo)")
-    state = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, _, shape = line.partition("\t")
-        dims = [int(s) for s in shape.split(",")] if shape.strip() else []
-        dtype = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
-        state[key] = torch.empty(dims, dtype=dtype, device="meta")
-    return state
+    return {key: torch.empty(shape, dtype=torch.int64 if key.endswith("num_batches_tracked") else torch.float32,
+                             device="meta")
+            for key, shape in read_reference(name).items()}
 
 
 def meta_model(name: str, **kw) -> nn.Module:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,22 +19,9 @@ from experiments.models import (
     model_from_config,
 )
 from lipschitz import graph
+from tests.reference import read_reference
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 TINY = ["wrn-tiny", "wrn-tiny-r", "resnet-tiny", "preact-resnet-tiny"]
-
-
-def read_reference(name: str) -> dict[str, tuple[int, ...]]:
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference key list {path} absent (CI clones shared/ beside the repo)")
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, _, shape = line.partition("\t")
-        out[key] = tuple(int(s) for s in shape.split(",")) if shape.strip() else ()
-    return out
 
 
 def meta_model(name: str, **kw) -> nn.Module:
