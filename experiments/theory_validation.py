@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lipschitz import graph as G
+from experiments.report import spearman
 
 BASE_DEPTHS = (2, 2, 2)
 BASE_WIDTHS = (16, 16, 32, 64)
@@ -178,11 +179,9 @@ def evaluate_config(multipliers: tuple[float, ...], regime: str, *, input_size: 
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+    """Spearman's rho (``experiments.report.spearman``); NaN where it is undefined (< 3 pairs, constant)."""
+    rho = spearman(a, b)["rho"]
+    return float("nan") if rho is None else rho
 
 
 def run_validation(out_dir: str | Path, quick: bool = False, *, seed: int = 0, progress: bool = True,

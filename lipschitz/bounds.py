@@ -32,7 +32,7 @@ from lipschitz import graph as G
 from lipschitz.liplt import conv_spec, fold_weight, liplt_bound
 from lipschitz.rules import (absolute_value_split, activation_from_module, activation_slope, batchnorm_scale,
                              normalize_scale, pool_is_linear, pool_lipschitz)
-from spectral.guarantee import Guarantee, NormValue
+from spectral.guarantee import Guarantee, NormValue, json_safe
 
 METHODS = ("product", "folded", "folded+liplt")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -124,20 +124,6 @@ def _modules_of(node: G.Node) -> list[nn.Module]:
 
 # ------------------------------------------------------------------------------------- results
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return v.tolist() if v.numel() <= 64 else f"tensor{tuple(v.shape)}"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if hasattr(v, "item"):
-        return v.item()
-    return str(v)
 
 
 @dataclass
@@ -167,7 +153,7 @@ class NetworkBound:
         return [n for n in self.nodes if n.get("role") == "stage"]
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
+        return json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
                            "comparison": self.comparison, "layers": self.layers, "nodes": self.nodes,
                            "seconds": self.seconds})
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import torch
 
 
 class Guarantee(str, Enum):
@@ -45,6 +47,33 @@ class NormValue:
             raise ValueError(f"method {self.method!r} produced NaN; check the weights for NaN/Inf")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["guarantee"] = self.guarantee.value
-        return d
+        """JSON-ready dict; warm-start vectors and other large tensors in ``details`` are left out."""
+        return {"value": json_safe(self.value), "guarantee": self.guarantee.value, "method": self.method,
+                "iterations": self.iterations, "seconds": self.seconds, "details": json_safe(self.details)}
+
+
+def json_safe(value: Any, nonfinite: str = "str") -> Any:
+    """``value`` with only JSON types: Guarantee -> its label, tensors of <= 64 entries -> lists (larger ones
+    are dropped from dicts and named by shape in lists), other scalars via ``.item()``, unknown objects via
+    ``str``; a non-finite float becomes its string ("inf", "nan") or, with ``nonfinite="null"``, None.
+    """
+    def convert(v: Any) -> Any:
+        if isinstance(v, Guarantee):
+            return v.value
+        if isinstance(v, bool) or v is None or isinstance(v, (str, int)):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else (None if nonfinite == "null" else str(v))
+        if isinstance(v, dict):
+            return {str(k): convert(x) for k, x in v.items() if not (torch.is_tensor(x) and x.numel() > 64)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        if torch.is_tensor(v):
+            return convert(v.tolist()) if v.numel() <= 64 else f"tensor{tuple(v.shape)}"
+        if hasattr(v, "item"):
+            return convert(v.item())
+        return str(v)
+
+    if nonfinite not in ("str", "null"):
+        raise ValueError(f"nonfinite must be 'str' or 'null', got {nonfinite!r}")
+    return convert(value)

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from spectral.guarantee import Guarantee, NormValue
+from spectral.guarantee import Guarantee, NormValue, json_safe
 from spectral.upper import zero_padding_grid
 
 __all__ = ["Sandwich", "sandwich", "fourier_certificate", "padding_operator_norm", "circular_grid"]
@@ -50,34 +50,9 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
 
 # ----------------------------------------------------------------------------------------------- results
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Guarantee):
-        return value.value
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items() if not torch.is_tensor(v)}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if torch.is_tensor(value):
-        return value.tolist() if value.numel() <= 16 else f"tensor{tuple(value.shape)}"
-    return str(value)
-
-
 def norm_value_dict(nv: NormValue | None) -> dict[str, Any] | None:
-    """JSON-friendly dict of a NormValue (tensors such as warm-start vectors are dropped)."""
-    if nv is None:
-        return None
-    return {
-        "value": _json_safe(float(nv.value)),
-        "guarantee": nv.guarantee.value,
-        "method": nv.method,
-        "iterations": nv.iterations,
-        "seconds": nv.seconds,
-        "details": _json_safe(nv.details),
-    }
+    """JSON-friendly dict of a NormValue (warm-start vectors left out), None for None."""
+    return None if nv is None else nv.to_dict()
 
 
 @dataclass
@@ -130,13 +105,13 @@ class Sandwich:
             "upper": norm_value_dict(self.upper),
             "exact": norm_value_dict(self.exact),
             "probabilistic_upper": norm_value_dict(self.probabilistic_upper),
-            "gap": _json_safe(self.gap),
+            "gap": json_safe(self.gap),
             "rtol": self.rtol,
             "converged": self.converged,
             "seconds": self.seconds,
             "methods": self.methods,
-            "steps": _json_safe(self.steps),
-            "layer": _json_safe(self.layer),
+            "steps": json_safe(self.steps),
+            "layer": json_safe(self.layer),
         }
 
 

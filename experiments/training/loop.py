@@ -35,6 +35,7 @@ from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, ato
 from experiments.training.ema import ModelEMA
 from experiments.training.losses import cross_entropy, mart_loss, trades_loss
 from experiments.training.schedules import lr_from_config
+from spectral.guarantee import json_safe
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -355,19 +356,9 @@ def _save_model_file(path: Path, model: nn.Module, metadata: dict) -> str:
     return str(result if result is not None else path)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_json_safe(row)) + "\n")
+        fh.write(json.dumps(json_safe(row, nonfinite="null")) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -634,7 +625,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                 out_dir / "model_final", final, _model_metadata(cfg, total - 1, prog.global_step, last_val, "final"))
             if prog.best_epoch >= 0:
                 summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
-        atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(json.dumps(_json_safe(summary), indent=2)), mode="w")
+        atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(json.dumps(json_safe(summary, nonfinite="null"), indent=2)), mode="w")
     D.barrier(ctx)
     return summary
 
