@@ -166,6 +166,24 @@ class NetworkBound:
 
 # -------------------------------------------------------------------------------------- engine
 
+# relative round-off of a float64 channel scale gamma / sqrt(var + eps) (4 operations, 2^-53 each, with room)
+DIAG_ROUNDOFF = 2.0**-49
+
+
+def _diag_norm(d: torch.Tensor) -> float:
+    """max|d| of a float64 channel scaling, rounded up by its own float64 round-off (``DIAG_ROUNDOFF``)."""
+    return float(d.abs().max()) * (1.0 + DIAG_ROUNDOFF)
+
+
+def _mul_up(*factors: float) -> float:
+    """Product of non-negative bounds, each float64 multiplication rounded one ulp up (factors 1 are exact)."""
+    out = 1.0
+    for f in factors:
+        if f != 1.0:
+            out = math.nextafter(out * f, math.inf) if out != 1.0 else f
+    return out
+
+
 @dataclass
 class _Seg:
     """An open linear segment: ops are ("diag", scale), ("layer", node), ("pool", node), ("flatten", node)."""
@@ -190,7 +208,8 @@ class _Engine:
         self.shapes, self.method, self.rtol = shapes, method, rtol
         self.dense_max_entries, self.sandwich_kw = dense_max_entries, sandwich_kw
         self.layer_rows, self.cache = layer_rows, cache
-        self.node_values: dict[int, tuple[float, bool]] = {}
+        self.node_values: dict[int, tuple[float, bool]] = {}  # id(node) -> (bound of the node alone, exact?)
+        self.record_nodes = True
 
     # ---------------------------------------------------------------- layer norms
     def layer_norm(self, node: G.Layer, in_scale=None, out_scale=None) -> NormValue:
@@ -209,8 +228,8 @@ class _Engine:
             factor = 1.0
             for sc in (in_scale, out_scale):
                 if sc is not None:
-                    factor *= float(sc.abs().max())
-            nv = NormValue(base.value * factor, Guarantee.UPPER, base.method, details={"unfolded_scales": True})
+                    factor = _mul_up(factor, _diag_norm(sc))
+            nv = NormValue(_mul_up(base.value, factor), Guarantee.UPPER, base.method, details={"unfolded_scales": True})
             self.cache[key] = nv
             self.layer_rows[id(node)].update(folded_upper=nv.value, folded_guarantee=nv.guarantee.value)
             return nv
@@ -243,8 +262,8 @@ class _Engine:
                 consts *= nv.value
         if not layers:
             d = self._diag_product(seg.ops)
-            v = float(d.abs().max()) if d is not None else 1.0
-            return _Factor("value", v * consts, True, {"diag_only": True})
+            v = _diag_norm(d) if d is not None else 1.0
+            return _Factor("value", _mul_up(v, consts), True, {"diag_only": True})
         if len(layers) >= 2:
             dense = self._dense_segment(seg)
             if dense is not None:
@@ -267,22 +286,22 @@ class _Engine:
             elif op[0] == "layer":
                 if last_layer is not None:
                     nv = self.layer_norm(last_layer, info.pop("in_scale", None), out_scale)
-                    value *= nv.value
+                    value = _mul_up(value, nv.value)
                     exact = False
                 last_layer, out_scale, flattened_after_layer = op[1], None, False
                 info["in_scale"] = pending
                 pending = None
         nv = self.layer_norm(last_layer, info.pop("in_scale", None), out_scale)
-        value *= nv.value
+        value = _mul_up(value, nv.value)
         if pending is not None:  # a diag after a flatten that followed the last layer
-            value *= float(pending.abs().max())
+            value = _mul_up(value, _diag_norm(pending))
             exact = False
         spec_info = {}
         if len(layers) == 1 and consts == 1.0 and not any(o[0] in ("pool", "flatten") for o in seg.ops):
             spec_info = self._single_layer_info(seg)
         # a pool of norm 1 beside a layer is not exact either (||W P|| < ||W|| unless P is a co-isometry)
         exact = exact and nv.guarantee is Guarantee.EXACT and not any(o[0] == "pool" for o in seg.ops)
-        return _Factor("seg", value * consts, exact and len(layers) == 1, spec_info)
+        return _Factor("seg", _mul_up(value, consts), exact and len(layers) == 1, spec_info)
 
     def _single_layer_info(self, seg: _Seg) -> dict:
         in_scale = out_scale = None
@@ -355,9 +374,24 @@ class _Engine:
             children = [node]
         value, exact, out = self._sequence(children, pending)
         if isinstance(node, (G.Sequential, G.Residual)):
-            standalone = value * (float(out.abs().max()) if out is not None else 1.0)
-            self.node_values[id(node)] = (standalone, exact and out is None)
+            self._record(node, value, exact, out, pending)
         return value, exact, out
+
+    def _record(self, node: G.Node, value: float, exact: bool, out: torch.Tensor | None,
+                pending: torch.Tensor | None) -> None:
+        """Store the bound of ``node``'s own sub-map (see docs/network-bounds.md, "Node values").
+
+        An evaluation that saw no preceding diag is the node's own bound (times the diag it hands out, which
+        belongs to the node); one that folded a preceding channel scaling bounds ``node o D`` instead, so the
+        node is evaluated once more on its own. The network value keeps the folded chain.
+        """
+        if not self.record_nodes:
+            return
+        if pending is None:
+            self.node_values[id(node)] = (_mul_up(value, _diag_norm(out)) if out is not None else value,
+                                          exact and out is None)
+        elif id(node) not in self.node_values:
+            self.evaluate(node)
 
     def _sequence(self, children: Sequence[G.Node], pending: torch.Tensor | None):
         factors, pending_out = self._factors(children, pending)
@@ -393,7 +427,7 @@ class _Engine:
                 d = (batchnorm_scale(child.module) if isinstance(child, G.BatchNorm)
                      else normalize_scale(child.std)).to(torch.float64)
                 if not folding:
-                    factors.append(_Factor("value", float(d.abs().max()), True))
+                    factors.append(_Factor("value", _diag_norm(d), True))
                 else:
                     seg.ops.append(("diag", d))
             elif isinstance(child, G.Activation):
@@ -435,7 +469,7 @@ class _Engine:
                 if isinstance(child, G.Residual):
                     v, ex = self._residual(child, push)
                     factors.append(_Factor("value", v, ex))
-                    self.node_values[id(child)] = (v, ex)
+                    self._record(child, v, ex, None, push)
                 else:
                     v, ex, out = self.evaluate(child, push)
                     factors.append(_Factor("value", v, ex))
@@ -453,9 +487,7 @@ class _Engine:
     def _combine(self, factors: list[_Factor]) -> tuple[float, bool]:
         if self.method == "folded+liplt":
             factors = self._pair_liplt(factors)
-        value = 1.0
-        for f in factors:
-            value *= f.value
+        value = _mul_up(*(f.value for f in factors))
         # exact only for a single exact factor (besides identity activations): a nonlinear or norm-1 factor
         # next to a layer does not keep the product exact, x -> relu(Wx), maxpool(Wx) or W relu(d relu(x) + c)
         # can be less than ||W||-Lipschitz
@@ -501,13 +533,13 @@ class _Engine:
 
     def _residual(self, node: G.Residual, pending: torch.Tensor | None) -> tuple[float, bool]:
         vb, exb, outb = self.evaluate(node.branch, pending)
-        vb *= float(outb.abs().max()) if outb is not None else 1.0
+        vb = _mul_up(vb, _diag_norm(outb)) if outb is not None else vb
         if node.shortcut is None:
-            vs, exs = (float(pending.abs().max()) if pending is not None else 1.0), True
+            vs, exs = (_diag_norm(pending) if pending is not None else 1.0), True
         else:
             vs, exs, outs = self.evaluate(node.shortcut, pending)
-            vs *= float(outs.abs().max()) if outs is not None else 1.0
-        value = vs + vb
+            vs = _mul_up(vs, _diag_norm(outs)) if outs is not None else vs
+        value = math.nextafter(vs + vb, math.inf)  # the float64 sum rounded up
         if self.method == "folded+liplt":
             merged = self._merged_residual(node, pending)
             if merged is not None and merged < value:
@@ -517,8 +549,8 @@ class _Engine:
     def _merged_residual(self, node: G.Residual, pending) -> float | None:
         """||B + a A2 A1|| + b ||A2|| ||A1|| when the branch is exactly conv-act-conv and B sees the same input."""
         children = node.branch.children if isinstance(node.branch, G.Sequential) else [node.branch]
-        saved, saved_values = self.method, dict(self.node_values)
-        self.method = "folded"  # collect the factors without pairing
+        saved, saved_record = self.method, self.record_nodes
+        self.method, self.record_nodes = "folded", False  # collect the factors without pairing or recording
         try:
             factors, _ = self._factors(children, pending)
             if node.shortcut is None:
@@ -532,7 +564,7 @@ class _Engine:
                     return None
                 sc = sc_factors[0]
         finally:
-            self.method, self.node_values = saved, saved_values
+            self.method, self.record_nodes = saved, saved_record
         if len(factors) != 3:
             return None
         return self._liplt(factors[0], factors[1], factors[2], sc)
@@ -604,7 +636,7 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
             eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
             v, exact, out = eng.evaluate(root)
             if out is not None:
-                v *= float(out.abs().max())
+                v = _mul_up(v, _diag_norm(out))
                 exact = False
             results[meth] = (v, exact)
             node_values[meth] = eng.node_values

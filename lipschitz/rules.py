@@ -18,6 +18,9 @@ from spectral.guarantee import Guarantee, NormValue
 
 # Relative safety margin added to numerically maximised slopes so the value stays a certificate.
 SLOPE_SAFETY = 1e-9
+# Relative margin on the float64 SVD of the small 1-D averaging matrices (backward error ~ n * 2^-53), so an
+# average-pooling constant is never below the exact one by round-off.
+POOL_SVD_ROUNDOFF = 2.0**-40
 
 
 def _silu_slope(x: float) -> float:
@@ -184,6 +187,7 @@ def pool_lipschitz(module: nn.Module, in_shape: Sequence[int]) -> NormValue:
         norm = 1.0
         for d, size in enumerate(spatial):
             norm *= float(torch.linalg.matrix_norm(_avg_matrix_1d(size, module, d, nd), ord=2))
+        norm *= 1.0 + POOL_SVD_ROUNDOFF
         return NormValue(norm, Guarantee.EXACT, f"pool:{type(module).__name__}",
                          details={"in_shape": list(in_shape)})
     max_types = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
@@ -217,7 +221,13 @@ def pool_is_linear(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------- affine pieces
 
 def batchnorm_scale(module: nn.Module) -> torch.Tensor:
-    """Per-channel eval-mode scale gamma / sqrt(running_var + eps) (signed)."""
+    """Per-channel eval-mode scale gamma / sqrt(running_var + eps) (signed), computed in float64.
+
+    The float32 parameters of a float32 model convert to float64 exactly, so the scale is that of the stored
+    network up to float64 round-off (a float32 computation was up to ~1e-7 relative below it).
+    """
+    from spectral.analyze import fold_scale
+
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm module, got {type(module).__name__}")
     if module.training and module.track_running_stats:
@@ -225,15 +235,12 @@ def batchnorm_scale(module: nn.Module) -> torch.Tensor:
     if module.running_var is None:
         raise ValueError("BatchNorm without running statistics has no fixed eval-mode map; "
                          "use track_running_stats=True")
-    scale = torch.rsqrt(module.running_var.detach() + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight.detach()
-    return scale
+    return fold_scale(module)
 
 
 def normalize_scale(std: torch.Tensor) -> torch.Tensor:
-    """Per-channel scale 1/std of the input normalisation (x - mean) / std."""
-    std = torch.as_tensor(std).detach().flatten()
+    """Per-channel scale 1/std (float64) of the input normalisation (x - mean) / std."""
+    std = torch.as_tensor(std).detach().flatten().to(torch.float64)
     if (std <= 0).any():
         raise ValueError(f"normalisation std must be positive, got {std.tolist()}")
     return 1.0 / std

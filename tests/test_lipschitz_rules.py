@@ -123,7 +123,9 @@ def test_batchnorm_scale_and_errors():
         batchnorm_scale(bn)
     with pytest.raises(TypeError):
         batchnorm_scale(nn.ReLU())
-    assert torch.equal(normalize_scale(torch.tensor([0.5, 0.25])), torch.tensor([2.0, 4.0]))
+    assert torch.equal(normalize_scale(torch.tensor([0.5, 0.25])), torch.tensor([2.0, 4.0], dtype=torch.float64))
+    third = normalize_scale(torch.tensor([3.0]))  # 1/3 in float64, not a float32 rounding of it
+    assert third.dtype == torch.float64 and float(third) == 1.0 / 3.0
     with pytest.raises(ValueError, match="positive"):
         normalize_scale(torch.tensor([0.5, 0.0]))
 
@@ -137,3 +139,18 @@ def test_relu_after_negative_scale_is_abs_scale_times_one_lipschitz():
     ratio = (torch.relu(d * z1 + c) - torch.relu(d * z2 + c)).abs() / (z1 - z2).abs()
     assert bool((ratio <= d.abs() * (1 + 1e-9)).all())
     assert float((ratio / d.abs()).max()) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_batchnorm_scale_of_a_float32_batchnorm_is_computed_in_float64():
+    """A float32 scale was up to ~1e-7 relative below gamma / sqrt(var + eps) of the stored parameters."""
+    g = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm1d(64).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(64, generator=g))
+        bn.running_var.copy_(torch.rand(64, generator=g) * 2 + 1e-3)
+    s = batchnorm_scale(bn)
+    ref = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    assert s.dtype == torch.float64
+    assert torch.allclose(s, ref, rtol=1e-15, atol=0)
+    f32 = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps)
+    assert float(((f32.double() - ref) / ref).abs().max()) > 1e-9  # the float32 computation is visibly off
