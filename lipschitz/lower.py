@@ -18,6 +18,7 @@ Scaman & Virmaux 2018, "Lipschitz regularity of deep neural networks" (power ite
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -118,18 +119,27 @@ def _power(block, xb: torch.Tensor, v: torch.Tensor, n_iter: int, n_steps: int, 
 
 def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, n_iter: int = 100, tol: float = 1e-6,
                         batch_size: int = 64, method: str = "vmap", jvp: str = "forward", check_every: int = 10,
-                        seed: int = 0, progress: bool = False) -> NormValue:
+                        perturb: float = 1e-6, seed: int = 0, progress: bool = False) -> NormValue:
     """Max over the samples of ``||J_f(x_i)||_2`` by power iteration on J^T J (jvp + vjp, no Jacobian formed).
+
+    The Jacobians are taken at ``x_i + r_i`` with ``r_i`` uniform in the l_inf ball of radius
+    ``perturb * max(1, ||x_i||_inf)`` (seeded): at a kink of an activation (e.g. ReLU at 0) autograd returns
+    a one-sided derivative that need not be a derivative of f at all (relu(x) - relu(-x) - x is identically 0,
+    autograd says -1 at 0); a random point is almost surely a point of differentiability where autograd is
+    right. ``perturb=0`` evaluates exactly at ``x`` and labels the value ESTIMATE for that reason.
 
     ``method``: "vmap" (samples batched with torch.func.vmap) or "loop" (one sample at a time, the baseline).
     ``jvp``: "forward" (torch.func.jvp) or "double_vjp" (J v as the vjp of u -> J^T u). One linearisation
     per sample serves ``check_every`` steps; iteration stops when no sample's value improves by more than
     ``tol`` (relative) over a block, or after ``n_iter`` steps (rounded up to a multiple of check_every).
-    Every value is ``||J v||`` for a unit ``v``: a true lower bound of ``||J(x_i)||`` and so of the l2
-    Lipschitz constant. Returns NormValue(LOWER) with ``details``: ``per_sample``, ``argmax``, ``vector``.
+    Every value is ``||J v||`` for a unit ``v``: a true lower bound of ``||J(x_i + r_i)||`` and so of the l2
+    Lipschitz constant. Returns NormValue(LOWER) with ``details``: ``per_sample``, ``argmax``, ``vector``,
+    ``perturb``.
     References: Scaman & Virmaux 2018 (power iteration on the Jacobian).
     """
     _check_batch(x)
+    if not perturb >= 0:
+        raise ValueError(f"perturb must be >= 0, got {perturb}")
     if method not in ("vmap", "loop"):
         raise ValueError(f"unknown method {method!r}; valid: vmap, loop")
     if jvp not in ("double_vjp", "forward"):
@@ -144,6 +154,7 @@ def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, n_iter: int = 100,
         return model(xi.unsqueeze(0)).squeeze(0)
 
     block = _power_block(fn, jvp, min(check_every, n_iter))
+    x = _perturbed(x, perturb, gen)
     with eval_mode(model), torch.no_grad():
         starts = range(0, x.shape[0], batch_size)
         for s in tqdm(starts, desc="jacobian power iteration", disable=not progress):
@@ -156,10 +167,22 @@ def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, n_iter: int = 100,
             iters = max(iters, it)
     per_sample = torch.cat(values)
     idx = int(torch.argmax(per_sample))
-    return NormValue(float(per_sample[idx]), Guarantee.LOWER, f"jacobian_power_{method}_{jvp}", iterations=iters,
-                     seconds=time.perf_counter() - t0,
-                     details={"per_sample": per_sample.tolist(), "argmax": idx,
-                              "vector": torch.cat(vectors)[idx].detach().cpu(), "n_samples": int(x.shape[0])})
+    details = {"per_sample": per_sample.tolist(), "argmax": idx, "vector": torch.cat(vectors)[idx].detach().cpu(),
+               "n_samples": int(x.shape[0]), "perturb": perturb}
+    if perturb == 0:
+        details["note"] = "evaluated exactly at x: at a kink autograd's one-sided derivative is not a Jacobian"
+    return NormValue(float(per_sample[idx]), Guarantee.LOWER if perturb > 0 else Guarantee.ESTIMATE,
+                     f"jacobian_power_{method}_{jvp}", iterations=iters, seconds=time.perf_counter() - t0,
+                     details=details)
+
+
+def _perturbed(x: torch.Tensor, perturb: float, gen: torch.Generator) -> torch.Tensor:
+    """x_i + r_i, r_i uniform in the l_inf ball of radius perturb * max(1, ||x_i||_inf) (x itself if perturb = 0)."""
+    if perturb == 0:
+        return x
+    radius = perturb * _flat_norm(x.detach(), math.inf).clamp_min(1.0).view(-1, *([1] * (x.dim() - 1)))
+    r = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1).to(x.device)
+    return x + radius * r
 
 
 # ------------------------------------------------------------------------ attack-based ratio
@@ -194,9 +217,13 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
     """Max over samples of ``||f(x1) - f(x2)||_2 / ||x1 - x2||_p`` with x1, x2 in the eps-ball around x_i.
 
     Both points are optimised by projected ascent on log of the ratio (sign steps for linf, normalised
-    gradient steps for l2). Only pairs at least ``min_separation`` apart (default eps/10) are recorded, so
-    float round-off in f(x1) - f(x2) cannot inflate a ratio. Each recorded ratio is an observed ratio, so the
-    max is a LOWER bound of the (l_p -> l2) Lipschitz constant (the l2 constant for norm="l2").
+    gradient steps for l2) in the model's dtype. Ratios are recorded in float64 (a float64 model at every
+    step; for a lower-precision model, each sample's best pair is re-evaluated at the end by a float64 copy,
+    the points converted exactly), with the numerator reduced by a round-off allowance of
+    ``DIFFERENCE_ROUNDOFF * (||f(x1)|| + ||f(x2)||)``, so cancellation in f(x1) - f(x2) cannot inflate a
+    ratio (in float32 it did, by 8% on a layer with a large bias); only pairs at least ``min_separation``
+    apart (default eps/10) count. Each recorded ratio is an observed ratio, so the max is a LOWER bound of
+    the (l_p -> l2) Lipschitz constant (the l2 constant for norm="l2").
     """
     _check_batch(x)
     _check_norm(norm)
@@ -207,23 +234,23 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
     min_sep = eps / 10 if min_separation is None else min_separation
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    best = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    twin = _float64_twin(model)
+    pairs = _PairTracker(x, twin, twin is model, p, min_sep)
 
     def clipped(t: torch.Tensor) -> torch.Tensor:
         return t if clip is None else t.clamp(*clip)
 
-    with eval_mode(model):
+    with eval_mode(model), eval_mode(twin):
         for _ in range(restarts):
             d1 = _random_in_ball(x.shape, eps, norm, gen, x.dtype, x.device) / 2
             d2 = _random_in_ball(x.shape, eps, norm, gen, x.dtype, x.device)
             for _step in range(steps + 1):
                 x1 = clipped(x + d1).detach().requires_grad_(True)
                 x2 = clipped(x + d2).detach().requires_grad_(True)
-                num = _flat_norm(model(x1) - model(x2), 2)
+                out1, out2 = model(x1), model(x2)
+                num = _flat_norm(out1 - out2, 2)
                 den = _flat_norm(x1 - x2, p)
-                ok = den >= min_sep
-                ratio = torch.where(ok, num / den.clamp_min(1e-30), torch.zeros_like(num))
-                best = torch.maximum(best, ratio.detach())
+                pairs.update(x1, x2, out1, out2, num, den)
                 if _step == steps:
                     break
                 obj = (torch.log(num.clamp_min(1e-30)) - torch.log(den.clamp_min(1e-30))).sum()
@@ -231,11 +258,67 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
                 d1 = _project(clipped(x1.detach() + step_size * _ascent_direction(g1, norm)) - x, eps, norm)
                 d2 = _project(clipped(x2.detach() + step_size * _ascent_direction(g2, norm)) - x, eps, norm)
                 d1, d2 = d1.detach(), d2.detach()
+        best = pairs.result()
     idx = int(torch.argmax(best))
     return NormValue(float(best[idx]), Guarantee.LOWER, f"attack_ratio_{norm}", iterations=steps * restarts,
                      seconds=time.perf_counter() - t0,
                      details={"input_norm": norm, "output_norm": "l2", "eps": eps, "argmax": idx,
-                              "per_sample": best.tolist(), "min_separation": min_sep})
+                              "per_sample": best.tolist(), "min_separation": min_sep,
+                              "difference_roundoff": DIFFERENCE_ROUNDOFF})
+
+
+# relative round-off allowance of a float64 forward, subtracted from ||f(x1) - f(x2)|| (times the output norms)
+DIFFERENCE_ROUNDOFF = 2.0**-36
+
+
+def _float64_twin(model: nn.Module) -> nn.Module:
+    """The model itself if every floating parameter and buffer is float64, else a float64 copy of it."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float64 for t in tensors):
+        return model
+    return copy.deepcopy(model).to(torch.float64)
+
+
+class _PairTracker:
+    """Per-sample best ratio in float64: directly for a float64 model, else from the best pair (by the model's
+    own ratio) re-evaluated by the float64 twin in ``result()``."""
+
+    def __init__(self, x: torch.Tensor, twin: nn.Module, twin_is_model: bool, p: float, min_sep: float) -> None:
+        self.twin, self.twin_is_model, self.p, self.min_sep = twin, twin_is_model, p, min_sep
+        self.best = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        self.cand = torch.full((x.shape[0],), -1.0, dtype=x.dtype, device=x.device)
+        self.x1, self.x2 = x.detach().clone(), x.detach().clone()
+        self.seen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def update(self, x1, x2, out1, out2, num, den) -> None:
+        if self.twin_is_model and out1.dtype == torch.float64:
+            outs = (out1.detach(), out2.detach())
+            self.best = torch.maximum(self.best, _recorded_ratio(self.twin, x1, x2, self.p, self.min_sep, outs))
+            return
+        ratio = torch.where(den >= self.min_sep, num / den.clamp_min(1e-30), torch.full_like(num, -1.0)).detach()
+        better = ratio > self.cand
+        self.cand = torch.where(better, ratio, self.cand)
+        self.x1[better], self.x2[better] = x1.detach()[better], x2.detach()[better]
+        self.seen |= better
+
+    def result(self) -> torch.Tensor:
+        if self.seen.any():
+            ratio = _recorded_ratio(self.twin, self.x1, self.x2, self.p, self.min_sep, None)
+            self.best = torch.maximum(self.best, torch.where(self.seen, ratio, torch.zeros_like(ratio)))
+        return self.best
+
+
+def _recorded_ratio(twin: nn.Module, x1: torch.Tensor, x2: torch.Tensor, p: float, min_sep: float,
+                    outs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Per-sample float64 ratio (||f(x1) - f(x2)|| - round-off allowance) / ||x1 - x2||_p, 0 where the pair
+    is closer than ``min_sep``; ``outs``: the float64 outputs when they are already computed."""
+    a, b = x1.detach().to(torch.float64), x2.detach().to(torch.float64)
+    with torch.no_grad():
+        fa, fb = outs if outs is not None else (twin(a), twin(b))
+    allowance = DIFFERENCE_ROUNDOFF * (_flat_norm(fa, 2) + _flat_norm(fb, 2))
+    num = (_flat_norm(fa - fb, 2) - allowance).clamp_min(0.0)
+    den = _flat_norm(a - b, p)
+    return torch.where(den >= min_sep, num / den.clamp_min(1e-300), torch.zeros_like(num))
 
 
 # ------------------------------------------------------------------- Yang et al. local metric

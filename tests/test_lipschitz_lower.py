@@ -113,3 +113,37 @@ def test_local_lipschitz_stable_accuracy_constant_model():
 
     res = local_lipschitz_metric(Const(), torch.rand(4, 2, dtype=torch.float64), eps=0.1, steps=2)
     assert res.stable_accuracy == 1.0 and res.value.value == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.01, 0.001])
+def test_attack_ratio_is_not_inflated_by_float32_cancellation(eps):
+    """Linear(16, 4), weights 0.01 randn, bias 1000 (float32): f(x1) - f(x2) cancelled in float32 and the
+    'lower' ratio exceeded the true constant (0.06707 > 0.06215 at eps 0.01)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        lin = nn.Linear(16, 4)
+        with torch.no_grad():
+            lin.weight.copy_(0.01 * torch.randn(4, 16))
+            lin.bias.fill_(1000.0)
+        true = float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2))
+        r = attack_ratio_lower(lin, torch.rand(8, 16), eps=eps, clip=None, seed=seed)
+        assert r.guarantee is Guarantee.LOWER
+        assert r.value <= true
+        assert r.value >= 0.9 * true  # the ascent still finds (almost) the top direction
+    assert next(lin.parameters()).dtype == torch.float32  # the model itself is left in float32
+
+
+def test_jacobian_lower_at_a_kink_is_a_jacobian_of_the_function():
+    """relu(x) - relu(-x) - x is identically 0; at x = 0 autograd's one-sided derivatives give -1."""
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) - torch.relu(-x) - x
+
+    for dtype in (torch.float32, torch.float64):
+        res = jacobian_norm_lower(Zero(), torch.zeros(3, 4, dtype=dtype), n_iter=5)
+        assert res.value == 0.0 and res.guarantee is Guarantee.LOWER
+    exact_point = jacobian_norm_lower(Zero(), torch.zeros(1, 4), n_iter=5, perturb=0.0)
+    assert exact_point.guarantee is Guarantee.ESTIMATE and "kink" in exact_point.details["note"]
+    with pytest.raises(ValueError, match="perturb"):
+        jacobian_norm_lower(Zero(), torch.zeros(1, 4), perturb=-1.0)
