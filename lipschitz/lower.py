@@ -17,32 +17,20 @@ Scaman & Virmaux 2018, "Lipschitz regularity of deep neural networks" (power ite
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from spectral.analyze import eval_mode  # noqa: F401  (one home; re-exported for lipschitz users)
 from spectral.guarantee import Guarantee, NormValue
 
 NORMS = ("l2", "linf")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _check_batch(x: torch.Tensor) -> None:

@@ -1,17 +1,25 @@
 """Per-layer spectral table of any ``nn.Module``: every conv/linear at the input shape it really sees.
 
-``analyze(model, example_input)`` runs one forward pass with hooks, records each ``nn.Conv1d``,
-``nn.Conv2d`` and ``nn.Linear`` call with its real input shape and its parameters, folds an eval-mode
-BatchNorm that directly consumes a conv/linear output into it (``W * gamma / sqrt(var + eps)`` per output
-channel; the bias does not change a norm), then sandwiches each layer (``spectral.sandwich``) and adds the
-random-matrix baseline. Pre-activation blocks (BN -> ReLU -> conv) have no BN *after* a conv, so nothing is
-folded there: network-level folding belongs to ``lipschitz``.
+``analyze(model, example_input)`` runs one eval-mode, no-grad forward pass with hooks (every submodule's
+mode is restored afterwards, so an analysis changes nothing in the model: no BatchNorm statistics, no
+spectral-norm power-iteration buffers), records each ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear``,
+``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d`` call with its real input shape and its parameters, folds
+an eval-mode BatchNorm that directly consumes a layer's output into it (``W * gamma / sqrt(var + eps)`` per
+output channel, in float64; the bias does not change a norm), then sandwiches each layer
+(``spectral.sandwich``) and adds the random-matrix baseline. A transposed convolution is the adjoint of the
+convolution with the same weight from its output shape back to its input shape, and a map and its adjoint
+have the same operator norm, so its row is that convolution's sandwich. Modules with weights that are not
+analysed (unsupported types, or layers never called as modules) are listed in ``meta["not_analyzed"]``.
+Pre-activation blocks (BN -> ReLU -> conv) have no BN *after* a conv, so nothing is folded there:
+network-level folding belongs to ``lipschitz``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,9 +31,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from spectral.random_matrix import random_conv_norm_prediction, random_norm_ratio
 from spectral.sandwich import sandwich
 
-__all__ = ["LayerTable", "LayerRecord", "analyze", "record_layers", "fold_batchnorm"]
+__all__ = ["LayerTable", "LayerRecord", "analyze", "record_layers", "fold_batchnorm", "eval_mode"]
 
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear) + _TRANSPOSED_TYPES
 
 CSV_COLUMNS = [
     "name", "kind", "weight_shape", "input_shape", "output_shape", "stride", "padding", "padding_mode",
@@ -46,6 +55,7 @@ class LayerRecord:
     folded_batchnorm: str | None = None
     bn_scale: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    weight: torch.Tensor | None = None  # the weight this call used (a parametrized weight as computed then)
 
     @property
     def kind(self) -> str:
@@ -99,18 +109,21 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _check_eval_batchnorm(model: nn.Module) -> None:
-    training = [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
-    if training:
-        shown = ", ".join(training[:3]) + (" ..." if len(training) > 3 else "")
-        raise ValueError(
-            f"BatchNorm in training mode ({shown}): its output depends on the batch and the forward pass would "
-            "update running statistics; call model.eval() before analyze()"
-        )
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRecord]:
-    """Run ``model(example_input)`` once with hooks; return each conv/linear call in call order.
+    """Run ``model(example_input)`` once in eval mode, without gradients, with hooks; return each
+    conv/linear/transposed-conv call in call order. Every submodule's mode is restored afterwards.
 
     A BatchNorm whose input tensor *is* a recorded layer's output (conv -> BN) is attached to that record.
     """
@@ -118,7 +131,6 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not torch.is_tensor(example_input):
         raise TypeError(f"example_input must be a tensor (with a batch dimension), got {type(example_input).__name__}")
-    _check_eval_batchnorm(model)
     records: list[LayerRecord] = []
     outputs: dict[int, tuple[torch.Tensor, LayerRecord, int]] = {}
     calls: dict[str, int] = {}
@@ -131,7 +143,8 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
         base = names.get(id(module), type(module).__name__) or type(module).__name__
         calls[base] = calls.get(base, 0) + 1
         name = base if calls[base] == 1 else f"{base}#{calls[base]}"
-        rec = LayerRecord(name, module, tuple(args[0].shape[1:]), tuple(output.shape[1:]))
+        rec = LayerRecord(name, module, tuple(args[0].shape[1:]), tuple(output.shape[1:]),
+                          weight=module.weight.detach())
         records.append(rec)
         # keep the tensor alive so its id stays unique; its version detects in-place changes (conv -> ReLU_ -> BN)
         outputs[id(output)] = (output, rec, output._version)
@@ -169,7 +182,7 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
         elif isinstance(module, _BatchNorm):
             handles.append(module.register_forward_hook(bn_hook))
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for h in handles:
@@ -187,26 +200,129 @@ def fold_scale(bn: _BatchNorm) -> torch.Tensor:
     return scale
 
 
-def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``weight`` with output channel ``o`` multiplied by ``scale[o]`` (conv or linear), in weight's dtype."""
-    if scale.shape[0] != weight.shape[0]:
-        raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {weight.shape[0]} outputs")
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    return (weight.detach().double() * scale.reshape(shape)).to(weight.dtype)
+def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+    """``weight`` (float64) with output channel ``o`` multiplied by ``scale[o]``: conv or linear weights
+    ``(C_out, ...)``, or with ``transposed=True`` a ConvTranspose weight ``(C_in, C_out / groups, ...)``.
+
+    The result stays in float64: rounding it back to float32 would change the operator by ~1e-7 relative,
+    and the certificate would be for that other operator.
+    """
+    w = weight.detach().double()
+    scale = scale.detach().double()
+    if not transposed:
+        if scale.shape[0] != w.shape[0]:
+            raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {w.shape[0]} outputs")
+        return w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+    c_in, c_out_g = w.shape[:2]
+    if scale.shape[0] != c_out_g * groups:
+        raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {c_out_g * groups} outputs")
+    group_of_row = torch.arange(c_in) // (c_in // groups)
+    index = group_of_row[:, None] * c_out_g + torch.arange(c_out_g)[None, :]  # output channel of w[i, j]
+    return w * scale[index].reshape(c_in, c_out_g, *([1] * (w.dim() - 2)))
 
 
 def _layer_params(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, nn.Linear):
         return {"stride": None, "padding": None, "padding_mode": None, "dilation": None, "groups": None}
-    return {
+    params = {
         "stride": list(module.stride), "padding": module.padding if isinstance(module.padding, str)
         else list(module.padding), "padding_mode": module.padding_mode, "dilation": list(module.dilation),
         "groups": module.groups,
     }
+    if isinstance(module, _TRANSPOSED_TYPES):
+        params["output_padding"] = list(module.output_padding)
+    return params
 
 
 def _input_size(rec: LayerRecord) -> list[int] | None:
     return list(rec.input_shape[1:]) if not isinstance(rec.module, nn.Linear) else None
+
+
+def _sandwich_record(rec: LayerRecord, weight: torch.Tensor, sandwich_kwargs: dict[str, Any]):
+    """The sandwich of one recorded call; a transposed conv is sandwiched as its adjoint conv."""
+    module = rec.module
+    if isinstance(module, nn.Linear):
+        # leading dims of a linear input do not change the norm
+        return sandwich(weight, (rec.input_shape[-1],), **sandwich_kwargs)
+    if isinstance(module, _TRANSPOSED_TYPES):
+        result = sandwich(weight, rec.output_shape, stride=module.stride, padding=module.padding,
+                          dilation=module.dilation, groups=module.groups, **sandwich_kwargs)
+        if tuple(result.layer["out_shape"]) != tuple(rec.input_shape):
+            raise ValueError(f"{rec.name}: the adjoint conv of this {rec.kind} maps {rec.output_shape} to "
+                             f"{tuple(result.layer['out_shape'])}, not to its input shape {rec.input_shape}; "
+                             "its norm cannot be certified this way")
+        return result
+    return sandwich(weight, rec.input_shape, stride=module.stride, padding=module.padding,
+                    padding_mode=module.padding_mode, dilation=module.dilation, groups=module.groups,
+                    **sandwich_kwargs)
+
+
+def _baseline(rec: LayerRecord, weight: torch.Tensor, upper: float, row: dict[str, Any]) -> None:
+    """Random-matrix baseline columns of a row (a note instead when the weight cannot give one)."""
+    module = rec.module
+    try:
+        if isinstance(module, nn.Linear):
+            base = random_conv_norm_prediction(weight)
+        else:
+            size = rec.output_shape[1:] if isinstance(module, _TRANSPOSED_TYPES) else rec.input_shape[1:]
+            base = random_conv_norm_prediction(weight, size, module.stride, module.groups)
+    except ValueError as err:  # e.g. a single weight has no entry standard deviation
+        row.update(random_baseline=None, random_baseline_guarantee=None, ratio_to_random=None)
+        row["notes"].append(f"no random-matrix baseline: {err}")
+        return
+    row["random_baseline"] = base.value
+    row["random_baseline_guarantee"] = base.guarantee.value
+    row["ratio_to_random"] = random_norm_ratio(upper, base)
+
+
+def _row(rec: LayerRecord, sandwich_kwargs: dict[str, Any], random_baseline: bool) -> dict[str, Any]:
+    module = rec.module
+    weight = rec.weight if rec.weight is not None else module.weight.detach()
+    transposed = isinstance(module, _TRANSPOSED_TYPES)
+    if rec.bn_scale is not None:
+        weight = fold_batchnorm(weight, rec.bn_scale, transposed, getattr(module, "groups", 1))
+    result = _sandwich_record(rec, weight, sandwich_kwargs)
+    notes = list(rec.notes)
+    if transposed:
+        notes.append(f"{rec.kind}: the norm of its adjoint convolution (same weight) from the output shape "
+                     "back to the input shape; a map and its adjoint have the same operator norm")
+    row: dict[str, Any] = {
+        "name": rec.name, "kind": rec.kind, "weight_shape": list(weight.shape), "dtype": str(weight.dtype),
+        "input_shape": list(rec.input_shape), "output_shape": list(rec.output_shape),
+        "input_size": _input_size(rec), **_layer_params(module), "folded_batchnorm": rec.folded_batchnorm,
+        "lower": result.lower.value, "upper": result.upper.value, "gap": result.gap,
+        "exact": result.exact.value if result.exact is not None else None,
+        "lower_guarantee": result.lower.guarantee.value, "upper_guarantee": result.upper.guarantee.value,
+        "lower_method": result.lower.method, "upper_method": result.upper.method,
+        "methods": result.methods, "seconds": result.seconds, "notes": notes,
+    }
+    if result.probabilistic_upper is not None:
+        row["probabilistic_upper"] = result.probabilistic_upper.value
+        row["failure_probability"] = result.probabilistic_upper.details["failure_probability"]
+    if random_baseline:
+        _baseline(rec, weight, result.upper.value, row)
+    return row
+
+
+def not_analyzed(model: nn.Module, records: list[LayerRecord]) -> list[dict[str, str]]:
+    """Modules holding a weight matrix/kernel (a parameter with >= 2 dims) that have no row: unsupported types,
+    and supported layers never called as modules in the forward pass (e.g. used through their weight)."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    seen = {id(r.module) for r in records}
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, ParametrizationList) or id(m) in seen:
+            continue
+        weight = getattr(m, "weight", None)
+        has_weight = (torch.is_tensor(weight) and weight.dim() >= 2) or \
+            any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        if isinstance(m, _LAYER_TYPES):
+            out.append({"name": name, "kind": type(m).__name__, "reason": "not called as a module in the forward pass"})
+        elif has_weight:
+            out.append({"name": name, "kind": type(m).__name__, "reason": "unsupported module type; analyze "
+                        "supports Conv1d/Conv2d/Linear/ConvTranspose1d/ConvTranspose2d"})
+    return out
 
 
 def analyze(
@@ -217,12 +333,14 @@ def analyze(
     random_baseline: bool = True,
     **sandwich_kwargs: Any,
 ) -> LayerTable:
-    """Per-layer certified spectral norms of every conv/linear layer of ``model`` at ``example_input``.
+    """Per-layer certified spectral norms of every conv/linear/transposed-conv layer of ``model``.
 
-    ``example_input`` includes a batch dimension (one sample is enough). ``sandwich_kwargs`` go to
+    ``example_input`` includes a batch dimension (one sample is enough); the forward pass runs in eval mode
+    without gradients and the model is left as it was (modes, buffers). ``sandwich_kwargs`` go to
     ``spectral.sandwich`` (``rtol``, ``budget_seconds``, ``probabilistic``, ...). Rows: name, kind, shapes,
-    stride/padding/..., folded_batchnorm, lower, upper, gap, exact, guarantee labels, methods, seconds, the
-    random-matrix baseline (ESTIMATE) and ``ratio_to_random`` (upper / baseline).
+    stride/padding/..., folded_batchnorm, lower, upper, gap, exact, guarantee labels, methods, seconds, notes,
+    the random-matrix baseline (ESTIMATE) and ``ratio_to_random`` (upper / baseline). ``meta["not_analyzed"]``
+    lists modules with weights that have no row (also warned about).
 
     References: Sedghi et al. (2019); Gordon (1985); Bandeira & van Handel (2016).
     """
@@ -230,48 +348,19 @@ def analyze(
 
     t0 = time.perf_counter()
     records = record_layers(model, example_input)
-    rows: list[dict[str, Any]] = []
-    for rec in tqdm(records, desc="layers", disable=not progress, leave=False):
-        module = rec.module
-        weight = module.weight.detach()
-        if rec.bn_scale is not None:
-            weight = fold_batchnorm(weight, rec.bn_scale)
-        params = _layer_params(module)
-        if isinstance(module, nn.Linear):
-            # leading dims of a linear input do not change the norm
-            result = sandwich(weight, (rec.input_shape[-1],), **sandwich_kwargs)
-        else:
-            result = sandwich(
-                weight, rec.input_shape, stride=module.stride, padding=module.padding,
-                padding_mode=module.padding_mode, dilation=module.dilation, groups=module.groups,
-                **sandwich_kwargs,
-            )
-        row: dict[str, Any] = {
-            "name": rec.name, "kind": rec.kind, "weight_shape": list(weight.shape),
-            "input_shape": list(rec.input_shape), "output_shape": list(rec.output_shape),
-            "input_size": _input_size(rec), **params, "folded_batchnorm": rec.folded_batchnorm,
-            "lower": result.lower.value, "upper": result.upper.value, "gap": result.gap,
-            "exact": result.exact.value if result.exact is not None else None,
-            "lower_guarantee": result.lower.guarantee.value, "upper_guarantee": result.upper.guarantee.value,
-            "lower_method": result.lower.method, "upper_method": result.upper.method,
-            "methods": result.methods, "seconds": result.seconds, "notes": list(rec.notes),
-        }
-        if result.probabilistic_upper is not None:
-            row["probabilistic_upper"] = result.probabilistic_upper.value
-            row["failure_probability"] = result.probabilistic_upper.details["failure_probability"]
-        if random_baseline:
-            if isinstance(module, nn.Linear):
-                base = random_conv_norm_prediction(weight)
-            else:
-                base = random_conv_norm_prediction(weight, rec.input_shape[1:], module.stride, module.groups)
-            row["random_baseline"] = base.value
-            row["random_baseline_guarantee"] = base.guarantee.value
-            row["ratio_to_random"] = random_norm_ratio(result.upper.value, base)
-        rows.append(row)
+    with eval_mode(model), torch.no_grad():  # nothing below may step a parametrization or a hook
+        rows = [_row(rec, sandwich_kwargs, random_baseline)
+                for rec in tqdm(records, desc="layers", disable=not progress, leave=False)]
+    skipped = not_analyzed(model, records)
+    if skipped:
+        shown = ", ".join(f"{s['name'] or '<root>'} ({s['kind']})" for s in skipped[:5])
+        warnings.warn(f"analyze: {len(skipped)} module(s) with weights have no row: {shown}"
+                      f"{' ...' if len(skipped) > 5 else ''}; see meta['not_analyzed']", stacklevel=2)
     meta = {
         "model": type(model).__name__, "example_input_shape": list(example_input.shape),
         "layers": len(rows), "seconds": time.perf_counter() - t0, "torch": torch.__version__,
         "sandwich_kwargs": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in sandwich_kwargs.items()},
-        "max_gap": max((r["gap"] for r in rows), default=0.0),
+        "max_gap": max((r["gap"] for r in rows), default=0.0), "evaluated_in_eval_mode": True,
+        "model_was_training": bool(model.training), "not_analyzed": skipped,
     }
     return LayerTable(rows, meta)

@@ -70,11 +70,106 @@ def test_analyze_bounds_path_on_folded_layer():
     assert row["lower"] <= conv_bn * (1 + 1e-9) <= row["upper"] * (1 + 2e-9)
 
 
-def test_train_mode_batchnorm_is_refused():
+def test_training_mode_model_is_analysed_in_eval_mode_and_left_unchanged():
+    """A model in training mode: BN running statistics, modes and everything else stay as they were, and the
+    rows are those of the eval-mode model (BN folded with its running statistics)."""
     net = _small_net().train()
-    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
-        analyze(net, torch.rand(2, 2, 6, 6, dtype=torch.float64), progress=False)
-    assert net[1].num_batches_tracked.item() == 0  # nothing ran
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(2, 2, 6, 6, dtype=torch.float64)
+    table = analyze(net, x, progress=False)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert table.meta["model_was_training"] and table.meta["evaluated_in_eval_mode"]
+    ref = analyze(_small_net().eval(), x, progress=False)
+    assert [r["upper"] for r in table] == [r["upper"] for r in ref] and table["0"]["folded_batchnorm"] == "1"
+
+
+def test_spectral_norm_parametrization_buffers_are_not_advanced():
+    """spectral_norm's forward in training mode runs a power-iteration step that rewrites _u/_v: the analysis
+    of a training-mode model did that (an analysis must not change the model it reads)."""
+    from torch.nn.utils import parametrizations, spectral_norm
+
+    torch.manual_seed(3)
+    net = nn.Sequential(parametrizations.spectral_norm(nn.Linear(4, 5)), nn.ReLU(), nn.Dropout(0.5),
+                        spectral_norm(nn.Linear(5, 3))).double().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert any(k.endswith("_u") for k in before)
+    table = analyze(net, torch.rand(3, 4, dtype=torch.float64), progress=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert len(table) == 2 and table.meta["not_analyzed"] == []
+    assert net.training and net[2].training
+    with torch.no_grad():
+        w0 = net[0].eval().weight.detach()  # W / sigma(W) at the current _u, _v (eval: no power step)
+    assert table["0"]["exact"] == pytest.approx(float(torch.linalg.matrix_norm(w0, ord=2)), rel=1e-12)
+
+
+def test_linear_with_a_single_weight_gets_a_row():
+    lin = nn.Linear(1, 1).double()
+    table = analyze(nn.Sequential(lin), torch.rand(1, 1, dtype=torch.float64), progress=False)
+    row = table.rows[0]
+    assert row["exact"] == pytest.approx(abs(float(lin.weight.detach())), rel=1e-15)
+    assert row["random_baseline"] is None and "baseline" in row["notes"][0]
+
+
+@pytest.mark.parametrize("dims,stride,padding,out_pad,dilation,groups", [
+    (2, 1, 0, 0, 1, 1), (2, 2, 1, 1, 1, 1), (2, (2, 1), (1, 0), (1, 0), 1, 2), (2, 2, 0, 0, 2, 1),
+    (1, 3, 1, 2, 1, 1), (1, 1, 2, 0, 2, 2),
+])
+def test_conv_transpose_rows_are_certified_against_dense_jacobians(dims, stride, padding, out_pad, dilation, groups):
+    torch.manual_seed(4)
+    cls = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d
+    conv = cls(4, 6, 3, stride=stride, padding=padding, output_padding=out_pad, dilation=dilation,
+               groups=groups).double()
+    bn = nn.BatchNorm2d(6) if dims == 2 else nn.BatchNorm1d(6)
+    _randomize_bn(bn.double(), 5)
+    for model, fn in ((nn.Sequential(conv), conv), (nn.Sequential(conv, bn).eval(), lambda z: bn(conv(z)))):
+        shape = (1, 4, 5, 4) if dims == 2 else (1, 4, 6)
+        x = torch.rand(shape, dtype=torch.float64)
+        jac = _jacobian_norm(lambda z: fn(z.reshape(shape)) - fn(torch.zeros(shape, dtype=torch.float64)),
+                             x.reshape(-1))
+        row = analyze(model, x, progress=False).rows[0]
+        assert row["kind"] == cls.__name__ and row["input_shape"] == list(shape[1:])
+        assert row["exact"] == pytest.approx(jac, rel=1e-9)
+        assert "adjoint" in row["notes"][-1] and row["random_baseline"] > 0
+        forced = analyze(model, x, progress=False, dense_max_entries=0, fft_svd_max_flops=0).rows[0]
+        assert forced["lower"] <= jac * (1 + 1e-9) and jac <= forced["upper"] * (1 + 1e-9)
+
+
+def test_modules_with_weights_but_no_row_are_listed():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.conv3 = nn.Conv3d(1, 1, 1)
+            self.unused = nn.Linear(4, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, idx):
+            h = self.emb(idx).mean(1)
+            h = h + nn.functional.linear(h, self.unused.weight)  # used through its weight, not as a module
+            return self.fc(h)
+
+    with pytest.warns(UserWarning, match="no row"):
+        table = analyze(Odd(), torch.tensor([[0, 3, 4]]), progress=False)
+    assert [r["name"] for r in table] == ["fc"]
+    skipped = {s["name"]: s["reason"] for s in table.meta["not_analyzed"]}
+    assert set(skipped) == {"emb", "conv3", "unused"}
+    assert "unsupported" in skipped["conv3"] and "not called" in skipped["unused"]
+
+
+def test_float32_bn_folding_is_kept_in_float64():
+    """A float32 conv with its BN folded: the folded weight stays float64 (rounding it to float32 would
+    certify another operator, ~1e-7 away)."""
+    torch.manual_seed(6)
+    conv, bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+    _randomize_bn(bn, 7)
+    model = nn.Sequential(conv, bn).eval()
+    row = analyze(model, torch.rand(1, 2, 4, 4), progress=False).rows[0]
+    assert row["dtype"] == "torch.float64" and row["folded_batchnorm"] == "1"
+    ref = nn.Sequential(conv, bn).double().eval()
+    jac = _jacobian_norm(lambda z: ref(z.reshape(1, 2, 4, 4)), torch.zeros(32, dtype=torch.float64))
+    assert row["exact"] == pytest.approx(jac, rel=1e-12)
 
 
 def test_preactivation_and_inplace_relu_are_not_folded():
