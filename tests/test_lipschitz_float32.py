@@ -9,44 +9,23 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
-from torch.func import jacrev
 
 from lipschitz.bounds import METHODS, network_bound
-from lipschitz.lower import eval_mode
+from tests.test_lipschitz_bounds import _max_jacobian_norm, _randomise_bn
 
 REF_RTOL = 1e-12  # float64 round-off of the reference (jacrev + SVD), far below float32's 6e-8
 
 
 def _float64_reference(model: nn.Module, shape: tuple, n_points: int, seed: int) -> float:
     """max over random points of the jacrev Jacobian norm of the float64 copy of a float32 model."""
-    ref = copy.deepcopy(model).double()
-    g = torch.Generator().manual_seed(seed)
-    best = 0.0
-    with eval_mode(ref):
-        for _ in range(n_points):
-            x = torch.rand(shape, generator=g, dtype=torch.float64)
-            j = jacrev(lambda t: ref(t[None])[0])(x).detach()
-            best = max(best, float(torch.linalg.matrix_norm(j.reshape(-1, x.numel()), ord=2)))
-    return best
-
-
-def _random_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(torch.randn(c, generator=g))
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 1e-3)
-                m.running_mean.copy_(torch.randn(c, generator=g))
-    return model.eval()
+    return _max_jacobian_norm(copy.deepcopy(model).double(), shape, n_points=n_points, seed=seed)
 
 
 def test_batchnorm_only_network_is_not_below_the_float64_value():
     """The issue's reproducer: 102 of 200 float32 BatchNorm1d(6) nets were below the float64 value."""
     below = 0
     for seed in range(200):
-        bn = _random_bn(nn.BatchNorm1d(6), seed)
+        bn = _randomise_bn(nn.BatchNorm1d(6), seed)
         nb = network_bound(nn.Sequential(bn), (6,), compare=False)
         exact = float((bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).abs().max())
         below += nb.value.value < exact
@@ -56,7 +35,7 @@ def test_batchnorm_only_network_is_not_below_the_float64_value():
 
 def test_float32_linear_network_exact_value_is_the_float64_value():
     torch.manual_seed(0)
-    model = _random_bn(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(),
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(),
                                      nn.Linear(27, 4)), 1)
     nb = network_bound(model, (2, 3, 3))
     ref = _float64_reference(model, (2, 3, 3), 1, 0)  # linear: the Jacobian is the map
@@ -73,12 +52,12 @@ def _float32_net(kind: str, seed: int, act: str) -> tuple[nn.Module, tuple]:
     if kind == "wrn":
         model = WideResNet(depths=(1, 1), widths=(2, 3, 4), strides=(1, 2), num_classes=3, activation=act,
                            in_channels=1, normalize=((0.4,), (0.3,)))
-        return _random_bn(model, seed), (1, 4, 4)
+        return _randomise_bn(model, seed), (1, 4, 4)
     if kind == "bn-act":
-        return _random_bn(nn.Sequential(nn.BatchNorm1d(5), a(), nn.BatchNorm1d(5)), seed), (5,)
+        return _randomise_bn(nn.Sequential(nn.BatchNorm1d(5), a(), nn.BatchNorm1d(5)), seed), (5,)
     model = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), a(),
                           nn.AvgPool2d(2), nn.BatchNorm2d(3), a(), nn.Flatten(), nn.Linear(12, 3))
-    return _random_bn(model, seed), (1, 4, 4)
+    return _randomise_bn(model, seed), (1, 4, 4)
 
 
 @settings(max_examples=12, deadline=None)
