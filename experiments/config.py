@@ -105,10 +105,10 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = _f("multistep", choices=("constant", "multistep", "cosine"))
+    name: str = _f("multistep", choices=("constant", "multistep", "cosine", "cyclic"))
     milestones: list = _f([], help="epochs (may be fractional) at which multistep multiplies lr by gamma")
     gamma: float = _f(0.1, lo=0.0, lo_open=True)
-    warmup_epochs: float = _f(0.0, lo=0.0, help="linear warm-up from 0 over this many epochs")
+    warmup_epochs: float = _f(0.0, lo=0.0, help="linear warm-up from 0 over this many epochs (cyclic: the peak)")
     min_lr: float = _f(0.0, lo=0.0, help="cosine floor")
 
 

@@ -316,3 +316,22 @@ def test_ddp_extra_data_every_rank_sees_both_sources(tmp_path):
         steps = [json.loads(line) for line in (tmp_path / "ddp-steps" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert len(steps) == 4 and all(s["rank"] == rank and s["shard_size"] == 32 for s in steps)
         assert all(0 < s["extra_in_shard"] < 32 for s in steps), [s["extra_in_shard"] for s in steps]
+
+
+def test_the_saved_model_is_the_ema_shadow(tmp_path):
+    """With decay 1 and no warm-up the weight average never moves: the saved model is the initial one."""
+    from experiments.training.loop import build_model
+
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=128", "ema.enabled=true",
+                                                    "ema.decay=1.0", "ema.warmup=false", "selection.metric=last"])
+    summary = train(cfg, tmp_path)
+    saved = _weights(Path(summary["files"]["final_model"]))
+    torch.manual_seed(cfg.run.seed)
+    initial = build_model(cfg, in_channels=1, num_classes=10).state_dict()
+    moved = 0
+    for k, v in initial.items():
+        if v.is_floating_point():
+            assert torch.equal(saved[k], v), k
+        else:
+            moved += int(saved[k].item() != v.item())  # num_batches_tracked is copied from the live model
+    assert moved > 0
