@@ -449,6 +449,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         for m in trained:
             t = m["train"]
             selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
+            if t.get("measured_checkpoint"):
+                selection += f"; measured: {t['measured_checkpoint']}"
             lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
                          f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
                          f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
