@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from experiments.cli import main
 from experiments.config import load_config
 from experiments.training import train
 from experiments.training.distributed import DistContext
@@ -66,3 +67,9 @@ def test_a_run_logs_the_history_in_metrics_jsonl(tmp_path):
         assert row["val_hist_clean_acc"] == pytest.approx(row["val_clean_acc"])  # same split, same weights
         assert row["val_hist_pgd_acc"] <= row["val_hist_clean_acc"] + 1e-12
     assert "step-0.003" in summary["history"]["val_hist_yang_lipschitz"] and "PGD-3" in summary["history"]["attack"]
+    # archlip report on the run folder plots the history
+    code = main(["report", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert code == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "![training_history](training_history.png)" in text and "val_hist_local_lipschitz" in text
+    assert (tmp_path / "report" / "training_history.png").stat().st_size > 5000
