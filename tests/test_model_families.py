@@ -425,3 +425,19 @@ def test_new_forwards_are_fx_traceable(name):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+def test_export_of_variant_families_names_the_variant_and_states_what_the_zoo_class_differs_in(tmp_path):
+    from experiments.export import export_robustbench
+
+    for name, needle in (("preact-resnet-tiny", "reads the pre-activation"), ("dm-wrn-tiny-silu", None)):
+        model = _randomise(create_model(name), seed=9)
+        path = ck.save_checkpoint(tmp_path / name, model, {})
+        paths = export_robustbench(path, tmp_path / "zoo", name=name)
+        card = json.loads(paths["card"].read_text())
+        variant = card["load_with"].split("model=")[1].strip("')")
+        loaded = ck.load_checkpoint(paths["weights"], model=variant)
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+        assert (needle is None and card["notes"] == []) or any(needle in n for n in card["notes"])
