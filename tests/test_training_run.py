@@ -196,6 +196,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_two(tmp_path: Path, driver_text: str, overrides: list[str]) -> None:
+    """Run ``driver_text`` under torchrun with 2 CPU processes (gloo) training into ``tmp_path/ddp``."""
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(driver_text)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     exec(NO_BN_MODEL, {})  # register the BN-free model in this process too
@@ -204,14 +216,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
                  "run.epochs=1", "selection.metric=last", "distributed.backend=gloo", "data.augment=true"]
     cfg = load_config("digits-pgdat-tiny", overrides)
     single = train(cfg, tmp_path / "single")
-    driver = tmp_path / "ddp_driver.py"
-    driver.write_text(DDP_DRIVER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_two(tmp_path, DDP_DRIVER, overrides)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == single["global_step"]
     a, b = _weights(tmp_path / "single" / "model_final.safetensors"), _weights(tmp_path / "ddp" / "model_final.safetensors")
@@ -302,16 +307,8 @@ EXTRA_DDP_DRIVER = FAKE_EXTRA + textwrap.dedent("""
 
 @pytest.mark.slow
 def test_ddp_extra_data_every_rank_sees_both_sources(tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(EXTRA_DDP_DRIVER)
     (tmp_path / "ddp-steps").mkdir()
-    overrides = EXTRA + ["run.epochs=1", "distributed.backend=gloo"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_two(tmp_path, EXTRA_DDP_DRIVER, EXTRA + ["run.epochs=1", "distributed.backend=gloo"])
     for rank in (0, 1):
         steps = [json.loads(line) for line in (tmp_path / "ddp-steps" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert len(steps) == 4 and all(s["rank"] == rank and s["shard_size"] == 32 for s in steps)

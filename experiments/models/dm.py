@@ -112,7 +112,29 @@ class DMBlockGroup(nn.Module):
         return self.block(x)
 
 
-class DMWideResNet(nn.Module):
+class _DMNet(nn.Module):
+    """What both DM networks share: input padding and normalisation, and the ``relu(batchnorm)`` -> pool ->
+    ``logits`` head."""
+
+    def _setup_input(self, num_classes: int, activation: str, in_channels: int, normalize: Any,
+                     input_padding: int) -> None:
+        make_activation(activation)
+        self.num_classes, self.activation, self.in_channels = int(num_classes), activation, int(in_channels)
+        self.input_padding = int(input_padding)
+        _norm_buffers(self, normalize, self.in_channels)
+        self.input_pad = nn.ZeroPad2d(self.input_padding) if self.input_padding > 0 else None
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_pad is not None:
+            x = self.input_pad(x)
+        return (x - self.mean) / self.std
+
+    def _head(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.batchnorm(out))
+        return self.logits(torch.flatten(self.global_pooling(out), 1))
+
+
+class DMWideResNet(_DMNet):
     """``(x - mean) / std`` -> ``init_conv`` -> stages ``layer.i`` -> ``relu(batchnorm(.))`` -> pool -> ``logits``.
 
     ``widths[0]`` is the stem width and ``widths[i + 1]`` that of stage ``i``; ``depths[i]`` blocks per stage;
@@ -125,11 +147,7 @@ class DMWideResNet(nn.Module):
                  in_channels: int = 3, normalize: Any = None, input_padding: int = 0) -> None:
         super().__init__()
         self.depths, self.widths, self.strides = _check_sizes(depths, widths, strides, stem=True)
-        make_activation(activation)
-        self.num_classes, self.activation, self.in_channels = int(num_classes), activation, int(in_channels)
-        self.input_padding = int(input_padding)
-        _norm_buffers(self, normalize, self.in_channels)
-        self.input_pad = nn.ZeroPad2d(self.input_padding) if self.input_padding > 0 else None
+        self._setup_input(num_classes, activation, in_channels, normalize, input_padding)
         self.init_conv = conv3x3(self.in_channels, self.widths[0], 1)
         self.layer = nn.Sequential(*[DMBlockGroup(d, self.widths[i], self.widths[i + 1], s, activation)
                                      for i, (d, s) in enumerate(zip(self.depths, self.strides))])
@@ -139,11 +157,7 @@ class DMWideResNet(nn.Module):
         self.logits = nn.Linear(self.widths[-1], self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_pad is not None:
-            x = self.input_pad(x)
-        out = self.init_conv((x - self.mean) / self.std)
-        out = self.relu(self.batchnorm(self.layer(out)))
-        return self.logits(torch.flatten(self.global_pooling(out), 1))
+        return self._head(self.layer(self.init_conv(self._normalise(x))))
 
     def arch_config(self) -> dict[str, Any]:
         return {"family": "dm-wideresnet", "depths": list(self.depths), "widths": list(self.widths),
@@ -178,7 +192,7 @@ class DMPreActBlock(nn.Module):
         return out + self.shortcut(x if self.pad is None else self.pad(x))
 
 
-class DMPreActResNet(nn.Module):
+class DMPreActResNet(_DMNet):
     """``(x - mean) / std`` -> ``conv_2d`` -> ``layer_0 .. layer_{n-1}`` -> ``relu(batchnorm(.))`` -> pool -> ``logits``.
 
     ``widths[i]`` is the width of stage ``i`` (the stem has ``widths[0]``); PreActResNet-18: ``num_blocks=(2, 2,
@@ -190,11 +204,7 @@ class DMPreActResNet(nn.Module):
                  in_channels: int = 3, normalize: Any = None, input_padding: int = 0) -> None:
         super().__init__()
         self.num_blocks, self.stage_widths, self.strides = _check_sizes(num_blocks, widths, strides, stem=False)
-        make_activation(activation)
-        self.num_classes, self.activation, self.in_channels = int(num_classes), activation, int(in_channels)
-        self.input_padding = int(input_padding)
-        _norm_buffers(self, normalize, self.in_channels)
-        self.input_pad = nn.ZeroPad2d(self.input_padding) if self.input_padding > 0 else None
+        self._setup_input(num_classes, activation, in_channels, normalize, input_padding)
         self.conv_2d = conv3x3(self.in_channels, self.stage_widths[0], 1)
         in_planes = self.stage_widths[0]
         for i, (n, w, s) in enumerate(zip(self.num_blocks, self.stage_widths, self.strides)):
@@ -210,13 +220,10 @@ class DMPreActResNet(nn.Module):
         return [getattr(self, f"layer_{i}") for i in range(len(self.num_blocks))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_pad is not None:
-            x = self.input_pad(x)
-        out = self.conv_2d((x - self.mean) / self.std)
+        out = self.conv_2d(self._normalise(x))
         for stage in self.stages():
             out = stage(out)
-        out = self.relu(self.batchnorm(out))
-        return self.logits(torch.flatten(self.global_pooling(out), 1))
+        return self._head(out)
 
     def arch_config(self) -> dict[str, Any]:
         return {"family": "dm-preact-resnet", "num_blocks": list(self.num_blocks), "widths": list(self.stage_widths),
