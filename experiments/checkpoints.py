@@ -393,20 +393,27 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], match_preset: boo
     """
     state, layout, _ = canonical_state_dict(state_dict)
     state, normalize = split_normalization(state, layout)
+    config = _inferred_config(state, layout, normalize, model, [])
+    if not match_preset:
+        config.pop("name", None)
+    return config
+
+
+def _inferred_config(state: Mapping[str, torch.Tensor], layout: str, normalize: list | None, model: str | None,
+                     notes: list[str]) -> dict[str, Any]:
+    """Sizes from the keys, normalisation from the buffers, variants from the name ``model`` (else refused when
+    the keys cannot settle them); ``name`` is ``model`` or an identical preset."""
     config = _structure(state, layout)
     if normalize is not None:
         config["normalize"] = normalize
     if model is not None:
-        config, _ = _apply_model_name(config, model)
-        if not match_preset:
-            config.pop("name")
+        config, extra = _apply_model_name(config, model)
+        notes += extra
         return config
     why = _ambiguity(config, state)
     if why:
-        raise AmbiguousArchitectureError(
-            f"{why}; choose one: load_checkpoint(path, model=NAME) or --model NAME")
-    if match_preset:
-        config["name"] = _preset_name(config)
+        raise AmbiguousArchitectureError(f"{why}; choose one: load_checkpoint(path, model=NAME) or --model NAME")
+    config["name"] = _preset_name(config)
     return config
 
 
@@ -492,17 +499,7 @@ def _build_model(state: dict[str, torch.Tensor], layout: str, normalize: list | 
         if model not in list_models():
             raise ValueError(f"unknown model {model!r}; name one of: {', '.join(list_models())}")
         return create_model(model)
-    config = _structure(state, layout)
-    if normalize is not None:
-        config["normalize"] = normalize
-    if model is not None:
-        config, extra = _apply_model_name(config, model)
-        notes += extra
-    else:
-        why = _ambiguity(config, state)
-        if why:
-            raise AmbiguousArchitectureError(f"{why}; choose one: load_checkpoint(path, model=NAME) or --model NAME")
-        config["name"] = _preset_name(config)
+    config = _inferred_config(state, layout, normalize, model, notes)
     notes.append(f"architecture inferred from keys and shapes: {config}")
     return model_from_config(config)
 

@@ -211,6 +211,8 @@ def test_preact_resnet_variants_match_their_reference(tmp_path, on_input, name, 
         assert (wrong(x) - ref(x)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="is a dm-wideresnet but the checkpoint holds a preact-resnet"):
         ck.load_checkpoint(path, model="dm-wrn-tiny")
+    with pytest.raises(ValueError, match="unknown model 'preact-18'"):
+        ck.load_checkpoint(path, model="preact-18")
 
 
 def test_plain_resnet_is_not_taken_for_preact(tmp_path):
