@@ -252,9 +252,9 @@ def dataset_info(name: str) -> dict[str, Any]:
 
 
 def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None,
-                model: str | None = None):
-    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model`` names the registry architecture a
-    checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation).
+                model_name: str | None = None):
+    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model_name`` names the registry architecture
+    a checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation).
 
     Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
     and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
@@ -273,7 +273,7 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         from experiments.checkpoints import load_checkpoint
 
         _check_checkpoint_format(path)
-        loaded = load_checkpoint(path, model=model)
+        loaded = load_checkpoint(path, model=model_name)
         model, metadata = _unpack_loaded_checkpoint(loaded)
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
         if data is not None and recorded is not None and data != recorded:
@@ -287,6 +287,8 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
             if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
                 raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
             raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)}")
+        if model_name is not None:
+            raise UserError(f"--model names the architecture of a checkpoint file; {target!r} is already a preset: drop --model")
         data = data or "cifar10"
         torch.manual_seed(seed)
         shape = tuple(input_shape or DATASETS[data]["input_shape"])
@@ -430,7 +432,7 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
-                              model=args.model)
+                              model_name=args.model)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
@@ -457,7 +459,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
-                              model=args.model)
+                              model_name=args.model)
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
     payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
     if args.n < 0:
@@ -578,7 +580,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     attacks = parse_attacks(args.attacks)
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model=args.model)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model_name=args.model)
     eps = _eps(args, info)
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     out = _out_dir(args, default="runs/eval")
