@@ -1,6 +1,7 @@
-"""White-box evasion attacks for evaluation and adversarial training: FGSM, PGD (linf / l2), CW-inf.
+"""White-box evasion attacks for evaluation and adversarial training: FGSM, PGD (linf / l2), CW-inf, GAMA-PGD.
 
-Functional core: ``pgd`` does the work; ``fgsm`` and ``cw_inf`` are PGD with fixed settings.
+Functional core: ``pgd`` does the work; ``fgsm`` and ``cw_inf`` are PGD with fixed settings; ``gama_pgd`` is
+the guided margin attack (its own loss and step schedule).
 Every attack returns a detached ``x_adv`` inside the eps-ball around ``x`` and inside [0, 1], restores
 the model's train/eval flags (per module) and never writes gradients into the model's parameters.
 
@@ -9,7 +10,7 @@ stored as a fraction of eps so one preset serves every eps.
 
 References: Goodfellow et al. 2015 (FGSM); Madry et al. 2018 (PGD); Carlini & Wagner 2017 (margin loss,
 used as PGD on the CW loss as in the TRADES/MART/RobustWRN evaluation code); Wong et al. 2020 (FGSM with
-random start); Zhang et al. 2019 (TRADES: Gaussian start 0.001 * randn).
+random start); Zhang et al. 2019 (TRADES: Gaussian start 0.001 * randn); Sriramanan et al. 2020 (GAMA).
 """
 from __future__ import annotations
 
@@ -295,6 +296,78 @@ def cw_inf(
                loss="margin", confidence=confidence, restarts=restarts, bn_mode=bn_mode, generator=generator)
 
 
+def _probability_margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``max_{j != y} p_j - p_y`` on softmax outputs: positive iff misclassified (no ties)."""
+    return -logit_margin(probs, y)
+
+
+def gama_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 100,
+    step_size: float | None = None,
+    milestones: tuple[int, ...] | None = None,
+    decay: float = 10.0,
+    relax_weight: float = 50.0,
+    relax_steps: int | None = None,
+    anchor: str = "start",
+    keep_best: bool = True,
+    bn_mode: str = "eval",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """GAMA-PGD (linf): signed ascent on the margin of the softmax outputs, guided early on by a relaxation term.
+
+    Maximises ``max_{j != y} p_j(x') - p_y(x') + lambda_t ||p(x') - p(a)||_2^2`` where ``p`` is the softmax,
+    ``lambda_t = relax_weight * (1 - t / relax_steps)`` for steps ``t <= relax_steps`` and 0 afterwards, and the
+    anchor ``a`` is the random start (``anchor="start"``, as the released GAMA-PGD evaluation code) or the
+    clean input (``"clean"``). The start is ``x + eps * s`` with independent random signs ``s`` (drawn as
+    ``sign(2u - 1)``, ``u = torch.rand(x.shape, generator)``). The step (default ``2 * eps``) is divided by
+    ``decay`` at each of ``milestones`` (default 60% and 85% of ``steps``: 60 and 85 for 100 steps);
+    ``relax_steps`` defaults to a quarter of ``steps``. Every iterate is projected to the eps-ball and [0, 1].
+    ``keep_best`` returns, per example, the iterate with the largest probability margin seen (so any iterate
+    that fooled the model counts), else the last iterate.
+
+    References: Sriramanan et al., "Guided Adversarial Attack for Evaluating and Enhancing Adversarial
+    Defenses", NeurIPS 2020.
+    """
+    _check_inputs(x, y)
+    _check_eps(eps, "linf")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    _check_choice("anchor", anchor, ("start", "clean"))
+    step = 2.0 * eps if step_size is None else float(step_size)
+    marks = set(milestones if milestones is not None else (round(0.6 * steps), round(0.85 * steps)))
+    relax = max(round(0.25 * steps), 1) if relax_steps is None else int(relax_steps)
+    x = x.detach()
+    signs = torch.sign(torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) * 2 - 1)
+    x_adv = project(x + eps * signs, x, eps, "linf")
+    with model_mode(model, bn_mode), torch.enable_grad():
+        with torch.no_grad():
+            p_anchor = F.softmax(model(x_adv if anchor == "start" else x), dim=1)
+        best, best_margin = x_adv.clone(), torch.full((x.shape[0],), -math.inf, device=x.device, dtype=x.dtype)
+        for t in range(steps):
+            if t in marks:
+                step /= decay
+            x_adv.requires_grad_(True)
+            probs = F.softmax(model(x_adv), dim=1)
+            margin = _probability_margin(probs, y)
+            weight = relax_weight * max(0.0, 1.0 - t / relax)
+            loss = margin + weight * (probs - p_anchor).pow(2).sum(dim=1)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            with torch.no_grad():
+                better = margin > best_margin
+                best[better], best_margin[better] = x_adv[better], margin[better]
+            x_adv = project(x_adv.detach() + step * grad.sign(), x, eps, "linf")
+        with torch.no_grad():
+            margin = _probability_margin(F.softmax(model(x_adv), dim=1), y)
+            better = margin > best_margin
+            best[better] = x_adv[better]
+    return (best if keep_best else x_adv).detach()
+
+
 def check_in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "linf",
                   atol: float = 1e-6) -> float:
     """Raise ``BallViolationError`` unless every ``x_adv`` is finite, in [0, 1] and within eps (+atol) of ``x``.
@@ -338,7 +411,8 @@ AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 class AttackPreset:
     """A named attack setting. ``step_fraction`` is the step size as a fraction of eps.
 
-    ``kind``: "pgd", "fgsm", "cw" (run by ``run``) or "autoattack" (run by ``experiments.evaluate``).
+    ``kind``: "pgd", "fgsm", "cw", "gama" (run by ``run``; GAMA reads ``relax_weight``, ``relax_fraction``,
+    ``milestone_fractions`` and ``decay`` from ``extra``) or "autoattack" (run by ``experiments.evaluate``).
     """
 
     name: str
@@ -383,6 +457,13 @@ class AttackPreset:
             return cw_inf(model, x, y, eps=eps, step_size=step, steps=self.steps, confidence=self.confidence,
                           random_start=self.random_start, restarts=self.restarts, bn_mode=bn_mode,
                           generator=generator)
+        if self.kind == "gama":
+            e = self.extra
+            return gama_pgd(model, x, y, eps=eps, steps=self.steps, step_size=step,
+                            milestones=tuple(round(f * self.steps) for f in e.get("milestone_fractions", (0.6, 0.85))),
+                            decay=e.get("decay", 10.0), relax_weight=e.get("relax_weight", 50.0),
+                            relax_steps=max(round(e.get("relax_fraction", 0.25) * self.steps), 1),
+                            anchor=e.get("anchor", "start"), bn_mode=bn_mode, generator=generator)
         raise ValueError(f"preset {self.name!r} is an AutoAttack preset; run it with experiments.evaluate.evaluate")
 
 
@@ -403,6 +484,12 @@ _PRESETS: dict[str, AttackPreset] = {
                      description="l2 PGD-20, step 2.5 eps/20 (Madry et al.), uniform start in the l2 ball"),
         AttackPreset("cw20", "cw", steps=20, step_fraction=0.1, loss="margin",
                      description="CW-inf: PGD-20 on -relu(z_y - max_{j!=y} z_j), step eps/10, as in the paper code"),
+        AttackPreset("gama-pgd100", "gama", steps=100, step_fraction=2.0, random_start="signs", loss="gama",
+                     description="GAMA-PGD-100: probability margin + decaying relaxation term (weight 50 over 25 "
+                                 "steps), step 2 eps divided by 10 at steps 60 and 85, random-sign start "
+                                 "(Sriramanan et al. 2020)",
+                     extra={"relax_weight": 50.0, "relax_fraction": 0.25, "milestone_fractions": (0.6, 0.85),
+                            "decay": 10.0, "anchor": "start"}),
         AttackPreset("aa", "autoattack", version="standard",
                      description="AutoAttack standard: apgd-ce, apgd-t, fab-t, square (Croce & Hein 2020)"),
         AttackPreset("aa-plus", "autoattack", version="plus",

@@ -3,7 +3,9 @@
 Reads RobustBench files (``{'state_dict': ...}`` or a bare state_dict), the paper code's files
 (``{'model_state_dict': ..., 'epoch': ...}``), ``module.``/``model.``/``_orig_mod.`` prefixes, safetensors,
 and the classic TRADES WideResNet layout (``conv1``, ``block{1,2,3}``; TRADES' unused ``sub_block1`` is
-dropped with a note). Pickles are read with ``torch.load(weights_only=True)`` only: a file that would run
+dropped with a note), CIFAR ResNet-18 and pre-activation ResNet-18 (``bn`` or ``bn_last``), the DeepMind-style
+WideResNet / PreActResNet, and model-zoo ``mu``/``sigma`` normalisation buffers. Where the keys cannot tell a
+family's variants apart, a registry name must choose (never a silent guess). Pickles are read with ``torch.load(weights_only=True)`` only: a file that would run
 code is refused. Loading is strict: any mismatch raises one readable diff; NaN/Inf weights name the tensor.
 
 Our own format: ``NAME.safetensors`` (weights) + ``NAME.json`` (metadata: ``arch``, plus the caller's
@@ -24,11 +26,10 @@ import torch
 from torch import nn
 
 from experiments.models import model_config, model_from_config
-from experiments.models.registry import RESNET_PRESETS, WRN_PRESETS
 
 LOG = logging.getLogger("archlip.checkpoints")
 FORMAT = "archlip-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: equal-width strided WRN shortcuts read the raw input (paper code)
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema")
 PREFIXES = ("module.", "model.", "_orig_mod.")
 
@@ -145,6 +146,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 # ------------------------------------------------------------------------------------------------ key layouts
 
 _CLASSIC_BLOCK = re.compile(r"^block(\d+)\.")
+LAYOUTS = ("robustwideresnet", "classic-wrn", "cifar-resnet", "cifar-preact-resnet", "dm-wideresnet",
+           "dm-preact-resnet", "unknown")
+# input-normalisation buffers that model-zoo wrappers keep in their state dicts (outside the DM layouts)
+NORM_BUFFER_NAMES = (("mu", "sigma"), ("mean", "std"))
+
+
+class AmbiguousArchitectureError(ValueError):
+    """The keys cannot tell two variants of a family apart; the message says how to name one."""
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,13 +170,18 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """``"robustwideresnet"``, ``"classic-wrn"``, ``"cifar-resnet"`` or ``"unknown"``."""
+    """One of ``LAYOUTS``: RobustBench/paper WRN, classic TRADES WRN, CIFAR ResNet (plain: stem ``bn1``; pre-act:
+    none, ``bn``/``bn_last`` before ``linear``), the DeepMind-style WRN / PreActResNet, or ``"unknown"``."""
     if "stem_conv.weight" in state and any(k.startswith("blocks.") for k in state):
         return "robustwideresnet"
+    if "init_conv.weight" in state and any(k.startswith("layer.") for k in state):
+        return "dm-wideresnet"
+    if "conv_2d.weight" in state and any(k.startswith("layer_") for k in state):
+        return "dm-preact-resnet"
     if "conv1.weight" in state and any(_CLASSIC_BLOCK.match(k) for k in state):
         return "classic-wrn"
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
-        return "cifar-resnet"
+        return "cifar-resnet" if "bn1.weight" in state else "cifar-preact-resnet"
     return "unknown"
 
 
@@ -192,7 +206,28 @@ def canonical_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     notes: list[str] = []
     if layout == "classic-wrn":
         state, notes = classic_to_robustwideresnet(state)
+    if layout == "cifar-preact-resnet" and any(k.startswith("bn_last.") for k in state):
+        state = {("bn." + k[len("bn_last."):] if k.startswith("bn_last.") else k): v for k, v in state.items()}
+        notes.append("renamed the final batch norm bn_last -> bn")
     return state, layout, notes
+
+
+def split_normalization(state: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list | None]:
+    """Take model-zoo input-normalisation buffers (``mu``/``sigma`` or ``mean``/``std``) out of a non-DM state dict.
+
+    Returns ``(state without them, [mean, std] lists or None)``; the DM layouts keep theirs (they are model keys).
+    """
+    state = dict(state)
+    if layout.startswith("dm-"):
+        return state, None
+    for mean_key, std_key in NORM_BUFFER_NAMES:
+        if mean_key in state and std_key in state:
+            mean, std = state.pop(mean_key).flatten(), state.pop(std_key).flatten()
+            if mean.numel() != std.numel() or not bool((std > 0).all()):
+                raise ValueError(f"normalisation buffers {mean_key!r}/{std_key!r} have shapes {tuple(mean.shape)}, "
+                                 f"{tuple(std.shape)} or a non-positive std; the checkpoint is not a known layout")
+            return state, [mean.double().tolist(), std.double().tolist()]
+    return state, None
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -227,62 +262,158 @@ def _stage_depths(state: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return [len(found[i]) for i in stages]
 
 
+def _out(state: Mapping[str, torch.Tensor], key: str) -> int:
+    return int(state[key].shape[0])
+
+
+def _wrn_structure(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    depths = _stage_depths(state, r"^blocks\.(\d+)\.layer\.(\d+)\.conv1\.weight$")
+    widths = [_out(state, "stem_conv.weight")] + [_out(state, f"blocks.{i}.layer.0.conv1.weight") for i in range(len(depths))]
+    # a shortcut conv means stride 2 unless the width changes in the first stage (the only stride-1 place it occurs)
+    strides = [2 if f"blocks.{i}.layer.0.convShortcut.weight" in state and (i > 0 or widths[0] == widths[1]) else 1
+               for i in range(len(depths))]
+    return {"family": "wideresnet", "depths": depths, "widths": widths, "strides": strides,
+            "num_classes": _out(state, "fc.weight"), "in_channels": int(state["stem_conv.weight"].shape[1])}
+
+
+def _cifar_resnet_structure(state: Mapping[str, torch.Tensor], preact: bool) -> dict[str, Any]:
+    num_blocks = _stage_depths(state, r"^layer(\d+)\.(\d+)\.conv1\.weight$")
+    if len(num_blocks) != 4:
+        raise ValueError(f"expected 4 stages layer1..layer4, found {len(num_blocks)}")
+    return {"family": "preact-resnet" if preact else "resnet", "num_blocks": num_blocks,
+            "widths": [_out(state, f"layer{k}.0.conv1.weight") for k in range(1, 5)],
+            "num_classes": _out(state, "linear.weight"), "in_channels": int(state["conv1.weight"].shape[1])}
+
+
+def _dm_structure(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, Any]:
+    if layout == "dm-wideresnet":
+        depths = _stage_depths(state, r"^layer\.(\d+)\.block\.(\d+)\.conv_0\.weight$")
+        stem = "init_conv.weight"
+        sizes = {"depths": depths, "widths": [_out(state, stem)] + [_out(state, f"layer.{i}.block.0.conv_0.weight")
+                                                                    for i in range(len(depths))]}
+    else:
+        depths = _stage_depths(state, r"^layer_(\d+)\.(\d+)\.conv_2d_1\.weight$")
+        stem = "conv_2d.weight"
+        sizes = {"num_blocks": depths, "widths": [_out(state, f"layer_{i}.0.conv_2d_1.weight") for i in range(len(depths))]}
+    config = {"family": layout, **sizes, "strides": [1] + [2] * (len(depths) - 1),
+              "num_classes": _out(state, "logits.weight"), "in_channels": int(state[stem].shape[1])}
+    if "mean" in state and "std" in state and not state["mean"].is_meta:
+        config["normalize"] = [state["mean"].flatten().double().tolist(), state["std"].flatten().double().tolist()]
+    return config
+
+
+def _structure(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, Any]:
+    """Family and sizes from the keys and shapes of a canonical state dict."""
+    try:
+        if layout in ("robustwideresnet", "classic-wrn"):
+            return _wrn_structure(state)
+        if layout in ("cifar-resnet", "cifar-preact-resnet"):
+            return _cifar_resnet_structure(state, preact=layout == "cifar-preact-resnet")
+        if layout.startswith("dm-"):
+            return _dm_structure(state, layout)
+    except KeyError as exc:
+        raise ValueError(f"cannot infer the architecture: {layout} state_dict lacks {exc.args[0]!r}") from None
+    raise ValueError(
+        "keys match no known layout (RobustBench WideResNet stem_conv/blocks, classic WRN conv1/block1, CIFAR ResNet "
+        f"conv1/layer1, DeepMind-style init_conv/layer or conv_2d/layer_0); first keys: {list(state)[:5]}"
+    )
+
+
+_STRUCTURAL = ("depths", "widths", "strides", "num_blocks", "num_classes", "in_channels")
+
+
 def _preset_name(config: dict[str, Any]) -> str | None:
-    """The registry preset with exactly this depth/width/stride configuration, if any."""
-    if config["family"] == "wideresnet":
-        for name, preset in WRN_PRESETS.items():
-            if (list(preset["depths"]) == config["depths"] and list(preset["widths"]) == config["widths"]
-                    and config["strides"] == [1] + [2] * (len(config["depths"]) - 1)):
-                return name
+    """The registry preset whose every argument equals ``config`` (a missing variant counts as its default)."""
+    import inspect
+
+    from experiments.models.registry import PRESETS, family_of
+
+    n = len(config.get("depths") or config.get("num_blocks") or [])
+    if config.get("strides", [1] + [2] * (n - 1)) != [1] + [2] * (n - 1):
         return None
-    for name, (cls, preset) in RESNET_PRESETS.items():
-        if (cls.preact == (config["family"] == "preact-resnet") and list(preset["num_blocks"]) == config["num_blocks"]
-                and list(preset["widths"]) == config["widths"]):
+    for name, (cls, preset) in PRESETS.items():
+        if family_of(cls) != config["family"]:
+            continue
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        if all((list(v) if isinstance(v, tuple) else v) == config.get(k, defaults.get(k)) for k, v in preset.items()):
             return name
     return None
 
 
-def infer_architecture(state_dict: Mapping[str, torch.Tensor], match_preset: bool = False) -> dict[str, Any]:
+def _ambiguity(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why the keys cannot settle the variant of this family (None when they can)."""
+    family = config["family"]
+    if family == "preact-resnet" and any(".shortcut." in k for k in state):
+        base = "preact-resnet-18" if config["widths"] == [64, 128, 256, 512] else "preact-resnet-tiny"
+        return (f"pre-activation ResNet keys do not tell whether the shortcut conv reads the pre-activation "
+                f"(Rice et al., kuangliu: e.g. {base!r}) or the raw block input (fast_adversarial, RobustBench: "
+                f"{base + '-input-shortcut'!r})")
+    if family.startswith("dm-"):
+        base = _preset_name({**config, "activation": "relu"}) or ("dm-wrn-28-10" if family == "dm-wideresnet"
+                                                                  else "dm-preact-resnet-18")
+        return (f"DeepMind-style {family} checkpoints do not store their activation: ReLU (e.g. {base!r}) or "
+                f"Swish/SiLU ({base + '-silu'!r})")
+    return None
+
+
+def _apply_model_name(config: dict[str, Any], name: str) -> tuple[dict[str, Any], list[str]]:
+    """The preset ``name`` supplies the variants the keys cannot (activation, shortcut); sizes stay the keys'."""
+    from experiments.models.registry import list_models, preset_spec
+
+    spec = preset_spec(name)
+    if spec is None:
+        known = ", ".join(list_models())
+        raise ValueError(f"unknown model {name!r}; name a built-in preset: {known}")
+    family, preset = spec
+    if family != config["family"]:
+        raise ValueError(f"model {name!r} is a {family} but the checkpoint holds a {config['family']}; "
+                         "name a preset of that family")
+    merged = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in preset.items()}, **config}
+    notes = []
+    differing = [k for k in preset if k in _STRUCTURAL and list(preset[k]) != config.get(k)]
+    if differing:
+        notes.append(f"sizes ({', '.join(differing)}) taken from the checkpoint, variant from {name!r}")
+    merged["name"] = name
+    return merged, notes
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor], match_preset: bool = False,
+                       model: str | None = None) -> dict[str, Any]:
     """Recover the architecture (``model.arch_config()`` form) from keys and shapes alone.
 
     WideResNets in either layout give ``depths``, ``widths``, ``num_classes``, ``in_channels`` and ``strides``.
-    Strides are not stored in weights: stage 1 and every stage without a shortcut conv get stride 1 (a
-    shortcut-free block keeps its input size), the others the standard stride 2. CIFAR ResNet-18-style
-    layouts give ``num_blocks`` and ``widths``. Activation, dropout and input normalisation have no weights
-    and take their defaults. ``match_preset=True`` adds the registry ``name`` of an identical preset.
+    Strides are not stored in weights: a stage whose first block has a shortcut conv gets stride 2 (stride 1 in
+    a first stage that changes width), the others stride 1. CIFAR ResNet-18-style and DeepMind-style layouts
+    give ``num_blocks``/``depths`` and ``widths`` (DM: strides 1, 2, 2, ... as in the reference). Input
+    normalisation comes from ``mu``/``sigma`` or ``mean``/``std`` buffers when present. Activation and dropout
+    have no weights: WideResNet/ResNet layouts take the defaults (ReLU); where the keys cannot tell a
+    family's variants apart (a pre-activation ResNet's shortcut input, a DM model's activation) the registry
+    name ``model`` must say which, else :class:`AmbiguousArchitectureError`. ``match_preset=True`` adds the
+    registry ``name`` of an identical preset (or ``model``).
     """
-    state = canonical_state_dict(state_dict)[0]
-    layout = detect_layout(state)  # after mapping, a classic WRN reads as robustwideresnet
-    try:
-        if layout == "robustwideresnet":
-            depths = _stage_depths(state, r"^blocks\.(\d+)\.layer\.(\d+)\.conv1\.weight$")
-            stem = state["stem_conv.weight"]
-            widths = [int(stem.shape[0])] + [int(state[f"blocks.{i}.layer.0.conv1.weight"].shape[0])
-                                             for i in range(len(depths))]
-            strides = [1 if i == 0 or f"blocks.{i}.layer.0.convShortcut.weight" not in state else 2
-                       for i in range(len(depths))]
-            config = {"family": "wideresnet", "depths": depths, "widths": widths, "strides": strides,
-                      "num_classes": int(state["fc.weight"].shape[0]), "in_channels": int(stem.shape[1])}
-        elif layout == "cifar-resnet":
-            num_blocks = _stage_depths(state, r"^layer(\d+)\.(\d+)\.conv1\.weight$")
-            if len(num_blocks) != 4:
-                raise ValueError(f"expected 4 stages layer1..layer4, found {len(num_blocks)}")
-            config = {
-                "family": "preact-resnet" if "bn.weight" in state else "resnet",
-                "num_blocks": num_blocks,
-                "widths": [int(state[f"layer{k}.0.conv1.weight"].shape[0]) for k in range(1, 5)],
-                "num_classes": int(state["linear.weight"].shape[0]),
-                "in_channels": int(state["conv1.weight"].shape[1]),
-            }
-        else:
-            raise ValueError(
-                "keys match no known layout (RobustBench WideResNet stem_conv/blocks, classic WRN conv1/block1, "
-                f"CIFAR ResNet conv1/layer1); first keys: {list(state)[:5]}"
-            )
-    except KeyError as exc:
-        raise ValueError(f"cannot infer the architecture: {layout} state_dict lacks {exc.args[0]!r}") from None
-    if match_preset:
-        config["name"] = _preset_name(config)
+    state, layout, _ = canonical_state_dict(state_dict)
+    state, normalize = split_normalization(state, layout)
+    config = _inferred_config(state, layout, normalize, model, [])
+    if not match_preset:
+        config.pop("name", None)
+    return config
+
+
+def _inferred_config(state: Mapping[str, torch.Tensor], layout: str, normalize: list | None, model: str | None,
+                     notes: list[str]) -> dict[str, Any]:
+    """Sizes from the keys, normalisation from the buffers, variants from the name ``model`` (else refused when
+    the keys cannot settle them); ``name`` is ``model`` or an identical preset."""
+    config = _structure(state, layout)
+    if normalize is not None:
+        config["normalize"] = normalize
+    if model is not None:
+        config, extra = _apply_model_name(config, model)
+        notes += extra
+        return config
+    why = _ambiguity(config, state)
+    if why:
+        raise AmbiguousArchitectureError(f"{why}; choose one: load_checkpoint(path, model=NAME) or --model NAME")
+    config["name"] = _preset_name(config)
     return config
 
 
@@ -321,25 +452,90 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> LoadedCheckpoint:
+def _model_normalization(model: nn.Module) -> list | None:
+    norm = getattr(model, "normalize", None)
+    if norm is None or not hasattr(norm, "mean"):
+        return None
+    return [norm.mean.flatten().double().tolist(), norm.std.flatten().double().tolist()]
+
+
+def _check_normalization(model: nn.Module, normalize: list | None, path: Path) -> None:
+    """The buffers a model-zoo state dict carries must be the model's own input normalisation."""
+    if normalize is None:
+        return
+    own = _model_normalization(model)
+    if own is None or len(own[0]) != len(normalize[0]) or any(
+            abs(a - b) > 1e-6 for pair in zip(own, normalize) for a, b in zip(*pair)):
+        raise CheckpointMismatchError(
+            f"{path}: the checkpoint normalises its inputs with mean {normalize[0]} and std {normalize[1]}, but the "
+            f"given {type(model).__name__} normalises with {own}; build it with normalize=(mean, std) "
+            "(or load without a model to build it from the checkpoint)")
+
+
+def _legacy_arch(metadata: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Architecture of an archlip checkpoint of format 1: equal-width strided WRN blocks then applied their
+    shortcut conv to the pre-activation (format 2 follows the paper's code: the raw input)."""
+    arch = dict(metadata["arch"])
+    if (metadata.get("format_version", FORMAT_VERSION) < 2 and arch.get("family") == "wideresnet"
+            and "equal_width_shortcut" not in arch):
+        widths, strides = arch.get("widths", []), arch.get("strides", [])
+        if any(widths[i] == widths[i + 1] and strides[i] != 1 for i in range(len(strides))):
+            arch["equal_width_shortcut"] = "preact"
+            notes.append("archlip format-1 checkpoint: its equal-width strided blocks apply the shortcut to the "
+                         "pre-activation, as they were trained (equal_width_shortcut='preact')")
+    return arch
+
+
+def _build_model(state: dict[str, torch.Tensor], layout: str, normalize: list | None, metadata: dict[str, Any],
+                 model: str | None, notes: list[str]) -> nn.Module:
+    from experiments.models import create_model
+    from experiments.models.registry import preset_spec
+
+    if model is None and isinstance(metadata.get("arch"), dict):
+        return model_from_config(_legacy_arch(metadata, notes))
+    if model is not None and preset_spec(model) is None:  # a user-registered model: built as named
+        from experiments.models.registry import list_models
+
+        if model not in list_models():
+            raise ValueError(f"unknown model {model!r}; name one of: {', '.join(list_models())}")
+        return create_model(model)
+    config = _inferred_config(state, layout, normalize, model, notes)
+    notes.append(f"architecture inferred from keys and shapes: {config}")
+    return model_from_config(config)
+
+
+def _fill_dm_normalization(model: nn.Module, state: dict[str, torch.Tensor], layout: str, notes: list[str]) -> None:
+    """A DM-layout state dict without ``mean``/``std`` (the reference keeps them as plain attributes) takes the
+    model's own normalisation, and says so."""
+    if layout.startswith("dm-") and "mean" not in state and "std" not in state and hasattr(model, "mean"):
+        state["mean"], state["std"] = model.mean.detach().clone(), model.std.detach().clone()
+        notes.append(f"the checkpoint has no mean/std buffers: using the model's input normalisation mean "
+                     f"{model.mean.flatten().tolist()}, std {model.std.flatten().tolist()} (the reference's CIFAR-10 "
+                     "default); for other data load into a model built with normalize=(mean, std)")
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | str | None = None) -> LoadedCheckpoint:
     """Load a checkpoint strictly into ``model`` (or a model rebuilt from metadata / inferred from the keys).
 
+    ``model`` may be a module, or a registry name that settles what the keys cannot (e.g.
+    ``"preact-resnet-18-input-shortcut"`` or ``"dm-wrn-28-10-silu"``; sizes still come from the keys).
     Returns a :class:`LoadedCheckpoint` (``model`` in eval mode, ``metadata``, ``source_format``, ``layout``,
     ``notes``); it also unpacks as ``model, metadata``.
     """
     path = Path(path).expanduser()
     raw, metadata, source_format = read_checkpoint(path)
     state, layout, notes = canonical_state_dict(raw)
+    state, normalize = split_normalization(state, layout)
+    check_finite(state, str(path))
+    try:
+        if not isinstance(model, nn.Module):
+            model = _build_model(state, layout, normalize, metadata, model, notes)
+        _check_normalization(model, normalize, path)
+        _fill_dm_normalization(model, state, layout, notes)
+    except AmbiguousArchitectureError as exc:
+        raise AmbiguousArchitectureError(f"{path}: {exc}") from None
     for note in notes:
         LOG.warning("%s: %s", path, note)
-    check_finite(state, str(path))
-    if model is None:
-        if isinstance(metadata.get("arch"), dict):
-            model = model_from_config(metadata["arch"])
-        else:
-            config = infer_architecture(state, match_preset=True)
-            notes.append(f"architecture inferred from keys and shapes: {config}")
-            model = model_from_config(config)
     try:
         load_state_dict_strict(model, state)
     except CheckpointMismatchError as exc:

@@ -14,6 +14,7 @@ Subcommands::
     archlip eval CKPT --attacks pgd20,cw20,aa
     archlip sweep SWEEP.yaml
     archlip report RUN_DIR
+    archlip export RUN_DIR|CKPT --format robustbench
     archlip demo [--quick]
 """
 from __future__ import annotations
@@ -250,8 +251,10 @@ def dataset_info(name: str) -> dict[str, Any]:
     return DATASETS[name]
 
 
-def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None):
-    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``.
+def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None,
+                model_name: str | None = None):
+    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model_name`` names the registry architecture
+    a checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation).
 
     Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
     and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
@@ -270,7 +273,7 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         from experiments.checkpoints import load_checkpoint
 
         _check_checkpoint_format(path)
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, model=model_name)
         model, metadata = _unpack_loaded_checkpoint(loaded)
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
         if data is not None and recorded is not None and data != recorded:
@@ -284,6 +287,8 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
             if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
                 raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
             raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)}")
+        if model_name is not None:
+            raise UserError(f"--model names the architecture of a checkpoint file; {target!r} is already a preset: drop --model")
         data = data or "cifar10"
         torch.manual_seed(seed)
         shape = tuple(input_shape or DATASETS[data]["input_shape"])
@@ -426,7 +431,8 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
+                              model_name=args.model)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
@@ -452,7 +458,8 @@ def cmd_bound(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
+                              model_name=args.model)
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
     payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
     if args.n < 0:
@@ -573,7 +580,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     attacks = parse_attacks(args.attacks)
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model_name=args.model)
     eps = _eps(args, info)
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     out = _out_dir(args, default="runs/eval")
@@ -637,6 +644,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from experiments.export import export_robustbench
+
+    out = _out_dir(args, default=str(Path("runs") / "export"))
+    paths = export_robustbench(args.run, out, name=args.name, which=args.checkpoint, eval_summary=args.eval,
+                               model=args.model)
+    _emit(args, {k: str(v) for k, v in paths.items()}, f"wrote {paths['weights']} and its card {paths['card']}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
 
@@ -673,6 +690,12 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "directory for resu
     group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="registry architecture for a checkpoint whose keys cannot settle it (e.g. "
+                             "preact-resnet-18-input-shortcut, dm-wrn-28-10-silu); sizes still come from the keys")
+
+
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, choices=tuple(DATASETS),
                         help="dataset (default: the checkpoint's own, else cifar10)")
@@ -691,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1 (default 0.02)")
+    _model_arg(p)
     _common(p, "directory for spectral.json and spectral.csv")
     p.set_defaults(func=cmd_spectral)
 
@@ -701,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=128, help="data points for the lower bounds (0 to skip; default 128)")
     p.add_argument("--eps", default=None, help="radius of the attack-based lower bounds (default: the checkpoint's training eps, else 8/255)")
     p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance (default 0.02)")
+    _model_arg(p)
     _common(p, "directory for bound.json")
     p.set_defaults(func=cmd_bound)
 
@@ -738,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
     p.add_argument("--subset", default="first", choices=("first", "random"), help="first n points in order (default) or a seeded subset")
     _data_args(p)
+    _model_arg(p)
     _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval)")
     p.set_defaults(func=cmd_eval)
 
@@ -756,6 +782,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     _common(p, "where to write report.md (default RUN_DIR)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a trained model as a model-zoo state dict (.pt) plus a JSON card")
+    p.add_argument("run", metavar="RUN_DIR|CKPT", help="a training run folder (its selected model) or a checkpoint")
+    p.add_argument("--format", default="robustbench", choices=("robustbench",), help="target layout (default robustbench)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "final"),
+                   help="of a run folder: the model selected on validation (default) or the final one")
+    p.add_argument("--eval", default=None, metavar="SUMMARY.json", help="an archlip eval summary for the card's accuracies")
+    p.add_argument("--name", default=None, help="file name stem (default: the run folder's name)")
+    _model_arg(p)
+    _common(p, "directory for NAME.pt and NAME.json (default runs/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train a small WRN and its reduced-last-stage twin on digits, bound and report")
     p.add_argument("--quick", action="store_true", help="a reduced setting (used by the test suite)")

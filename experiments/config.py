@@ -1,7 +1,7 @@
 """Training recipes: a dataclass schema with defaults, YAML loading, ``--set a.b=value`` overrides, validation.
 
 A recipe is a YAML mapping whose top-level keys are the sections of :class:`TrainConfig` (``model``,
-``data``, ``method``, ``attack``, ``optim``, ``schedule``, ``ema``, ``selection``, ``speed``,
+``data``, ``method``, ``attack``, ``optim``, ``schedule``, ``ema``, ``selection``, ``history``, ``speed``,
 ``distributed``, ``run``) plus ``name`` and ``description``. Every key not given takes its default.
 An unknown key is an error that names it, suggests the closest valid key and lists the valid ones; a value
 of the wrong type or out of range is an error that says what is allowed.
@@ -63,6 +63,9 @@ class DataConfig:
     augment: bool = _f(False, help="random crop (+flip for natural images) on training batches")
     extra_data: Optional[str] = _f(None, help="pseudo-labelled extra data (ti_500K_pseudo_labeled.pickle)")
     extra_fraction: float = _f(0.0, lo=0.0, hi=1.0, help="fraction of each batch drawn from extra_data")
+    epoch_size: Optional[int] = _f(None, lo=1, help="with extra_data: an epoch is ceil(epoch_size / run.batch_size) "
+                                                    "steps; null = the dataset's training split before the "
+                                                    "validation hold-out (CIFAR-10: 50000), as the reference code")
     synthetic_size: int = _f(512, lo=2, help="examples for the 'synthetic' dataset (tests)")
 
 
@@ -102,10 +105,10 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = _f("multistep", choices=("constant", "multistep", "cosine"))
+    name: str = _f("multistep", choices=("constant", "multistep", "cosine", "cyclic"))
     milestones: list = _f([], help="epochs (may be fractional) at which multistep multiplies lr by gamma")
     gamma: float = _f(0.1, lo=0.0, lo_open=True)
-    warmup_epochs: float = _f(0.0, lo=0.0, help="linear warm-up from 0 over this many epochs")
+    warmup_epochs: float = _f(0.0, lo=0.0, help="linear warm-up from 0 over this many epochs (cyclic: the peak)")
     min_lr: float = _f(0.0, lo=0.0, help="cosine floor")
 
 
@@ -127,6 +130,23 @@ class SelectionConfig:
     pgd_steps: int = _f(10, lo=1)
     pgd_step_size: Optional[float] = _f(None, lo=0.0, help="default: attack.step_size")
     use_ema: bool = _f(True, help="select and save the EMA model when ema.enabled")
+    batch_size: int = _f(256, lo=1)
+
+
+@dataclass
+class HistoryConfig:
+    """Per-epoch robustness history on the validation split, as the paper's code logs each epoch (PGD accuracy,
+    stable accuracy, local Lipschitz ratio at the PGD examples); written to metrics.jsonl."""
+
+    enabled: bool = _f(False)
+    every: int = _f(1, lo=1, help="every N epochs (and after the last)")
+    start_epoch: int = _f(0, lo=0, help="first epoch (0-based) to measure; the paper's code starts at half the run")
+    n: Optional[int] = _f(None, lo=1, help="validation examples used (null = all)")
+    pgd_steps: int = _f(20, lo=1)
+    pgd_step_fraction: float = _f(0.1, lo=0.0, lo_open=True, help="PGD step as a fraction of eps (0.8/255 at 8/255)")
+    yang_lipschitz: bool = _f(False, help="also Yang et al.'s local Lipschitz metric (its own ascent)")
+    yang_variant: str = _f("eps/4", choices=("eps/4", "step-0.003", "yang2020-code"),
+                           help="its step rule: eps/4 ascent, 0.003 ascent, or the published loop literally")
     batch_size: int = _f(256, lo=1)
 
 
@@ -167,6 +187,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -283,6 +304,13 @@ def _cross_checks(cfg: TrainConfig) -> None:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) exceeds run.epochs ({cfg.run.epochs})")
     if cfg.data.extra_fraction > 0 and not cfg.data.extra_data:
         raise ConfigError("data.extra_fraction > 0 needs data.extra_data (path to the pseudo-labelled pickle)")
+    if cfg.data.epoch_size is not None and not cfg.data.extra_data:
+        raise ConfigError("data.epoch_size sets the epoch length of extra-data training; without data.extra_data an "
+                          "epoch is one pass over the training split (remove data.epoch_size)")
+    if cfg.history.enabled and cfg.data.val_size == 0:
+        raise ConfigError("history.enabled needs data.val_size > 0 (the history is measured on the validation split)")
+    if cfg.history.yang_lipschitz and cfg.attack.norm != "linf":
+        raise ConfigError("history.yang_lipschitz is defined for linf balls; set attack.norm: linf or turn it off")
     if cfg.data.extra_fraction >= 1.0:
         raise ConfigError("data.extra_fraction must be < 1 (each batch needs some original data)")
     if cfg.method.name in ("pgd_at", "trades", "mart") and cfg.attack.steps < 1:

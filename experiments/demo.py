@@ -259,11 +259,13 @@ def train_facts(train_summary: Mapping[str, Any] | None) -> dict[str, Any]:
     return facts
 
 
-def load_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None, device: str) -> nn.Module:
+def load_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None, device: str,
+                       model_file: Path | None = None) -> nn.Module:
     from experiments.checkpoints import load_checkpoint
     from experiments.cli import _unpack_loaded_checkpoint
 
-    model, _ = _unpack_loaded_checkpoint(load_checkpoint(find_trained_model(train_dir, train_summary)))
+    path = model_file if model_file is not None else find_trained_model(train_dir, train_summary)
+    model, _ = _unpack_loaded_checkpoint(load_checkpoint(path))
     return model.to(device).eval()
 
 
@@ -277,13 +279,15 @@ def load_test_split(config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any] | None, *, name: str,
                         evaluate_options: Mapping[str, Any] | None = None, analysis_options: Mapping[str, Any] | None = None,
-                        device: str = "cpu", seed: int = 0, verbose: bool = False) -> dict[str, Any]:
-    """Load a finished training run and measure it (used by sweeps)."""
+                        device: str = "cpu", seed: int = 0, verbose: bool = False,
+                        model_file: Path | None = None) -> dict[str, Any]:
+    """Load a finished training run and measure it (used by sweeps); ``model_file``: which saved model
+    (default: the final one)."""
     from experiments.cli import DATASETS, parse_fraction
 
     evaluate_options = dict(evaluate_options or {})
     analysis_options = dict(analysis_options or {})
-    model = load_trained_model(train_dir, train_summary, device)
+    model = load_trained_model(train_dir, train_summary, device, model_file)
     x_test, y_test = load_test_split(config, seed=0)
     info = DATASETS.get(config.data.dataset, {"input_shape": tuple(x_test.shape[1:]), "num_classes": int(y_test.max()) + 1})
     steps = [s for s, flag in (("eval", True), ("spectral", analysis_options.get("spectral", True)),

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 #: Guarantee label of each scalar column (see spectral/guarantee.py).
 COLUMN_GUARANTEES: dict[str, str] = {
@@ -403,6 +403,74 @@ def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: b
 
 
 # ----------------------------------------------------------------------------------------------
+# training histories (metrics.jsonl)
+# ----------------------------------------------------------------------------------------------
+
+HISTORY_FILE = "metrics.jsonl"
+# (key, label, line style) per panel; missing keys are skipped
+_HISTORY_PANELS = (
+    ("accuracy", (("val_clean_acc", "val clean", "-"), ("val_pgd_acc", "val PGD (selection)", "--"),
+                  ("val_hist_pgd_acc", "val PGD (history)", "-."), ("val_hist_stable_acc", "val stable", ":"),
+                  ("train_adv_acc", "train adversarial", (0, (1, 3))))),
+    ("local Lipschitz (estimate)", (("val_hist_local_lipschitz", "at the PGD examples", "-"),
+                                    ("val_hist_yang_lipschitz", "Yang et al. metric", "--"))),
+    ("learning rate", (("lr", "lr", "-"),)),
+)
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of a training run's ``metrics.jsonl`` (a cut last line is skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return rows
+
+
+def find_histories(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Training histories under ``run_dir``: a training run folder itself, or the runs of a demo or sweep."""
+    run_dir = Path(run_dir)
+    if (run_dir / HISTORY_FILE).is_file():
+        return {run_dir.name: read_history(run_dir / HISTORY_FILE)}
+    paths = sorted(run_dir.glob(f"runs/*/train/{HISTORY_FILE}")) + sorted(run_dir.glob(f"*/train/{HISTORY_FILE}"))
+    return {p.parent.parent.name: rows for p in paths if (rows := read_history(p))}
+
+
+def plot_history(histories: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
+    """Per-epoch curves: accuracies (validation clean / PGD / stable, training adversarial), the local Lipschitz
+    estimate and the learning rate; one line style per quantity, and one colour per run (per quantity when
+    there is a single run)."""
+    panels = [(title, [(k, label, ls) for k, label, ls in series
+                       if any(_finite(r.get(k)) for rows in histories.values() for r in rows)])
+              for title, series in _HISTORY_PANELS]
+    panels = [(title, series) for title, series in panels if series]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, series) in zip(axes[0], panels):
+        for i, (name, rows) in enumerate(histories.items()):
+            for j, (key, label, style) in enumerate(series):
+                points = [(r["epoch"], r[key]) for r in rows if _finite(r.get(key))]
+                if points:
+                    xs, ys = zip(*points)
+                    colour = colours[(j if len(histories) == 1 else i) % len(colours)]  # one run: by quantity
+                    ax.plot(xs, ys, linestyle=style, color=colour, marker="." if len(xs) < 30 else None,
+                            label=label if len(histories) == 1 else f"{name}: {label}")
+        ax.set_title(title)
+        ax.set_xlabel("epoch (from 0, as in metrics.jsonl)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # markdown
 # ----------------------------------------------------------------------------------------------
 
@@ -414,6 +482,8 @@ _CAPTIONS = {
     "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
     "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
     "robustness_vs_theory": "Robust accuracy against the theory's predicted Lipschitz bound.",
+    "training_history": "Per-epoch training history (metrics.jsonl): validation clean, PGD and stable accuracy, the local "
+                        "Lipschitz ratio at the PGD examples (an estimate), and the learning rate.",
 }
 
 
@@ -449,6 +519,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         for m in trained:
             t = m["train"]
             selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
+            if t.get("measured_checkpoint"):
+                selection += f"; measured: {t['measured_checkpoint']}"
             lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
                          f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
                          f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
@@ -528,16 +600,58 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regenerate: str | None = None) -> Path:
-    """Render ``report.md`` and its PNG figures for ``run_dir``; returns the report's path."""
+    """Render ``report.md`` and its PNG figures for ``run_dir``; returns the report's path.
+
+    A training run folder (``metrics.jsonl``, no results) gets a history report; demos and sweeps also get the
+    history figure of their runs.
+    """
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
+    histories = find_histories(run_dir)
+    if (run_dir / HISTORY_FILE).is_file() and not (run_dir / "results.json").is_file():
+        return write_history_report(run_dir, histories, out_dir, regenerate or f"archlip report {run_dir}")
+    results = load_results(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = results.get("models", [])
     figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep")
+    history_figure = plot_history(histories, out_dir / "training_history.png") if histories else None
+    if history_figure is not None:
+        figures["training_history"] = history_figure
     if results.get("kind") == "sweep" and models:
         write_csv(table_rows(models), out_dir / "table.csv")
     text = render_markdown(results, figures, out_dir, regenerate or f"archlip report {run_dir}")
     path = out_dir / "report.md"
     path.write_text(text)
+    return path
+
+
+def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[str, Any]]], out_dir: Path,
+                         regenerate: str) -> Path:
+    """``report.md`` of one training run folder: its history figure and the last epoch's numbers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = next(iter(histories.values()), [])
+    figure = plot_history(histories, out_dir / "training_history.png")
+    lines = [f"# archlip training report: {run_dir.name}", "",
+             f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate with `{regenerate}`.", ""]
+    summary_file = run_dir / "summary.json"
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
+    if summary:
+        sel = summary.get("selection") or {}
+        lines += [f"Status {summary.get('status')}: {summary.get('epochs_completed')} of {summary.get('epochs')} epochs, "
+                  f"{summary.get('global_step')} steps; selection {sel.get('metric')} (best epoch {sel.get('best_epoch')}, "
+                  f"value {_fmt(sel.get('best_value'))}).", ""]
+        for key, text in (summary.get("history") or {}).items():
+            lines.append(f"- {key}: {_fmt(text)}")
+        lines.append("")
+    keys = [k for k in ("epoch", "lr", "train_loss", "train_adv_acc", "val_clean_acc", "val_pgd_acc", "val_hist_pgd_acc",
+                        "val_hist_stable_acc", "val_hist_local_lipschitz", "val_hist_yang_lipschitz")
+            if any(r.get(k) is not None for r in rows)]
+    if rows:
+        lines += ["## Per-epoch history (validation split; epochs from 0)", "", "| " + " | ".join(keys) + " |",
+                  "|" + "|".join("---" for _ in keys) + "|"]
+        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows] + [""]
+    if figure is not None:
+        lines += [f"![training_history]({figure.name})", "", f"*{_CAPTIONS['training_history']}*", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
     return path

@@ -18,7 +18,8 @@ A sweep file (YAML; shipped ones in ``experiments/configs/sweeps/``, loadable by
       tolerance: 0.05                  # keep runs within +-5% of the budget ...
       fit: stage_widths                # ... after rescaling the stage widths (not the stem) to meet it
       multiple_of: 8                   # widths rounded to multiples of 8 when fitting
-    evaluate: {attacks: [pgd20], eps: 8/255, n: 1000}
+    evaluate: {attacks: [pgd20], eps: 8/255, n: 1000, checkpoint: best}   # best: the model selected on the
+                                       # validation split (what the paper reports); final: the last weights
     analysis: {spectral: true, bound: true, lower_points: 128, theory: true}
     launcher: sequential               # or torchrun (one job per run)
     nproc_per_node: 1
@@ -52,6 +53,7 @@ SPEC_KEYS = ("name", "description", "recipe", "set", "grid", "configs", "budget"
              "launcher", "nproc_per_node", "torchrun_args")
 BUDGET_KEYS = ("params", "tolerance", "fit", "multiple_of")
 BUDGET_FITS = ("none", "stage_widths", "last_width")
+CHECKPOINTS = ("best", "final")
 DEPTHS_KEY = "model.overrides.depths"
 WIDTHS_KEY = "model.overrides.widths"
 
@@ -173,6 +175,10 @@ def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"sweep has duplicate run ids {duplicates}; give the entries distinct 'id' values")
+    which = (raw.get("evaluate") or {}).get("checkpoint", "best")
+    if which not in CHECKPOINTS:
+        raise ValueError(f"evaluate.checkpoint {which!r} is not valid; choose {' or '.join(CHECKPOINTS)} (best: the "
+                         "model selected on the validation split)")
     nproc = raw.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc_per_node must be a positive integer, got {nproc!r}")
@@ -366,11 +372,40 @@ def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str
             from experiments.training import train
 
             train_summary = train(config, train_dir, resume=resume)
+    model_file, measured = measured_checkpoint(train_dir, train_summary, spec.evaluate.get("checkpoint", "best"))
+    evaluate_options = {k: v for k, v in spec.evaluate.items() if k != "checkpoint"}
     record = measure_trained_run(config, train_dir, train_summary, name=run.run_id,
-                                 evaluate_options=spec.evaluate, analysis_options=spec.analysis,
-                                 device=options.get("device") or "cpu", seed=config.run.seed)
+                                 evaluate_options=evaluate_options, analysis_options=spec.analysis,
+                                 device=options.get("device") or "cpu", seed=config.run.seed, model_file=model_file)
     record["overrides"] = dict(run.overrides)
+    record["measured_checkpoint"] = measured
+    record.setdefault("train", {})["measured_checkpoint"] = measured["description"]
     return record
+
+
+def measured_checkpoint(train_dir: Path, train_summary: Mapping[str, Any] | None,
+                        which: str = "best") -> tuple[Path, dict[str, Any]]:
+    """The model file a sweep measures and a record of which it is.
+
+    ``which="best"``: the model selected on the validation split (``model_best``, what the paper reports: it
+    avoids robust overfitting after the first decay); a run without selection (``selection.metric: last``)
+    has none, and its final model is measured, saying so. ``"final"``: the last weights.
+    """
+    from experiments.demo import find_trained_model
+
+    summary = dict(train_summary or {})
+    final = find_trained_model(train_dir, summary)
+    selection = summary.get("selection") or {}
+    best = Path(train_dir) / "model_best.safetensors"
+    if which == "best" and selection.get("best_epoch", -1) >= 0 and best.is_file():
+        text = (f"best (model_best, epoch {selection['best_epoch']}, selected by validation "
+                f"{selection.get('metric')} = {selection.get('best_value')})")
+        return best, {"kind": "best", "file": str(best), "epoch": selection["best_epoch"],
+                      "selection_metric": selection.get("metric"), "description": text}
+    epochs = summary.get("epochs_completed")
+    reason = "" if which == "final" else " (the run has no selected model: selection.metric last)"
+    return final, {"kind": "final", "file": str(final), "epoch": None if epochs is None else epochs - 1,
+                   "selection_metric": selection.get("metric"), "description": f"final (model_final){reason}"}
 
 
 def _finished_training(train_dir: Path) -> dict | None:

@@ -8,8 +8,9 @@
   eps-ball (projected ascent on both points). Every observed ratio is a lower bound of the
   (l_p -> l2) Lipschitz constant.
 - ``local_lipschitz_metric``: the local Lipschitz metric of Yang et al. (2020), mean over the batch
-  of ``||f(x) - f(x')||_1 / ||x - x'||_inf`` with ``x'`` from PGD maximising that ratio in the linf
-  ball, plus the stable accuracy (fraction whose prediction does not change). An estimate.
+  of ``||f(x) - f(x')||_1 / ||x - x'||_inf`` with ``x'`` from signed-gradient steps in the linf ball (the
+  step rule is a named variant, reported with the value), plus the stable accuracy (fraction whose
+  prediction does not change). An estimate.
 
 All functions evaluate the model in eval mode and restore every submodule's mode afterwards.
 References: Yang et al. 2020, "A Closer Look at Accuracy vs. Robustness" (NeurIPS);
@@ -326,15 +327,22 @@ class LocalLipschitzResult:
                 "accuracy_clean": self.accuracy_clean, "per_sample": self.per_sample}
 
 
+LOCAL_LIPSCHITZ_VARIANTS = ("eps/4", "step-0.003", "yang2020-code")
+
+
 def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: torch.Tensor | None = None,
                            steps: int = 10, step_size: float | None = None, top_norm: float = 1.0,
                            bottom_norm: float = math.inf, init_std: float = 1e-3, batch_size: int = 256,
-                           seed: int = 0, progress: bool = False) -> LocalLipschitzResult:
+                           seed: int = 0, progress: bool = False, variant: str = "eps/4") -> LocalLipschitzResult:
     """Yang et al. (2020) local Lipschitz metric on logits: mean over x of ||f(x)-f(x')||_1 / ||x-x'||_inf.
 
-    ``x'`` starts at ``x + init_std * N(0, I)`` and takes ``steps`` signed-gradient steps maximising the ratio,
-    projected to the linf eps-ball and [0, 1] (as in the paper code). ``stable_accuracy``: fraction of
-    samples whose predicted class at x' equals that at x. ``accuracy_clean`` when labels ``y`` are given.
+    ``x'`` starts at ``x + init_std * N(0, I)`` and takes ``steps`` signed-gradient steps, projected to the linf
+    eps-ball and [0, 1]. ``variant`` says which step rule (recorded in the result's details):
+    "eps/4" ascends the ratio with steps of eps/4 (archlip's default); "step-0.003" ascends with the fixed 0.003
+    steps of the published code; "yang2020-code" reproduces that code literally: 0.003 steps along the sign of
+    the gradient of the *negated* ratio (which moves x' down the ratio) and ``||x - x' + 1e-6||`` below.
+    ``step_size`` overrides the variant's step. ``stable_accuracy``: fraction of samples whose predicted class at
+    x' equals that at x. ``accuracy_clean`` when labels ``y`` are given.
     References: Yang et al. 2020, "A Closer Look at Accuracy vs. Robustness".
     """
     _check_batch(x)
@@ -342,7 +350,13 @@ def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: 
         raise ValueError(f"eps must be > 0, got {eps}")
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(f"y has {y.shape[0]} labels for {x.shape[0]} inputs")
-    step_size = eps / 4 if step_size is None else step_size
+    if variant not in LOCAL_LIPSCHITZ_VARIANTS:
+        raise ValueError(f"unknown local Lipschitz variant {variant!r}; choose one of: {', '.join(LOCAL_LIPSCHITZ_VARIANTS)}")
+    literal = variant == "yang2020-code"
+    if step_size is None:
+        step_size = eps / 4 if variant == "eps/4" else 0.003
+    direction = -1.0 if literal else 1.0  # the published loop adds step * sign(grad(-ratio))
+    offset = 1e-6 if literal else 0.0
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ratios, stable, correct = [], [], []
@@ -355,13 +369,13 @@ def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: 
             xp = (xb + init_std * noise).detach()
             for _ in range(steps):
                 xp.requires_grad_(True)
-                ratio = _flat_norm(model(xp) - fx, top_norm) / _flat_norm(xp - xb, bottom_norm).clamp_min(1e-30)
+                ratio = _flat_norm(model(xp) - fx, top_norm) / _flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
                 (grad,) = torch.autograd.grad(ratio.sum(), xp)
-                xp = xp.detach() + step_size * grad.sign()
+                xp = xp.detach() + direction * step_size * grad.sign()
                 xp = torch.min(torch.max(xp, xb - eps), xb + eps).clamp(0.0, 1.0).detach()
             with torch.no_grad():
                 fxp = model(xp)
-                r = _flat_norm(fxp - fx, top_norm) / _flat_norm(xp - xb, bottom_norm).clamp_min(1e-30)
+                r = _flat_norm(fxp - fx, top_norm) / _flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
             ratios.append(r)
             stable.append(fxp.argmax(1) == fx.argmax(1))
             if y is not None:
@@ -371,7 +385,8 @@ def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: 
         value=NormValue(float(r.mean()), Guarantee.ESTIMATE, "local_lipschitz_yang2020", iterations=steps,
                         seconds=time.perf_counter() - t0,
                         details={"eps": eps, "top_norm": top_norm, "bottom_norm": bottom_norm,
-                                 "step_size": step_size}),
+                                 "step_size": step_size, "variant": variant,
+                                 "direction": "descent (as the published code)" if literal else "ascent"}),
         stable_accuracy=float(torch.cat(stable).float().mean()),
         per_sample=r.tolist(),
         accuracy_clean=float(torch.cat(correct).float().mean()) if correct else None,

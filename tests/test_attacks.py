@@ -17,6 +17,7 @@ from experiments.attacks import (
     cw_inf,
     cw_loss,
     fgsm,
+    gama_pgd,
     get_attack_preset,
     list_attack_presets,
     logit_margin,
@@ -317,7 +318,7 @@ def test_presets_cover_the_contract_and_run():
 
 
 def test_preset_errors_and_custom_lists():
-    with pytest.raises(ValueError, match="valid: aa, aa-plus"):
+    with pytest.raises(ValueError, match="valid: aa, aa-plus, aa-rand, cw20, fgsm, fgsm-rs, gama-pgd100"):
         get_attack_preset("pgd7")
     custom = get_attack_preset("aa-custom:apgd-ce+apgd-t")
     assert custom.version == "custom" and custom.attacks == ("apgd-ce", "apgd-t")
@@ -326,3 +327,67 @@ def test_preset_errors_and_custom_lists():
     with pytest.raises(ValueError, match="unknown preset field"):
         get_attack_preset("pgd20").with_overrides(stepz=3)
     assert get_attack_preset("pgd20").with_overrides(steps=3).steps == 3
+
+
+# --------------------------------------------------------------------------------------------------------
+# GAMA-PGD
+
+
+def reference_gama(model, x, y, eps, steps, step, marks, decay, weight, relax, generator):
+    """GAMA-PGD written out from the paper's description: random-sign start, softmax margin plus a squared l2
+    relaxation to the start's softmax whose weight falls linearly to 0, signed steps, step decays."""
+    noise = eps * torch.sign(torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1)
+    xa = torch.clamp(x + noise, 0, 1)
+    with torch.no_grad():
+        p0 = F.softmax(model(xa), dim=1)
+    onehot = F.one_hot(y, p0.shape[1]).bool()
+    for t in range(steps):
+        if t in marks:
+            step = step / decay
+        xa = xa.detach().requires_grad_(True)
+        q = F.softmax(model(xa), dim=1)
+        margin = q.masked_fill(onehot, -1.0).max(dim=1).values - q[onehot]
+        lam = weight * max(0.0, 1 - t / relax)
+        (g,) = torch.autograd.grad((margin + lam * ((q - p0) ** 2).sum(dim=1)).sum(), xa)
+        xa = torch.clamp(torch.min(torch.max(xa.detach() + step * g.sign(), x - eps), x + eps), 0, 1)
+    return xa
+
+
+def test_gama_final_iterate_equals_the_reference_loop():
+    torch.manual_seed(0)
+    model = _small_net(bn=False).double().eval()
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(2))
+    eps = 0.1
+    ours = gama_pgd(model, x, y, eps=eps, steps=12, step_size=0.05, milestones=(5, 9), relax_steps=4,
+                    keep_best=False, generator=torch.Generator().manual_seed(3))
+    expected = reference_gama(model, x, y, eps, 12, 0.05, {5, 9}, 10.0, 50.0, 4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_gama_keeps_the_best_iterate_stays_in_the_ball_and_runs_as_a_preset():
+    torch.manual_seed(4)
+    model = _small_net(bn=False).eval()
+    x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 4, (32,))
+    eps = 0.2
+
+    def margin(xa):
+        with torch.no_grad():
+            q = F.softmax(model(xa), dim=1)
+        return -logit_margin(q, y)
+
+    last = gama_pgd(model, x, y, eps=eps, steps=20, keep_best=False, generator=torch.Generator().manual_seed(5))
+    best = gama_pgd(model, x, y, eps=eps, steps=20, generator=torch.Generator().manual_seed(5))
+    for xa in (last, best):
+        check_in_ball(xa, x, eps, "linf")
+    assert bool((margin(best) >= margin(last) - 1e-7).all())
+    preset = get_attack_preset("gama-pgd100")
+    assert (preset.kind, preset.steps, preset.step_fraction) == ("gama", 100, 2.0)
+    out = preset.run(model, x, y, eps=eps, generator=torch.Generator().manual_seed(6))
+    check_in_ball(out, x, eps, "linf")
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+        robust = clean_ok & (model(out).argmax(1) == y)
+    assert robust.sum() < clean_ok.sum()  # it finds adversarial examples on an undefended net
+    with pytest.raises(ValueError, match="unknown anchor"):
+        gama_pgd(model, x, y, eps=eps, steps=2, anchor="mean")

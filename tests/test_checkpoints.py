@@ -89,14 +89,23 @@ def test_classic_checkpoint_gives_the_same_function(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ architecture inference
 
 
+AMBIGUOUS = ("preact-resnet", "dm-wideresnet", "dm-preact-resnet")  # variants only a name can settle
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_inferred_architecture_equals_the_true_one(name):
     model = meta_model(name, num_classes=7)
     truth = model_config(model)
-    inferred = ck.infer_architecture(model.state_dict(), match_preset=True)
+    if truth["family"] in AMBIGUOUS:
+        with pytest.raises(ck.AmbiguousArchitectureError, match="choose one: load_checkpoint.path, model=NAME. or --model"):
+            ck.infer_architecture(model.state_dict())
+        inferred = ck.infer_architecture(model.state_dict(), match_preset=True, model=name)
+    else:
+        inferred = ck.infer_architecture(model.state_dict(), match_preset=True)
     for key, value in inferred.items():
         assert truth[key] == value, key
-    assert set(truth) - set(inferred) <= {"activation", "normalize", "dropout"}
+    assert set(truth) - set(inferred) <= {"activation", "normalize", "dropout", "equal_width_shortcut", "input_padding",
+                                               "shortcut"}
     if truth["family"] == "wideresnet":  # also from the classic layout
         classic = ck.infer_architecture(to_classic(model.state_dict()))
         assert {k: classic[k] for k in ("depths", "widths", "strides", "num_classes")} == \
@@ -167,10 +176,13 @@ def test_save_unwraps_data_parallel(tmp_path):
 
 
 def test_resnet_checkpoints_load(tmp_path):
-    for name in ("resnet-tiny", "preact-resnet-tiny"):
+    for name in ("resnet-tiny", "preact-resnet-tiny", "preact-resnet-tiny-input-shortcut"):
         model = create_model(name).eval()
         torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / f"{name}.pt")
-        loaded = ck.load_checkpoint(tmp_path / f"{name}.pt")
+        if name.startswith("preact"):  # the keys cannot tell the shortcut variants apart: a name must choose
+            with pytest.raises(ck.AmbiguousArchitectureError, match="input-shortcut"):
+                ck.load_checkpoint(tmp_path / f"{name}.pt")
+        loaded = ck.load_checkpoint(tmp_path / f"{name}.pt", model=name if name.startswith("preact") else None)
         x = torch.rand(2, 3, 8, 8)
         assert type(loaded.model) is type(model) and loaded.model.model_name == name
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)

@@ -300,3 +300,38 @@ def test_report_out_is_a_file(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     code, _, err = run_cli(capsys, "report", str(tmp_path / "run"), "--out", str(tmp_path / "afile"))
     assert_one_line_error(code, err, "--out", "is a file", "give a directory")
+
+
+def test_export_robustbench_writes_a_loadable_state_dict_and_a_card(capsys, tmp_path, trained_ckpt):
+    import torch
+
+    from experiments.checkpoints import load_checkpoint
+
+    run_dir = trained_ckpt.parent
+    code, out, err = run_cli(capsys, "export", str(run_dir), "--format", "robustbench", "--out", str(tmp_path / "zoo"),
+                             "--name", "tiny", "--json")
+    assert code == 0, err
+    paths = json.loads(out)
+    state = torch.load(paths["weights"], weights_only=True)
+    assert "stem_conv.weight" in state and any(k.startswith("blocks.0.layer.0.") for k in state)  # RobustWideResNet keys
+    card = json.loads(Path(paths["card"]).read_text())
+    assert card["zoo_class"] == "RobustWideResNet" and card["dataset"] == "digits" and card["threat_model"] == "Linf"
+    assert card["clean_acc"] is None and "archlip eval" in card["evaluation"]
+    assert card["training"]["checkpoint"].startswith(("best", "final"))
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        original = load_checkpoint(trained_ckpt).model(x)
+        torch.testing.assert_close(load_checkpoint(paths["weights"]).model(x), original, rtol=0, atol=0)
+
+
+def test_model_flag_settles_a_preact_checkpoint(capsys, tmp_path):
+    import torch
+
+    from experiments.models import create_model
+
+    torch.save(create_model("preact-resnet-tiny-input-shortcut").state_dict(), tmp_path / "p.pt")
+    code, _, err = run_cli(capsys, "spectral", str(tmp_path / "p.pt"), "--input-shape", "3x16x16")
+    assert code == 2 and "--model NAME" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "spectral", str(tmp_path / "p.pt"), "--input-shape", "3x16x16",
+                             "--model", "preact-resnet-tiny-input-shortcut", "--json")
+    assert code == 0, err

@@ -144,6 +144,8 @@ GRAPH_CASES = [
     ("wrn-tiny", {"activation": "softplus", "depths": (2, 1, 2), "widths": (4, 4, 8, 8), "strides": (1, 1, 2)}),
     ("resnet-tiny", {}),
     ("preact-resnet-tiny", {"activation": "silu", "normalize": ((0.4,), (0.2,))}),
+    ("preact-resnet-tiny-input-shortcut", {}),
+    ("wrn-tiny-r", {"equal_width_shortcut": "preact"}),
 ]
 
 

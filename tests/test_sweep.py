@@ -212,6 +212,25 @@ def test_real_sweep_trains_measures_and_resumes(tmp_path):
     assert record["widths"] == [8, 16, 32, 16] and record["params"] < 76450
     assert 0 < record["empirical_lipschitz"] <= record["certified_lipschitz"]
     assert record["theory_prediction"] > 0 and 0 <= record["robust_acc"] <= record["clean_acc"]
+    assert record["measured_checkpoint"]["kind"] == "final" and "no selected model" in record["train"]["measured_checkpoint"]
+
+
+def test_sweeps_measure_the_selected_checkpoint_and_say_which(tmp_path):
+    from experiments.checkpoints import save_checkpoint
+    from experiments.models import create_model
+
+    model = create_model("wrn-tiny", in_channels=1)
+    save_checkpoint(tmp_path / "model_final", model, {})
+    save_checkpoint(tmp_path / "model_best", model, {})
+    summary = {"status": "completed", "epochs_completed": 10, "files": {"final_model": str(tmp_path / "model_final.safetensors")},
+               "selection": {"metric": "pgd_acc", "best_epoch": 6, "best_value": 0.41}}
+    path, info = sweep.measured_checkpoint(tmp_path, summary)
+    assert path.name == "model_best.safetensors" and info["kind"] == "best" and info["epoch"] == 6
+    assert "epoch 6" in info["description"] and "pgd_acc" in info["description"]
+    path, info = sweep.measured_checkpoint(tmp_path, summary, which="final")
+    assert path.name == "model_final.safetensors" and info == {**info, "kind": "final", "epoch": 9}
+    with pytest.raises(ValueError, match="choose best or final"):
+        sweep.sweep_from_dict({"recipe": "digits-pgdat-tiny", "evaluate": {"checkpoint": "last"}})
 
 
 @pytest.mark.slow

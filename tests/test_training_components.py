@@ -130,8 +130,14 @@ def test_schedules_closed_forms():
     assert lr_at("cosine", 0.1, 400, 400) == pytest.approx(0.0, abs=1e-12)
     assert lr_at("cosine", 0.1, 1, 10, warmup_epochs=2) == pytest.approx(0.05)  # half-way through warm-up
     assert lr_at("cosine", 0.1, 6, 10, warmup_epochs=2) == pytest.approx(0.05)  # cosine over epochs 2..10
-    with pytest.raises(ValueError, match="valid: constant, multistep, cosine"):
+    with pytest.raises(ValueError, match="valid: constant, multistep, cosine, cyclic"):
         lr_at("step", 0.1, 0, 1)
+
+
+def test_cyclic_schedule_is_one_triangle():
+    assert [lr_at("cyclic", 0.2, e, 15) for e in (0, 3.75, 7.5, 11.25, 15)] == pytest.approx([0, 0.1, 0.2, 0.1, 0])
+    assert lr_at("cyclic", 0.2, 2, 10, warmup_epochs=4) == pytest.approx(0.1)  # peak moved to epoch 4
+    assert lr_at("cyclic", 0.2, 7, 10, warmup_epochs=4) == pytest.approx(0.1)
 
 
 def test_ema_matches_the_closed_form_and_handles_buffers():
@@ -156,6 +162,43 @@ def test_ema_matches_the_closed_form_and_handles_buffers():
     other = ModelEMA(_net(1), decay=0.9)
     other.load_state_dict(state)
     assert other.updates == 1 and torch.equal(other.shadow[0].weight, ema.shadow[0].weight)
+
+
+def reference_ema(snapshots: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
+    """Textbook weight averaging written out on state dicts: start from the initial weights, then after update
+    n (0-based) average = d_n * average + (1 - d_n) * weights with d_n = min(decay, (1 + n) / (10 + n));
+    floating buffers averaged the same way, integer buffers copied."""
+    avg = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in snapshots[0].items()}
+    for n, state in enumerate(snapshots[1:]):
+        d = min(decay, (1 + n) / (10 + n))
+        for k, v in state.items():
+            avg[k] = d * avg[k] + (1 - d) * v.double() if v.is_floating_point() else v.clone()
+    return avg
+
+
+def test_ema_over_real_sgd_steps_equals_an_independent_implementation():
+    torch.manual_seed(3)
+    model = _net(3)
+    model.train()
+    ema = ModelEMA(model, decay=0.95, warmup=True, bn="ema")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snapshots = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    for step in range(40):
+        x, y = _batch(seed=step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update(model)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    expected = reference_ema(snapshots, decay=0.95)
+    ours = ema.shadow.state_dict()
+    assert ours.keys() == expected.keys()
+    for k in ours:
+        if ours[k].is_floating_point():
+            torch.testing.assert_close(ours[k].double(), expected[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(ours[k], expected[k]), k
+    assert not torch.allclose(ours["0.weight"].double(), snapshots[-1]["0.weight"].double(), atol=1e-4)  # not a copy
 
 
 def test_shards_cover_the_global_batch():

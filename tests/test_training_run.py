@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from experiments.data import load_digits
 from experiments.models import create_model
 from experiments.training import train
 from experiments.training.checkpointing import load_resume_state
-from experiments.training.loop import check_speed_switches
+from experiments.training.loop import batches_per_epoch, check_speed_switches
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -195,6 +196,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_two(tmp_path: Path, driver_text: str, overrides: list[str]) -> None:
+    """Run ``driver_text`` under torchrun with 2 CPU processes (gloo) training into ``tmp_path/ddp``."""
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(driver_text)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     exec(NO_BN_MODEL, {})  # register the BN-free model in this process too
@@ -203,14 +216,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
                  "run.epochs=1", "selection.metric=last", "distributed.backend=gloo", "data.augment=true"]
     cfg = load_config("digits-pgdat-tiny", overrides)
     single = train(cfg, tmp_path / "single")
-    driver = tmp_path / "ddp_driver.py"
-    driver.write_text(DDP_DRIVER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(driver), "digits-pgdat-tiny", str(tmp_path / "ddp"), *overrides],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun_two(tmp_path, DDP_DRIVER, overrides)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == single["global_step"]
     a, b = _weights(tmp_path / "single" / "model_final.safetensors"), _weights(tmp_path / "ddp" / "model_final.safetensors")
@@ -234,3 +240,95 @@ def test_resuming_a_completed_run_keeps_its_validation_summary(tmp_path):
     assert again["status"] == "completed" and again["global_step"] == first["global_step"]
     assert again["final_val"] == first["final_val"]
     assert json.loads((tmp_path / "summary.json").read_text())["final_val"] == first["final_val"]
+
+
+# ---------------------------------------------------------------------------------------------- extra data
+
+FAKE_EXTRA = textwrap.dedent("""
+    import torch
+    from experiments.data import load_digits
+    from experiments.training import loop
+
+    def fake_training_data(cfg):
+        \"\"\"digits as the original set (300 train, 60 validation) and 400 mirrored digits as the extra set\"\"\"
+        x, y = load_digits("trainval")
+        return loop.TrainData(x[:300].contiguous(), y[:300], x[300:360].contiguous(), y[300:360], 10,
+                              x_extra=x[400:800].flip(-1).contiguous(), y_extra=y[400:800], n_original=360)
+
+    loop.load_training_data = fake_training_data
+""")
+EXTRA = SMALL + ["data.extra_data=unused.pickle", "data.extra_fraction=0.5", "data.epoch_size=200",
+                 "selection.metric=last", "run.epochs=2"]
+
+
+def test_extra_data_epoch_length_follows_the_reference():
+    recipe = load_config("cifar10-trades-extra-wrn-34-r")
+    steps = batches_per_epoch(recipe, n_train=49_000, n_original=50_000)
+    assert steps == math.ceil(50_000 / 256) == 196 and steps * recipe.run.epochs == 78_400
+    assert recipe.optim.grad_clip is None  # the reference does not clip (-1)
+    assert batches_per_epoch(load_config("cifar10-trades-wrn-34-r"), 49_000, 50_000) == 49_000 // 128
+    with pytest.raises(ConfigError, match="epoch_size"):
+        load_config("digits-pgdat-tiny", ["data.epoch_size=100"])
+
+
+def test_extra_data_run_mixes_both_sources_and_resumes_bit_exactly(tmp_path, monkeypatch):
+    namespace: dict = {}
+    exec(FAKE_EXTRA, namespace)  # patches experiments.training.loop.load_training_data
+    cfg = load_config("digits-pgdat-tiny", EXTRA)
+    seen = []
+    straight = train(cfg, tmp_path / "straight", on_step=seen.append)
+    assert straight["steps_per_epoch"] == math.ceil(200 / 64) == 4 and straight["global_step"] == 8
+    assert all(0 < s["extra_in_shard"] < s["shard_size"] == 64 for s in seen)
+
+    def stop_after_three(info):  # SIGINT to ourselves: the loop checkpoints mid-epoch and returns "interrupted"
+        if info["global_step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = train(cfg, tmp_path / "killed", on_step=stop_after_three)
+    assert first["status"] == "interrupted" and first["global_step"] == 3
+    resumed = train(cfg, tmp_path / "killed", resume=True)
+    assert resumed["status"] == "completed" and resumed["global_step"] == 8
+    a = _weights(tmp_path / "straight" / "model_final.safetensors")
+    b = _weights(tmp_path / "killed" / "model_final.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+EXTRA_DDP_DRIVER = FAKE_EXTRA + textwrap.dedent("""
+    import json, os, sys
+    from experiments.config import load_config
+    from experiments.training import train
+    rank = os.environ["RANK"]
+    with open(os.path.join(sys.argv[2] + "-steps", f"rank{rank}.jsonl"), "a") as log:
+        train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2],
+              on_step=lambda info: log.write(json.dumps(info) + "\\n"))
+""")
+
+
+@pytest.mark.slow
+def test_ddp_extra_data_every_rank_sees_both_sources(tmp_path):
+    (tmp_path / "ddp-steps").mkdir()
+    _torchrun_two(tmp_path, EXTRA_DDP_DRIVER, EXTRA + ["run.epochs=1", "distributed.backend=gloo"])
+    for rank in (0, 1):
+        steps = [json.loads(line) for line in (tmp_path / "ddp-steps" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert len(steps) == 4 and all(s["rank"] == rank and s["shard_size"] == 32 for s in steps)
+        assert all(0 < s["extra_in_shard"] < 32 for s in steps), [s["extra_in_shard"] for s in steps]
+
+
+def test_the_saved_model_is_the_ema_shadow(tmp_path):
+    """With decay 1 and no warm-up the weight average never moves: the saved model is the initial one."""
+    from experiments.training.loop import build_model
+
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=128", "ema.enabled=true",
+                                                    "ema.decay=1.0", "ema.warmup=false", "selection.metric=last"])
+    summary = train(cfg, tmp_path)
+    saved = _weights(Path(summary["files"]["final_model"]))
+    torch.manual_seed(cfg.run.seed)
+    initial = build_model(cfg, in_channels=1, num_classes=10).state_dict()
+    moved = 0
+    for k, v in initial.items():
+        if v.is_floating_point():
+            assert torch.equal(saved[k], v), k
+        else:
+            moved += int(saved[k].item() != v.item())  # num_batches_tracked is copied from the live model
+    assert moved > 0

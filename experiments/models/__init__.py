@@ -1,14 +1,17 @@
-"""Models: pre-activation WideResNet with per-stage depth/width, CIFAR ResNet-18 / PreActResNet-18, a
-name-keyed registry and per-stage parameter/MAC descriptions. All models take inputs in [0, 1], return
-logits and describe themselves with ``lipschitz_graph()``."""
+"""Models: pre-activation WideResNet with per-stage depth/width, CIFAR ResNet-18 / PreActResNet-18 (both
+shortcut variants), the DeepMind-style WideResNet / PreActResNet with in-model normalisation, a name-keyed
+registry and per-stage parameter/MAC descriptions. All models take inputs in [0, 1] and return logits."""
 from experiments.models.describe import ModelDescription, describe
+from experiments.models.dm import DMPreActResNet, DMWideResNet
 from experiments.models.layers import ACTIVATIONS, InputNormalization
 from experiments.models.registry import (
     FAMILIES,
     create_model,
+    family_of,
     list_models,
     model_config,
     model_from_config,
+    preset_spec,
     register_model,
 )
 from experiments.models.resnet import PreActResNet, ResNet
@@ -16,6 +19,8 @@ from experiments.models.wideresnet import WideBasicBlock, WideResNet
 
 __all__ = [
     "ACTIVATIONS",
+    "DMPreActResNet",
+    "DMWideResNet",
     "FAMILIES",
     "InputNormalization",
     "ModelDescription",
@@ -25,8 +30,10 @@ __all__ = [
     "WideResNet",
     "create_model",
     "describe",
+    "family_of",
     "list_models",
     "model_config",
     "model_from_config",
+    "preset_spec",
     "register_model",
 ]

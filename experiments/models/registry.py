@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from experiments.models.dm import DMPreActResNet, DMWideResNet
 from experiments.models.resnet import PreActResNet, ResNet
 from experiments.models.wideresnet import WideResNet
 
@@ -19,6 +20,8 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "wideresnet": WideResNet,
     "resnet": ResNet,
     "preact-resnet": PreActResNet,
+    "dm-wideresnet": DMWideResNet,
+    "dm-preact-resnet": DMPreActResNet,
 }
 
 # name -> (family, preset constructor arguments)
@@ -41,6 +44,27 @@ RESNET_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "preact-resnet-18": (PreActResNet, {"num_blocks": (2, 2, 2, 2), "widths": (64, 128, 256, 512)}),
     "resnet-tiny": (ResNet, {"num_blocks": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}),
     "preact-resnet-tiny": (PreActResNet, {"num_blocks": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}),
+    # the same keys with the shortcut conv on the raw block input (fast_adversarial, RobustBench's PreActBlock)
+    "preact-resnet-18-input-shortcut": (PreActResNet, {"num_blocks": (2, 2, 2, 2), "widths": (64, 128, 256, 512),
+                                                       "shortcut": "input"}),
+    "preact-resnet-tiny-input-shortcut": (PreActResNet, {"num_blocks": (1, 1, 1, 1), "widths": (8, 16, 32, 64),
+                                                         "shortcut": "input"}),
+}
+# DeepMind-style families (Gowal et al. 2020, Rebuffi et al. 2021): each with ReLU and with a "-silu" twin
+_DM_SIZES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "dm-wrn-28-10": (DMWideResNet, {"depths": (4, 4, 4), "widths": (16, 160, 320, 640)}),
+    "dm-wrn-34-10": (DMWideResNet, {"depths": (5, 5, 5), "widths": (16, 160, 320, 640)}),
+    "dm-wrn-34-20": (DMWideResNet, {"depths": (5, 5, 5), "widths": (16, 320, 640, 1280)}),
+    "dm-wrn-70-16": (DMWideResNet, {"depths": (11, 11, 11), "widths": (16, 256, 512, 1024)}),
+    "dm-wrn-106-16": (DMWideResNet, {"depths": (17, 17, 17), "widths": (16, 256, 512, 1024)}),
+    "dm-wrn-tiny": (DMWideResNet, {"depths": (1, 1, 1), "widths": (8, 16, 32, 64)}),
+    "dm-preact-resnet-18": (DMPreActResNet, {"num_blocks": (2, 2, 2, 2), "widths": (64, 128, 256, 512)}),
+    "dm-preact-resnet-34": (DMPreActResNet, {"num_blocks": (3, 4, 6, 3), "widths": (64, 128, 256, 512)}),
+    "dm-preact-resnet-tiny": (DMPreActResNet, {"num_blocks": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}),
+}
+DM_PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    name + suffix: (cls, {**sizes, "activation": act})
+    for name, (cls, sizes) in _DM_SIZES.items() for suffix, act in (("", "relu"), ("-silu", "silu"))
 }
 
 
@@ -80,10 +104,23 @@ def _preset_entrypoint(name: str, cls: type[nn.Module], preset: dict[str, Any]) 
     return entrypoint
 
 
-for _name, _preset in WRN_PRESETS.items():
-    register_model(_name)(_preset_entrypoint(_name, WideResNet, _preset))
-for _name, (_cls, _preset) in RESNET_PRESETS.items():
+PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    **{name: (WideResNet, preset) for name, preset in WRN_PRESETS.items()}, **RESNET_PRESETS, **DM_PRESETS}
+for _name, (_cls, _preset) in PRESETS.items():
     register_model(_name)(_preset_entrypoint(_name, _cls, _preset))
+
+
+def family_of(cls: type[nn.Module]) -> str | None:
+    """The ``FAMILIES`` key of a model class (None for classes outside the families)."""
+    return next((family for family, c in FAMILIES.items() if c is cls), None)
+
+
+def preset_spec(name: str) -> tuple[str, dict[str, Any]] | None:
+    """``(family, constructor arguments)`` of a built-in preset; None for other registered names."""
+    if name not in PRESETS:
+        return None
+    cls, preset = PRESETS[name]
+    return family_of(cls), dict(preset)
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:

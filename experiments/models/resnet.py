@@ -5,7 +5,8 @@ Keys: ``conv1``, ``bn1`` (ResNet stem) / ``bn`` (PreActResNet head), ``layer{1..
 
 References: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; He et al., "Identity
 Mappings in Deep Residual Networks", ECCV 2016; Rice et al., "Overfitting in adversarially robust deep
-learning", ICML 2020 (the PreActResNet-18 layout with a final ``bn``).
+learning", ICML 2020 (the PreActResNet-18 layout with a final ``bn``); Wong et al., "Fast is better than
+free", ICLR 2020 (the shortcut on the raw block input).
 """
 from __future__ import annotations
 
@@ -61,11 +62,21 @@ class BasicBlock(nn.Module):
         return graph.Sequential([residual, activation_node(self.activation, f"{name}.act2")], name=name, role="block")
 
 
-class PreActBlock(nn.Module):
-    """Pre-activation block: ``a = act(bn1(x))``; ``conv2(act(bn2(conv1(a)))) + (shortcut(a) or x)``."""
+PREACT_SHORTCUTS = ("preact", "input")
 
-    def __init__(self, in_planes: int, planes: int, stride: int, activation: str) -> None:
+
+class PreActBlock(nn.Module):
+    """Pre-activation block: ``a = act(bn1(x))``; ``conv2(act(bn2(conv1(a)))) + shortcut``.
+
+    The shortcut is ``x`` without a conv; with one, ``shortcut="preact"`` applies it to ``a`` (Rice et al. and
+    kuangliu's ``PreActBlock``) and ``shortcut="input"`` to the raw ``x`` (the fast_adversarial code and
+    RobustBench's default ``PreActBlock``). Both have the same keys: only the name tells them apart.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, activation: str, shortcut: str = "preact") -> None:
         super().__init__()
+        if shortcut not in PREACT_SHORTCUTS:
+            raise ValueError(f"unknown pre-activation shortcut {shortcut!r}; choose one of: {', '.join(PREACT_SHORTCUTS)}")
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -73,6 +84,7 @@ class PreActBlock(nn.Module):
         self.act1 = make_activation(activation)
         self.act2 = make_activation(activation)
         self.activation = activation
+        self.shortcut_input = shortcut
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(conv1x1(in_planes, planes, stride))
@@ -80,7 +92,9 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act1(self.bn1(x))
         out = self.conv2(self.act2(self.bn2(self.conv1(a))))
-        return out + (x if self.shortcut is None else self.shortcut(a))
+        if self.shortcut is None:
+            return out + x
+        return out + self.shortcut(a if self.shortcut_input == "preact" else x)
 
     def graph_node(self, name: str) -> graph.Node:
         pre = [graph.BatchNorm(self.bn1, name=f"{name}.bn1"), activation_node(self.activation, f"{name}.act1")]
@@ -92,11 +106,10 @@ class PreActBlock(nn.Module):
         ]
         if self.shortcut is None:
             return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
-        residual = graph.Residual(
-            graph.Sequential(inner, name=f"{name}.branch"),
-            graph.Layer(self.shortcut[0], name=f"{name}.shortcut.0"),
-            name=f"{name}.residual",
-        )
+        conv = graph.Layer(self.shortcut[0], name=f"{name}.shortcut.0")
+        if self.shortcut_input == "input":
+            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), conv, name=name, role="block")
+        residual = graph.Residual(graph.Sequential(inner, name=f"{name}.branch"), conv, name=f"{name}.residual")
         return graph.Sequential(pre + [residual], name=name, role="block")
 
 
@@ -123,7 +136,6 @@ class _CifarResNet(nn.Module):
         self.num_classes, self.activation, self.in_channels = num_classes, activation, in_channels
         self.normalize = make_normalization(normalize, in_channels)
         self.conv1 = conv3x3(in_channels, widths[0], 1)
-        block_type = PreActBlock if self.preact else BasicBlock
         if not self.preact:
             self.bn1 = nn.BatchNorm2d(widths[0])
             self.act = make_activation(activation)
@@ -132,7 +144,7 @@ class _CifarResNet(nn.Module):
             stride = 1 if k == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(block_type(in_planes, w, stride if j == 0 else 1, activation))
+                blocks.append(self._block(in_planes, w, stride if j == 0 else 1, activation))
                 in_planes = w
             self.add_module(f"layer{k + 1}", nn.Sequential(*blocks))
         if self.preact:
@@ -140,6 +152,9 @@ class _CifarResNet(nn.Module):
             self.act = make_activation(activation)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(widths[-1], num_classes)
+
+    def _block(self, in_planes: int, planes: int, stride: int, activation: str) -> nn.Module:
+        return BasicBlock(in_planes, planes, stride, activation)
 
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -203,6 +218,24 @@ class ResNet(_CifarResNet):
 
 
 class PreActResNet(_CifarResNet):
-    """Pre-activation CIFAR ResNet with a final ``bn`` (PreActResNet-18 with the defaults)."""
+    """Pre-activation CIFAR ResNet with a final ``bn`` (PreActResNet-18 with the defaults).
+
+    ``shortcut``: what a block's shortcut conv reads, "preact" (``act(bn1(x))``, Rice et al. / kuangliu) or
+    "input" (the raw ``x``, fast_adversarial / RobustBench); see :class:`PreActBlock`.
+    """
 
     preact = True
+
+    def __init__(self, num_blocks: Sequence[int] = (2, 2, 2, 2), widths: Sequence[int] = (64, 128, 256, 512),
+                 num_classes: int = 10, activation: str = "relu", in_channels: int = 3,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None, shortcut: str = "preact") -> None:
+        if shortcut not in PREACT_SHORTCUTS:
+            raise ValueError(f"unknown pre-activation shortcut {shortcut!r}; choose one of: {', '.join(PREACT_SHORTCUTS)}")
+        self.shortcut_input = shortcut
+        super().__init__(num_blocks, widths, num_classes, activation, in_channels, normalize)
+
+    def _block(self, in_planes: int, planes: int, stride: int, activation: str) -> nn.Module:
+        return PreActBlock(in_planes, planes, stride, activation, self.shortcut_input)
+
+    def arch_config(self) -> dict[str, Any]:
+        return {**super().arch_config(), "shortcut": self.shortcut_input}

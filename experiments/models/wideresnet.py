@@ -18,16 +18,25 @@ from experiments.models.layers import activation_node, conv1x1, conv3x3, make_ac
 from lipschitz import graph
 
 
-class WideBasicBlock(nn.Module):
-    """Pre-activation block (TRADES/RobustBench semantics).
+SHORTCUT_INPUTS = ("input", "preact")
 
-    ``in == out and stride == 1``: ``x + conv2(act(bn2(conv1(act(bn1(x))))))``.
-    Otherwise ``a = act(bn1(x))``; ``convShortcut(a) + conv2(act(bn2(conv1(a))))`` (the shortcut sees the
-    pre-activated input).
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation block (TRADES/RobustWideResNet semantics); ``a = act(bn1(x))``, ``r = conv2(act(bn2(conv1(a))))``.
+
+    - ``in == out and stride == 1``: ``x + r`` (identity shortcut);
+    - ``in != out``: ``convShortcut(a) + r`` (the shortcut sees the pre-activated input);
+    - ``in == out and stride != 1``: ``convShortcut(x) + r``, the shortcut on the raw block input, as the
+      paper's ``RobustWideResNet`` does (``equal_width_shortcut="preact"`` gives archlip's behaviour before
+      checkpoint format 2, which applied it to ``a``).
     """
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, activation: str, dropout: float) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, activation: str, dropout: float,
+                 equal_width_shortcut: str = "input") -> None:
         super().__init__()
+        if equal_width_shortcut not in SHORTCUT_INPUTS:
+            raise ValueError(f"unknown equal_width_shortcut {equal_width_shortcut!r}; choose one of: "
+                             f"{', '.join(SHORTCUT_INPUTS)}")
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.act1 = make_activation(activation)
         self.conv1 = conv3x3(in_planes, out_planes, stride)
@@ -38,6 +47,8 @@ class WideBasicBlock(nn.Module):
         self.activation = activation
         self.equal_in_out = in_planes == out_planes and stride == 1
         self.convShortcut = None if self.equal_in_out else conv1x1(in_planes, out_planes, stride)
+        # where the shortcut conv reads from: the pre-activation when the width changes, else the raw input
+        self.shortcut_on_preact = in_planes != out_planes or equal_width_shortcut == "preact"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act1(self.bn1(x))
@@ -45,7 +56,9 @@ class WideBasicBlock(nn.Module):
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
         out = self.conv2(out)
-        return (x if self.convShortcut is None else self.convShortcut(a)) + out
+        if self.convShortcut is None:
+            return x + out
+        return self.convShortcut(a if self.shortcut_on_preact else x) + out
 
     def graph_node(self, name: str) -> graph.Node:
         inner = [
@@ -59,6 +72,9 @@ class WideBasicBlock(nn.Module):
         pre = [graph.BatchNorm(self.bn1, name=f"{name}.bn1"), activation_node(self.activation, f"{name}.act1")]
         if self.convShortcut is None:
             return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
+        if not self.shortcut_on_preact:
+            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"),
+                                  graph.Layer(self.convShortcut, name=f"{name}.convShortcut"), name=name, role="block")
         residual = graph.Residual(
             graph.Sequential(inner, name=f"{name}.branch"),
             graph.Layer(self.convShortcut, name=f"{name}.convShortcut"),
@@ -71,13 +87,14 @@ class WideStage(nn.Module):
     """A stage of ``depth`` blocks, held in ``.layer`` (RobustBench's ``NetworkBlock``)."""
 
     def __init__(
-        self, depth: int, in_planes: int, out_planes: int, stride: int, activation: str, dropout: float
+        self, depth: int, in_planes: int, out_planes: int, stride: int, activation: str, dropout: float,
+        equal_width_shortcut: str = "input",
     ) -> None:
         super().__init__()
         self.layer = nn.Sequential(
             *[
                 WideBasicBlock(in_planes if j == 0 else out_planes, out_planes, stride if j == 0 else 1,
-                               activation, dropout)
+                               activation, dropout, equal_width_shortcut)
                 for j in range(depth)
             ]
         )
@@ -114,6 +131,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
         dropout: float = 0.0,
+        equal_width_shortcut: str = "input",
     ) -> None:
         super().__init__()
         depths = _as_int_tuple("depths", depths)
@@ -132,10 +150,11 @@ class WideResNet(nn.Module):
         make_activation(activation)  # validates the name
         self.depths, self.widths, self.strides = depths, widths, strides
         self.num_classes, self.activation, self.in_channels, self.dropout = num_classes, activation, in_channels, dropout
+        self.equal_width_shortcut = equal_width_shortcut
         self.normalize = make_normalization(normalize, in_channels)
         self.stem_conv = conv3x3(in_channels, widths[0], 1)
         self.blocks = nn.ModuleList(
-            WideStage(d, widths[i], widths[i + 1], s, activation, dropout)
+            WideStage(d, widths[i], widths[i + 1], s, activation, dropout, equal_width_shortcut)
             for i, (d, s) in enumerate(zip(depths, strides))
         )
         self.bn1 = nn.BatchNorm2d(widths[-1])
@@ -176,6 +195,7 @@ class WideResNet(nn.Module):
             "in_channels": self.in_channels,
             "normalize": None if norm is None else [norm.mean.flatten().tolist(), norm.std.flatten().tolist()],
             "dropout": self.dropout,
+            "equal_width_shortcut": self.equal_width_shortcut,
         }
 
     def lipschitz_graph(self) -> graph.Node:

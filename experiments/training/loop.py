@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, atomic_write,
                                                 capture_rng_states, load_resume_state, restore_rng_states)
 from experiments.training.ema import ModelEMA
+from experiments.training.history import history_due, history_settings, robustness_history
 from experiments.training.losses import cross_entropy, mart_loss, trades_loss
 from experiments.training.schedules import lr_from_config
 from spectral.guarantee import json_safe
@@ -134,6 +135,7 @@ class TrainData:
     num_classes: int
     x_extra: torch.Tensor | None = None
     y_extra: torch.Tensor | None = None
+    n_original: int = 0  # size of the training split before the validation hold-out (and train_limit)
 
 
 def _check_images(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
@@ -170,7 +172,8 @@ def load_training_data(cfg: TrainConfig) -> TrainData:
         x_tr, y_tr = x_tr[:dc.train_limit], y_tr[:dc.train_limit]
     if x_va.dtype == torch.uint8:
         x_va = x_va.float().div_(255.0)
-    out = TrainData(x_tr.contiguous(), y_tr, x_va.contiguous(), y_va, int(y.max().item()) + 1)
+    out = TrainData(x_tr.contiguous(), y_tr, x_va.contiguous(), y_va, int(y.max().item()) + 1,
+                    n_original=int(x.shape[0]))
     if dc.extra_data:
         xe, ye = datasets.load_pseudo_labeled(dc.extra_data)
         _check_images(xe, ye, "data.extra_data")
@@ -185,8 +188,24 @@ def augmentation_for(image_shape: tuple[int, ...]) -> tuple[int, bool]:
     return (1, False) if image_shape[-1] <= 16 else (4, True)
 
 
+def batches_per_epoch(cfg: TrainConfig, n_train: int, n_original: int) -> int:
+    """Optimiser steps per epoch: one pass over the training split (``n_train // batch``); with extra data
+    ``ceil(epoch_size / batch)`` where ``epoch_size`` defaults to the split before the hold-out, as in the
+    reference code (CIFAR-10 + 500K TinyImages at batch 256: ceil(50000 / 256) = 196).
+
+    References: Carmon et al. 2019 (robust self-training sampler); Huang et al. 2021 (its use).
+    """
+    if not (cfg.data.extra_data and cfg.data.extra_fraction > 0):
+        return n_train // cfg.run.batch_size
+    return math.ceil((cfg.data.epoch_size or n_original) / cfg.run.batch_size)
+
+
 def make_loaders(cfg: TrainConfig, data: TrainData) -> tuple[Any, Any, int]:
-    """(loader, extra_loader or None, batches per epoch): global batches, identical on every rank."""
+    """(loader, extra_loader or None, batches per epoch): global batches, identical on every rank.
+
+    Without extra data an epoch is one pass of ``loader``. With extra data both loaders cycle endlessly (each
+    reshuffles at the end of its own pass) and an epoch has :func:`batches_per_epoch` steps.
+    """
     from experiments.data import InMemoryLoader
 
     k_extra = int(round(cfg.data.extra_fraction * cfg.run.batch_size)) if data.x_extra is not None else 0
@@ -200,20 +219,38 @@ def make_loaders(cfg: TrainConfig, data: TrainData) -> tuple[Any, Any, int]:
     if k_extra:
         extra = InMemoryLoader(data.x_extra, data.y_extra, k_extra, shuffle=True, augment=cfg.data.augment,
                                seed=cfg.run.seed + 1, crop_padding=pad, flip=flip, drop_last=True)
+        return loader, extra, batches_per_epoch(cfg, data.x.shape[0], data.n_original or data.x.shape[0])
     return loader, extra, len(loader)
 
 
-def _next_extra(extra: Any, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next batch of the endlessly cycling extra-data loader (its iterator is kept in ``state``)."""
+def _next_cycling(loader: Any, state: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next batch of an endlessly cycling loader (its live iterator is kept in ``state[key]``)."""
     for _ in range(2):
-        it = state.get("iter")
+        it = state.get(key)
         if it is None:
-            it = state["iter"] = iter(extra)
+            it = state[key] = iter(loader)
         try:
             return next(it)
         except StopIteration:
-            state["iter"] = None
-    raise RuntimeError("extra-data loader yields no batches")  # pragma: no cover
+            state[key] = None
+    raise RuntimeError("a training loader yields no batches")  # pragma: no cover
+
+
+def mixed_batches(loader: Any, extra: Any, state: dict, steps: int, seed: int,
+                  first_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of [original; extra] examples in a shuffled order, with a mask of the extra ones.
+
+    The order is a permutation drawn from ``(seed, global step)``, identical on every rank, so each rank's
+    contiguous shard mixes both sources (unshuffled, rank 0 would see only the original data and the last
+    rank only the extra data); the reference code shuffles the composite batch for the same reason.
+    """
+    for k in range(steps):
+        xo, yo = _next_cycling(loader, state, "train")
+        xe, ye = _next_cycling(extra, state, "extra")
+        from_extra = torch.cat([torch.zeros(yo.shape[0], dtype=torch.bool), torch.ones(ye.shape[0], dtype=torch.bool)])
+        order = torch.randperm(from_extra.shape[0], generator=torch.Generator().manual_seed(
+            (seed * 1_000_003 + first_step + k) % (2**63 - 1)))
+        yield torch.cat([xo, xe])[order], torch.cat([yo, ye])[order], from_extra[order]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,7 +537,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
         (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
 
     loader, extra, steps_per_epoch = make_loaders(cfg, data)
-    extra_state: dict = {}
+    stream_state: dict = {}  # live iterators of the cycling loaders (extra-data training)
     total = cfg.run.epochs
     select_model = lambda: ema.shadow if (ema is not None and cfg.selection.use_ema) else core  # noqa: E731
     need_pgd = cfg.selection.metric == "pgd_acc"
@@ -533,19 +570,18 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
             if extra is not None:
                 extra.load_state_dict(resume_loaders["extra"])
             resume_loaders = None
-        else:
+        elif extra is None:  # with extra data both loaders cycle through their own passes
             loader.set_epoch(epoch)
+        batches = ((xg, yg, None) for xg, yg in loader) if extra is None else mixed_batches(
+            loader, extra, stream_state, steps_per_epoch - prog.batch, cfg.run.seed, prog.global_step)
         t_epoch = time.perf_counter()
         bar = None
         if ctx.is_main and cfg.run.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch + 1}/{total}", leave=False)
-        for xg, yg in loader:
+        for xg, yg, from_extra in batches:
             b = prog.batch
-            if extra is not None:
-                xe, ye = _next_extra(extra, extra_state)
-                xg, yg = torch.cat([xg, xe]), torch.cat([yg, ye])
             lo, hi = D.shard_bounds(xg.shape[0], ctx.rank, ctx.world_size)
             xb, yb = xg[lo:hi].to(device, non_blocking=True), yg[lo:hi].to(device, non_blocking=True)
             if cfg.speed.channels_last:
@@ -565,8 +601,10 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss_sum'] / sums['n']:.3f}", lr=f"{lr:.3g}")
             if on_step is not None:
-                on_step({"epoch": epoch, "batch": b, "global_step": prog.global_step,
-                         "loss": sums["loss_sum"] / sums["n"], "lr": lr})
+                on_step({"epoch": epoch, "batch": b, "global_step": prog.global_step, "rank": ctx.rank,
+                         "loss": sums["loss_sum"] / sums["n"], "lr": lr,
+                         "extra_in_shard": None if from_extra is None else int(from_extra[lo:hi].sum()),
+                         "shard_size": hi - lo})
             if D.any_rank(stop.raised, ctx, device):
                 break
         if bar is not None:
@@ -598,6 +636,8 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                     if ctx.is_main:
                         prog.best_path = _save_model_file(out_dir / "model_best", select_model(),
                                                           _model_metadata(cfg, epoch, prog.global_step, last_val, "best"))
+        if history_due(cfg, epoch):
+            row.update(robustness_history(cfg, select_model(), data.x_val, data.y_val, device, ctx, epoch))
         if ctx.is_main:
             _append_jsonl(out_dir / METRICS_FILE, row)
         prog.epoch += 1
@@ -612,10 +652,13 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
     summary = {"status": status, "name": cfg.name, "method": cfg.method.name, "model": cfg.model.name,
                "epochs_completed": prog.epoch, "epochs": total, "global_step": prog.global_step,
                "world_size": ctx.world_size, "seconds": prog.seconds, "out_dir": str(out_dir),
+               "steps_per_epoch": steps_per_epoch,
                "selection": {"metric": cfg.selection.metric, "best_epoch": prog.best_epoch,
                              "best_value": prog.best_value if prog.best_epoch >= 0 else None},
                "final_val": last_val, "files": {"config": CONFIG_FILE, "metrics": METRICS_FILE,
                                                 "resume": RESUME_FILE}}
+    if cfg.history.enabled:
+        summary["history"] = history_settings(cfg)
     if stop.raised:
         summary["signal"] = int(stop.signal)
     if ctx.is_main:
