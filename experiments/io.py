@@ -54,9 +54,17 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 class WriteFailedError(OSError):
     """Writing a run-folder file failed (e.g. the disk is full); the previous version of the file is intact."""
 
+    def __init__(self, message: str, code: int = errno.ENOSPC) -> None:
+        super().__init__(message)  # str() is the message alone, without an "[Errno N]" prefix
+        self.errno = code
+
 
 class RunFolderLockedError(OSError):
     """Another process holds the run folder's lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.EBUSY
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,9 +144,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.unlink(tmp)
         if isinstance(exc, (OSError, RuntimeError)) and _is_disk_full(exc, path.parent):
             kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
-            raise WriteFailedError(
-                errno.ENOSPC, f"could not write {path}: no space left on the device ({_free_text(path.parent)}); "
-                              f"{kept}: free some space and run the command again") from None
+            raise WriteFailedError(f"could not write {path}: no space left on the device ({_free_text(path.parent)}); "
+                                   f"{kept}: free some space and run the command again") from None
         raise
     _fsync_folder(path.parent)
     return path
@@ -152,6 +159,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 2) -> Path:
     """:func:`atomic_write` of ``json.dumps(payload)`` (payload already JSON-ready) with a final newline."""
     return write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def check_writable_folder(folder: str | os.PathLike, label: str = "output folder") -> None:
+    """Check, before any work, that ``folder`` is (or can be created as) a folder this process can write to:
+    ``NotADirectoryError`` if it or an ancestor is a file, ``PermissionError`` if it cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{label} {folder} is a file; give a directory")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{label} {folder} cannot be created: {probe} is a file; give another directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"{label} {folder} is not writable ({exc.strerror or exc} in {probe}); give a folder "
+                              f"you can write to") from None
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
@@ -281,14 +307,14 @@ class RunFolderLock:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path)
                     continue
-                raise RunFolderLockedError(errno.EBUSY, self._busy_message(holder)) from None
+                raise RunFolderLockedError(self._busy_message(holder)) from None
             if not self._still_ours(fd):  # removed or replaced between open and flock: try again
                 os.close(fd)
                 continue
             self._take(fd)
             return
-        raise RunFolderLockedError(errno.EBUSY, f"could not lock {self.folder}: its lock file kept changing; "
-                                                f"is another process starting in it right now?")
+        raise RunFolderLockedError(f"could not lock {self.folder}: its lock file kept changing; is another process "
+                                   f"starting in it right now?")
 
     def _still_ours(self, fd: int) -> bool:
         try:
@@ -394,5 +420,5 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["atomic_write", "write_text", "write_json", "remove_stale_temps", "RunFolderLock", "locked_folder",
+__all__ = ["atomic_write", "write_text", "write_json", "check_writable_folder", "remove_stale_temps", "RunFolderLock", "locked_folder",
            "locks_folder", "read_jsonl", "WriteFailedError", "RunFolderLockedError", "current_umask", "LOCK_NAME"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.config import (ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict,
+from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
                                 effective_attack_numbers, load_config, save_config)
 from experiments.io import LOG, RunFolderLock, read_jsonl, write_text
 from experiments.training import distributed as D
@@ -249,6 +249,9 @@ def check_run_config(cfg: TrainConfig) -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model {cfg.model.name!r} with model.overrides {dict(cfg.model.overrides)}: "
                           f"{' '.join(str(exc).split())}") from None
+    warning = check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")
+    if warning:
+        LOG.warning("warning: %s", warning)
     dc = cfg.data
     if dc.dataset == "cifar10" and not dc.root:
         raise ConfigError("data.root must point to the CIFAR-10 folder for data.dataset: cifar10")
