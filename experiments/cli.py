@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -625,6 +626,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
+    root = config.data.root
+    if config.data.dataset != "digits" and root and not args.download and not Path(root).is_dir():
+        raise UserError(f"data.root {root} is not a folder; point it to the folder holding the {config.data.dataset} "
+                        f"files (e.g. cifar-10-batches-py/), or add --download to fetch them there")
     if not (args.download and config.data.dataset in ("cifar10", "cifar100")):
         check_run_config(config)  # the model and the data paths, before any folder or download
     out = _out_dir(args, default=str(Path("runs") / config.name))
@@ -634,14 +639,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from experiments.data import load_cifar
 
         load_cifar(config.data.dataset, config.data.root, "test", download=True)  # downloads only if missing
-    again = f"archlip train {args.recipe} --out {out} --resume"
+    words = [a for a in getattr(args, "argv", None) or ["train", args.recipe, "--out", str(out)] if a != "--resume"]
+    again = shlex.join(["archlip", *words, "--resume"])  # the same command, overrides included
     try:
         summary = train(config, out, resume=args.resume)
     except RunExistsError:
         raise UserError(f"{out} already holds a training run; continue it with --resume (a finished run is extended by "
                         f"--resume --set run.epochs=N), or train into another --out") from None
     except WriteFailedError as exc:
-        raise WriteFailedError(f"{exc}; then continue with: {again}") from None
+        raise WriteFailedError(exc.what, f"free some space, then continue with: {again}") from None
     status = summary.get("status", "completed")
     text = f"training {config.name}: {status}; run folder {out}"
     final_model = (summary.get("files") or {}).get("final_model")
@@ -1071,6 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.seed_given = any(a == "--seed" or a.startswith("--seed=") for a in argv)
+    args.argv = argv
     show_traceback = args.traceback or os.environ.get("ARCHLIP_TRACEBACK") == "1"
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

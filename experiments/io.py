@@ -54,9 +54,11 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 class WriteFailedError(OSError):
     """Writing a run-folder file failed (e.g. the disk is full); the previous version of the file is intact."""
 
-    def __init__(self, message: str, code: int = errno.ENOSPC) -> None:
-        super().__init__(message)  # str() is the message alone, without an "[Errno N]" prefix
+    def __init__(self, what: str, advice: str = "free some space and run the command again",
+                 code: int = errno.ENOSPC) -> None:
+        super().__init__(f"{what}: {advice}")  # str() is the message alone, without an "[Errno N]" prefix
         self.errno = code
+        self.what = what  # what failed and what is left, without the advice (callers may give their own)
 
 
 class RunFolderLockedError(OSError):
@@ -145,7 +147,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if isinstance(exc, (OSError, RuntimeError)) and _is_disk_full(exc, path.parent):
             kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
             raise WriteFailedError(f"could not write {path}: no space left on the device ({_free_text(path.parent)}); "
-                                   f"{kept}: free some space and run the command again") from None
+                                   f"{kept}") from None
         raise
     _fsync_folder(path.parent)
     return path

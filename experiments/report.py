@@ -313,7 +313,8 @@ def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_mod
         title += (f" ({len(with_layers)} of {len(all_with_layers)} runs shown; not shown: {', '.join(rest[:6])}"
                   f"{' ...' if len(rest) > 6 else ''}; per-layer tables in report.md)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.6 / (4.0 * nrows + 0.6), 1, 1))
+    height = 4.0 * nrows + 0.6
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1 - 0.3 / height))
     return _save(fig, plt, path)
 
 

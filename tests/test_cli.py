@@ -519,3 +519,118 @@ def test_cli_sets_a_passive_omp_wait_policy_before_torch(monkeypatch, capsys):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     run_cli(capsys, "list", "datasets")
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE", "a user's own setting wins"
+
+
+# ------------------------------------------------------------------------------------------ the quickstart, in order
+
+QUICK_TRAIN = ["--set", "run.epochs=1", "--set", "data.train_limit=128", "--set", "attack.steps=1",
+               "--set", "data.val_size=0", "--set", "selection.metric=last", "--set", "run.progress=false"]
+
+
+def _quickstart_commands() -> list[str]:
+    """Every command in docs/quickstart.md's bash blocks, in order (``make demo`` as the Makefile runs it)."""
+    import re
+
+    make_demo = next(line.strip() for line in (REPO / "Makefile").read_text().splitlines()
+                     if "archlip demo" in line).replace("$(VENV)/bin/", "")
+    text = (REPO / "docs" / "quickstart.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith("make demo"):
+                commands.append(make_demo)
+            elif re.match(r"(\.venv/bin/)?archlip\b", line):
+                commands.append(line.replace(".venv/bin/", "", 1))
+    return commands
+
+
+def _scaled(argv: list[str]) -> list[str]:
+    """The same command at test scale: small presets, few points, one short epoch, a small budget."""
+    argv = list(argv)
+    command = argv[0]
+    if command == "demo" and "--quick" not in argv:
+        argv.append("--quick")
+    if command in ("spectral", "bound", "eval") and len(argv) > 1 and not argv[1].startswith("-"):
+        if "/" not in argv[1] and not argv[1].endswith(".pt") and argv[1] not in ("wrn-tiny", "wrn-tiny-r"):
+            argv[1] = "wrn-tiny"  # a large preset's sandwich takes minutes on a CPU
+        argv += ["--rtol", "0.5"] if command != "eval" else []
+    if command in ("bound", "eval"):
+        if "--n" in argv:
+            argv[argv.index("--n") + 1] = "8"
+        else:
+            argv += ["--n", "8"]
+    if command == "theory" and "--budget" in argv:
+        argv[argv.index("--budget") + 1] = "2M"
+    if command == "train":
+        argv += QUICK_TRAIN
+    return argv
+
+
+@pytest.mark.slow
+def test_quickstart_commands_run_in_order(capsys, tmp_path, monkeypatch):
+    """docs/quickstart.md from top to bottom, scaled down: each command works after the ones before it (or, for
+    CIFAR-10 data or a RobustBench file that are not here, stops with a one-line error that says what to do)."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    commands = _quickstart_commands()
+    assert len(commands) >= 12, commands
+    seen: set[tuple[str, ...]] = set()
+    ran = 0
+    for line in commands:
+        argv = shlex.split(line, comments=True)[1:]
+        redirect = None
+        if ">" in argv:
+            redirect = tmp_path / argv[argv.index(">") + 1]
+            argv = argv[:argv.index(">")]
+        argv = _scaled(argv)
+        key = tuple(a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out"))
+        if key in seen:  # the same work into another folder (demo --quick twice): parsing it is enough
+            cli.build_parser().parse_args(argv)
+            continue
+        seen.add(key)
+        if argv in (["--version"],) or "--help" in argv:
+            with pytest.raises(SystemExit) as info:
+                cli.main(argv)
+            assert info.value.code == 0, line
+            capsys.readouterr()
+            continue
+        code = cli.main([*argv, "--threads", "1"])
+        out, err = capsys.readouterr()
+        if "cifar10" in line or "Huang2021" in line:
+            assert_one_line_error(code, err, "download")  # how to get the data or the file
+            continue
+        assert code == 0, f"{line}\n-> {' '.join(argv)}\n{err}"
+        if redirect is not None:
+            redirect.write_text(out)
+        ran += 1
+    assert ran >= 8
+    assert json.loads((tmp_path / "layers.json").read_text())["layers"]
+    assert (tmp_path / "runs" / "bound-r" / "report.md").is_file() and (tmp_path / "runs" / "w16" / "summary.json").is_file()
+
+
+def test_sweep_report_shows_every_run_and_labels_csv_headers(capsys, tmp_path, monkeypatch):
+    """layer_norms.png of a 6-run sweep has 6 panels (it silently showed 4); table.csv headers carry guarantees."""
+    import experiments.report as report
+
+    layers = [{"name": n, "upper": 2.0 + i, "lower": 1.9 + i, "random_baseline": 1.0}
+              for i, n in enumerate(["stem_conv", "blocks.0.0.conv1", "blocks.1.0.conv1", "blocks.2.0.conv1", "fc"])]
+    models = [{"name": f"run{i}", "depths": [1, 1, 1], "widths": [8, 16, 32, 8 * (i + 1)], "params": 1000 * (i + 1),
+               "clean_acc": 0.9, "robust_acc": 0.5, "certified_lipschitz": 10.0 + i, "empirical_lipschitz": 1.0,
+               "layers": layers} for i in range(6)]
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "sweep", "name": "six", "models": models}))
+    panels = {}
+    real_save = report._save
+
+    def spy(fig, plt, path):
+        panels[Path(path).name] = sum(ax.get_visible() for ax in fig.axes)
+        return real_save(fig, plt, path)
+
+    monkeypatch.setattr(report, "_save", spy)
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == 0, err
+    assert panels["layer_norms.png"] == 6
+    header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
+    assert "robust_acc [attack_upper_bound]" in header and "certified_lipschitz [certified_upper]" in header
+    assert "empirical_lipschitz [lower]" in header and "name" in header
