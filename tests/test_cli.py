@@ -62,6 +62,18 @@ def test_format_table_and_jsonable():
     assert payload["nv"]["guarantee"] == "lower"
 
 
+def test_norm_value_repr_is_short_in_a_notebook():
+    import torch
+
+    from spectral.guarantee import Guarantee, NormValue
+
+    value = NormValue(3.14159265, Guarantee.UPPER, "fft", iterations=12,
+                      details={"u": torch.randn(128), "v": list(range(128)), "blocks": 4})
+    text = repr(value)
+    assert text.startswith("NormValue(3.14159, certified_upper, method='fft', iterations=12")
+    assert "details: u, v, blocks" in text and len(text) < 120
+
+
 # ------------------------------------------------------------------------------------------ user errors
 
 
@@ -304,7 +316,7 @@ def test_report_out_is_a_file(capsys, tmp_path):
 
 # ------------------------------------------------------------------------------------------ run folders and first steps (issue 19)
 
-TINY_TRAIN = ["--set", "run.epochs=2", "--set", "data.train_limit=128", "--set", "data.val_size=0",
+TINY_TRAIN = ["--set", "run.epochs=2", "--set", "data.train_limit=64", "--set", "data.val_size=0",
               "--set", "selection.metric=last", "--set", "attack.steps=2", "--set", "model.overrides.widths=[4,8,8,8]",
               "--threads", "1"]
 
@@ -573,7 +585,12 @@ def test_quickstart_commands_run_in_order(capsys, tmp_path, monkeypatch):
     CIFAR-10 data or a RobustBench file that are not here, stops with a one-line error that says what to do)."""
     import shlex
 
+    import experiments.demo
+
     monkeypatch.chdir(tmp_path)
+    quick = dict(experiments.demo.DEMO_SETTINGS["quick"])  # the suite's reduced demo, smaller still
+    quick.update(overrides=[*quick["overrides"], "run.epochs=1", "data.train_limit=256"], eval_n=32, lower_points=8)
+    monkeypatch.setitem(experiments.demo.DEMO_SETTINGS, "quick", quick)
     commands = _quickstart_commands()
     assert len(commands) >= 12, commands
     seen: set[tuple[str, ...]] = set()
