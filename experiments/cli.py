@@ -611,7 +611,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from experiments.config import load_config
     from experiments.io import WriteFailedError
     from experiments.training import train
-    from experiments.training.loop import RunExistsError
+    from experiments.training.loop import RunExistsError, check_run_config
 
     overrides = list(args.set or [])
     if args.seed_given:
@@ -626,13 +626,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
     root = config.data.root
-    if config.data.dataset != "digits" and root and not args.download and not Path(root).is_dir():
+    downloading = args.download and config.data.dataset in ("cifar10", "cifar100")
+    if downloading and not root:
+        raise UserError("--download needs a dataset folder: add --set data.root=DIR")
+    if not downloading and config.data.dataset != "digits" and root and not Path(root).is_dir():
         raise UserError(f"data.root {root} is not a folder; point it to the folder holding the {config.data.dataset} "
                         f"files (e.g. cifar-10-batches-py/), or add --download to fetch them there")
+    check_run_config(config, check_data=not downloading)  # the model and data paths, before any download or folder
     out = _out_dir(args, default=str(Path("runs") / config.name))
-    if args.download and config.data.dataset in ("cifar10", "cifar100"):
-        if not config.data.root:
-            raise UserError("--download needs a dataset folder: add --set data.root=DIR")
+    if downloading:
         from experiments.data import load_cifar
 
         load_cifar(config.data.dataset, config.data.root, "test", download=True)  # downloads only if missing

@@ -241,9 +241,9 @@ def model_skeleton(cfg: TrainConfig) -> nn.Module:
         return build_model(cfg, info["input_shape"][0], info["num_classes"])
 
 
-def check_run_config(cfg: TrainConfig) -> None:
+def check_run_config(cfg: TrainConfig, check_data: bool = True) -> None:
     """Everything about a recipe that can be checked before a run folder is created: the model builds, the
-    dataset's files are where the recipe says."""
+    dataset's files are where the recipe says (``check_data=False``: not yet, e.g. before a download)."""
     try:
         model_skeleton(cfg)
     except (TypeError, ValueError) as exc:
@@ -251,10 +251,10 @@ def check_run_config(cfg: TrainConfig) -> None:
                           f"{' '.join(str(exc).split())}") from None
     except (NotImplementedError, RuntimeError):  # a constructor that needs real tensors: checked when built
         pass
-    warning = check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")
-    if warning:
-        LOG.warning("warning: %s", warning)
+    check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")  # (a warning, if any, is given when training starts)
     dc = cfg.data
+    if not check_data:
+        return
     if dc.dataset == "cifar10" and not dc.root:
         raise ConfigError("data.root must point to the CIFAR-10 folder for data.dataset: cifar10")
     if dc.root and dc.dataset != "digits" and not Path(dc.root).is_dir():
@@ -451,6 +451,9 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
         config_from_dict(config) if isinstance(config, Mapping) else load_config(config))
     out_dir = Path(out_dir)
     check_run_config(cfg)  # before the folder exists: a typo in model.overrides must not leave a run folder
+    warning = check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")
+    if warning:
+        LOG.warning("warning: %s", warning)
     rank, world, local_rank = D.env_world()
     device = resolve_device(cfg, local_rank)
     # one writer per run folder (rank 0 writes for every rank); taken before the process group, so a second
