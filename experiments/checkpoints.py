@@ -553,7 +553,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: Mapping[str, A
     """
     from safetensors.torch import save as safetensors_bytes
 
-    from experiments.training.checkpointing import atomic_write
+    from experiments.io import atomic_write
 
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":

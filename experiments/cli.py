@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
+import shlex
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -102,15 +104,42 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"3x32x32"`` or ``"3,32,32"`` -> (3, 32, 32)."""
-    parts = re.split(r"[x,*]", str(text).strip().lower())
-    try:
-        shape = tuple(int(p) for p in parts if p)
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as an input shape; write e.g. 3x32x32 (no batch dimension)") from None
-    if not shape or any(s <= 0 for s in shape):
+    """``"3x32x32"`` or ``"3,32,32"`` -> (3, 32, 32); an empty or dangling part (``"1x8x8x"``) is an error."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    if not re.fullmatch(r"[0-9]+(?:[x,*][0-9]+)*", cleaned):
+        raise UserError(f"cannot read {text!r} as an input shape; write e.g. 3x32x32 (no batch dimension)")
+    shape = tuple(int(p) for p in re.split(r"[x,*]", cleaned))
+    if any(s <= 0 for s in shape):
         raise UserError(f"input shape {text!r} must be positive integers, e.g. 3x32x32")
     return shape
+
+
+def parse_rtol(value: float) -> float:
+    """A sandwich tolerance: the target relative gap upper/lower - 1, in (0, 1]."""
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise UserError(f"--rtol {value:g} is out of range; give the target relative gap upper/lower - 1 in (0, 1], "
+                        f"e.g. 0.02")
+    return value
+
+
+def parse_eps(text: str, norm: str = "linf") -> float:
+    """``--eps`` as a radius for [0, 1] inputs (linf: at most 1; a warning above 0.5)."""
+    from experiments.config import ConfigError, check_eps
+
+    eps = parse_fraction(text)
+    try:
+        warning = check_eps(eps, norm, "--eps")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if warning:
+        _note(f"warning: {warning}")
+    return eps
+
+
+def _positive(value: int | None, flag: str, allow_zero: bool = False) -> int | None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UserError(f"{flag} must be {'>= 0' if allow_zero else 'a positive integer'}, got {value}")
+    return value
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -229,13 +258,10 @@ def format_mapping(payload: dict[str, Any]) -> str:
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON atomically (temporary file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``payload`` as indented JSON atomically (:func:`experiments.io.write_json`)."""
+    from experiments import io
+
+    return io.write_json(path, to_jsonable(payload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,23 +306,43 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
             raise UserError(f"{path} was trained on {recorded} but --data {data} was given; drop --data or pass --data {recorded}")
         data = data or recorded or "cifar10"
         shape = input_shape or _metadata_input_shape(metadata) or DATASETS[data]["input_shape"]
-        result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape), "metadata": metadata}
+        result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape),
+                  "metadata": metadata, "weights": "trained (checkpoint)"}
     else:
         presets = list(model_zoo.list_models())
         if target not in presets:
+            _zoo_hint(target)
             if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
                 raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
-            raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)}")
+            raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)} "
+                            f"(archlip list presets)")
         if model_name is not None:
             raise UserError(f"--model names the architecture of a checkpoint file; {target!r} is already a preset: drop --model")
         data = data or "cifar10"
         torch.manual_seed(seed)
         shape = tuple(input_shape or DATASETS[data]["input_shape"])
         model = model_zoo.create_model(target, num_classes=DATASETS[data]["num_classes"], in_channels=shape[0])
-        result = {"source": "preset", "name": target, "dataset": data, "input_shape": shape, "metadata": {}}
+        result = {"source": "preset", "name": target, "dataset": data, "input_shape": shape, "metadata": {},
+                  "seed": seed, "weights": f"random (preset, seed {seed}; not a trained model)"}
     model = model.to(device).eval()
     _check_input_shape(model, result["input_shape"], device)
     return model, result
+
+
+#: RobustBench model-zoo names: AuthorYearKeyword[_variant], e.g. Huang2021Exploring_WRN-34-R, Carmon2019Unlabeled.
+_ZOO_NAME = re.compile(r"^(?:[A-Z][A-Za-z]+(?:19|20)[0-9]{2}[A-Z][A-Za-z0-9]*(?:_[A-Za-z0-9.-]+)*|Standard(?:_R50)?)$")
+
+
+def _zoo_hint(target: str) -> None:
+    """A model-zoo name given where a checkpoint file is expected: say how to get the file."""
+    name = Path(target).name
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in _CKPT_SUFFIXES else name
+    if _ZOO_NAME.match(stem):
+        raise FileNotFoundError(
+            f"{target!r} is not a file here; it looks like the RobustBench model {stem!r}: archlip reads its checkpoint "
+            f"file, so download it first (from the RobustBench model zoo, github.com/RobustBench/robustbench, or with "
+            f"robustbench's load_model(model_name={stem!r}, model_dir='models')) and pass the path, e.g. "
+            f"models/cifar10/Linf/{stem}.pt --data cifar10")
 
 
 def _check_input_shape(model, input_shape: tuple[int, ...], device) -> None:
@@ -398,13 +444,17 @@ def load_eval_data(name: str, *, root: str | None, n: int | None = None, split: 
 
 
 def _out_dir(args: argparse.Namespace, default: str | None = None) -> Path | None:
+    """``--out`` (else ``default``), checked before any work: not a file, and writable (or creatable); the
+    folder itself is created by whoever writes into it, so a rejected command leaves none behind."""
+    from experiments.io import check_writable_folder
+
+    if args.out is not None and not str(args.out).strip():
+        raise UserError("--out is empty; give a directory, e.g. --out runs/x")
     out = args.out or default
     if out is None:
         return None
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(path, "--out" if args.out else "the output folder")
     return path
 
 
@@ -415,12 +465,26 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(text)
 
 
-def _eps(args: argparse.Namespace, info: dict[str, Any]) -> float:
-    """``--eps``, else the eps the checkpoint was trained with, else 8/255."""
-    if args.eps is not None:
-        return parse_fraction(args.eps)
+def _note(text: str) -> None:
+    """A note or warning on stderr (through the ``archlip`` logger, as the library's notes)."""
+    import logging
+
+    logging.getLogger("archlip").warning(text)
+
+
+def _eps(given: float | None, info: dict[str, Any]) -> float:
+    """``--eps`` (already parsed), else the eps the checkpoint was trained with, else 8/255."""
+    if given is not None:
+        return given
     recorded = (info.get("metadata") or {}).get("attack") or {}
     return float(recorded["eps"]) if isinstance(recorded.get("eps"), (int, float)) else 8 / 255
+
+
+def _described(info: dict[str, Any]) -> str:
+    """The target's name, and for a preset that its weights are random (not a trained model)."""
+    if info.get("source") == "preset":
+        return f"{info['name']} (preset with random weights, seed {info.get('seed', 0)}: not a trained model)"
+    return str(info["name"])
 
 
 def cmd_spectral(args: argparse.Namespace) -> int:
@@ -428,21 +492,24 @@ def cmd_spectral(args: argparse.Namespace) -> int:
 
     from experiments.demo import spectral_analyze
 
-    device = resolve_device(args.device)
+    rtol = parse_rtol(args.rtol)
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
-    shape = parse_shape(args.input_shape) if args.input_shape else None
+    device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
                               model_name=args.model)
     example = torch.zeros((1, *info["input_shape"]), device=device)
-    table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
+    table = spectral_analyze()(model, example, rtol=rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
-    payload = {"target": info["name"], "source": info["source"], "input_shape": info["input_shape"], "layers": rows}
+    payload = {"target": info["name"], "source": info["source"], "weights": info["weights"],
+               "input_shape": info["input_shape"], "layers": rows}
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         table.to_json(out / "spectral.json")
         table.to_csv(out / "spectral.csv")
     columns = [c for c in ("name", "weight_shape", "stride", "input_size", "lower", "upper", "gap", "upper_method",
                            "ratio_to_random") if rows and c in rows[0]]
-    text = (f"per-layer l2 operator norms of {info['name']} at input {'x'.join(map(str, info['input_shape']))} "
+    text = (f"per-layer l2 operator norms of {_described(info)} at input {'x'.join(map(str, info['input_shape']))} "
             f"(lower: certified lower bound, upper: certified upper bound, gap = upper/lower - 1, "
             f"ratio_to_random: upper / random-matrix baseline of the same kernel std):\n")
     text += format_table(rows, columns or (list(rows[0]) if rows else []))
@@ -455,21 +522,27 @@ def cmd_spectral(args: argparse.Namespace) -> int:
 def cmd_bound(args: argparse.Namespace) -> int:
     from experiments.demo import bound_summary, data_lower_bounds
 
-    device = resolve_device(args.device)
+    _positive(args.n, "--n", allow_zero=True)  # 0 skips the data lower bounds
+    rtol = parse_rtol(args.rtol)
+    eps_given = parse_eps(args.eps) if args.eps is not None else None
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
-    shape = parse_shape(args.input_shape) if args.input_shape else None
+    device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
                               model_name=args.model)
-    summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
-    payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
-    if args.n < 0:
-        raise UserError(f"--n must be >= 0 (0 skips the data lower bounds), got {args.n}")
-    if args.n > 0:
+    eps = _eps(eps_given, info)
+    x = y = None
+    if args.n > 0:  # the data is found (or not) before the bound is computed
         x, y = load_eval_data(info["dataset"], root=args.data_root, n=args.n, seed=args.seed, download=args.download)
-        payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=_eps(args, info), seed=args.seed)
+    summary = bound_summary(model, info["input_shape"], rtol=rtol)
+    payload: dict[str, Any] = {"target": info["name"], "weights": info["weights"], "input_shape": info["input_shape"],
+                               **summary}
+    if x is not None:
+        payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=eps, seed=args.seed)
     if out is not None:
         write_json(out / "bound.json", payload)
-    lines = [f"l2 Lipschitz constant of the logits of {info['name']} at input {'x'.join(map(str, info['input_shape']))}:"]
+    lines = [f"l2 Lipschitz constant of the logits of {_described(info)} at input "
+             f"{'x'.join(map(str, info['input_shape']))}:"]
     methods = payload.get("certified_methods") or {}
     best = min(methods, key=methods.get) if methods else "?"
     rows = [(f"certified upper bound (tightest: {best})", payload.get("certified_lipschitz"), "certified_upper"),
@@ -477,7 +550,6 @@ def cmd_bound(args: argparse.Namespace) -> int:
     rows += [(f"  {stage}", value, "certified_upper") for stage, value in (payload.get("stage_bounds") or {}).items()]
     lower = payload.get("lower") or {}
     if lower:
-        eps = _eps(args, info)
         rows += [(f"max Jacobian norm on {lower.get('lower_points')} points", lower.get("empirical_lipschitz"), "lower"),
                  (f"attack ratio (l2 balls, eps={eps:.4g})", lower.get("attack_lipschitz"), "lower"),
                  (f"local Lipschitz metric (linf, eps={eps:.4g})", lower.get("local_lipschitz"), "estimate"),
@@ -495,6 +567,10 @@ def cmd_theory(args: argparse.Namespace) -> int:
     from lipschitz import theory
 
     if args.theory_command == "optimal-config":
+        _positive(args.top, "--top")
+        _positive(args.num_stages, "--num-stages")
+    out = _out_dir(args, default="runs/theory-validation" if args.theory_command == "validate" else None)
+    if args.theory_command == "optimal-config":
         budget = parse_count(args.budget)
         configs = _call_optimal_config(theory, budget, args)
         rows = [to_jsonable(c) for c in configs][: args.top]
@@ -509,12 +585,11 @@ def cmd_theory(args: argparse.Namespace) -> int:
     elif args.theory_command == "validate":
         from experiments.theory_validation import run_validation
 
-        out = _out_dir(args, default="runs/theory-validation")
+        out.mkdir(parents=True, exist_ok=True)
         payload = run_validation(out, quick=args.quick)
         text = f"wrote theory validation results to {out}"
     else:  # pragma: no cover - argparse enforces the choice
         raise UserError("choose one of: predict, optimal-config, validate")
-    out = _out_dir(args)
     if out is not None and args.theory_command != "validate":
         write_json(out / f"theory-{args.theory_command}.json", payload)
     _emit(args, payload, text)
@@ -541,7 +616,9 @@ def _theory_prediction(theory, depths, widths, args: argparse.Namespace) -> dict
 
 def cmd_train(args: argparse.Namespace) -> int:
     from experiments.config import load_config
+    from experiments.io import WriteFailedError
     from experiments.training import train
+    from experiments.training.loop import RunExistsError, check_run_config
 
     overrides = list(args.set or [])
     if args.seed_given:
@@ -555,45 +632,114 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
-    if args.download and config.data.dataset in ("cifar10", "cifar100"):
-        if not config.data.root:
-            raise UserError("--download needs a dataset folder: add --set data.root=DIR")
+    root = config.data.root
+    downloading = args.download and config.data.dataset in ("cifar10", "cifar100")
+    if downloading and not root:
+        raise UserError("--download needs a dataset folder: add --set data.root=DIR")
+    if not downloading and config.data.dataset != "digits" and root and not Path(root).is_dir():
+        raise UserError(f"data.root {root} is not a folder; point it to the folder holding the {config.data.dataset} "
+                        f"files (e.g. cifar-10-batches-py/), or add --download to fetch them there")
+    check_run_config(config, check_data=not downloading)  # the model and data paths, before any download or folder
+    out = _out_dir(args, default=str(Path("runs") / config.name))
+    if downloading:
         from experiments.data import load_cifar
 
         load_cifar(config.data.dataset, config.data.root, "test", download=True)  # downloads only if missing
-    out = _out_dir(args, default=str(Path("runs") / config.name))
-    summary = train(config, out, resume=args.resume)
+    words = [a for a in getattr(args, "argv", None) or ["train", args.recipe, "--out", str(out)] if a != "--resume"]
+    again = shlex.join(["archlip", *words, "--resume"])  # the same command, overrides included
+    try:
+        summary = train(config, out, resume=args.resume)
+    except RunExistsError:
+        raise UserError(f"{out} already holds a training run; continue it with --resume (a finished run is extended by "
+                        f"--resume --set run.epochs=N), or train into another --out") from None
+    except WriteFailedError as exc:
+        raise WriteFailedError(exc.what, f"free some space, then continue with: {again}") from None
     status = summary.get("status", "completed")
     text = f"training {config.name}: {status}; run folder {out}"
     final_model = (summary.get("files") or {}).get("final_model")
     if final_model:
         text += f"\nmodel: {final_model} (next: archlip eval {final_model} / archlip bound {final_model})"
     if status != "completed":
-        text += f" (continue with: archlip train {args.recipe} --out {out} --resume)"
+        text += f" (continue with: {again})"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         _emit(args, summary, text)
     return EXIT_OK if status == "completed" else 1
 
 
+def default_eval_dir(info: dict[str, Any], attacks: Sequence[str], args: argparse.Namespace,
+                     eps_given: float | None) -> Path:
+    """``runs/eval/<checkpoint or preset>/<attacks>[_n<N>][_eps<E>][...]``: one folder per evaluation setting,
+    so evaluations of different checkpoints, attack sets or point counts never collide."""
+    if info["source"] == "preset":
+        target = f"{info['name']}-{info['dataset']}-seed{args.seed}"
+    else:
+        path = Path(info["name"]).resolve()
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(Path.cwd().resolve())
+        parts = [p for p in path.with_suffix("").parts[-3:] if p not in (os.sep, "runs")]
+        target = "_".join(parts)
+    parts = ["+".join(attacks)]
+    if args.n is not None:
+        parts.append(f"n{args.n}")
+    if args.subset != "first":
+        parts.append(f"{args.subset}-seed{args.seed}")
+    elif args.seed and info["source"] != "preset":
+        parts.append(f"seed{args.seed}")
+    if eps_given is not None:
+        parts.append(f"eps{eps_given:.4g}")
+    slug = lambda text: re.sub(r"[^A-Za-z0-9_.+=-]+", "-", text).strip("-") or "model"  # noqa: E731
+    return Path("runs") / "eval" / slug(target) / slug("_".join(parts))
+
+
+def _interval(k: int, n: int) -> tuple[float, float]:
+    """95% Clopper-Pearson interval of a binomial proportion k/n (scipy.stats.binomtest)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from experiments.attacks import get_attack_preset
     from experiments.evaluate import evaluate
 
-    device = resolve_device(args.device)
     attacks = parse_attacks(args.attacks)
+    for name in attacks:
+        get_attack_preset(name)  # an unknown name fails before the model and the data are loaded
+    eps_given = parse_eps(args.eps) if args.eps is not None else None
+    _positive(args.n, "--n")
+    _positive(args.batch_size, "--batch-size")
+    if args.out is not None:
+        _out_dir(args)
+    device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model_name=args.model)
-    eps = _eps(args, info)
+    eps = _eps(eps_given, info)
+    out = _out_dir(args, default=str(default_eval_dir(info, attacks, args, eps_given)))
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
-    out = _out_dir(args, default="runs/eval")
+    options = {"batch_size": args.batch_size} if args.batch_size is not None else {}
     summary = evaluate(model, x, y, attacks, eps=eps, n=args.n, points=args.subset, seed=args.seed, out_dir=out,
-                       device=device, progress=not args.json)
+                       device=device, progress=not args.json, **options)
     payload = to_jsonable(summary)
-    points = (payload.get("points") or {}).get("description", f"{payload.get('n')} points")
-    lines = [f"{info['name']} on {info['dataset']} test data ({points}), {payload.get('norm', 'linf')} eps={eps:.4g}:",
-             f"  {'clean accuracy':28s} {payload['clean_accuracy']:.4f}"]
-    for name, value in (payload.get("robust_accuracy") or {}).items():
-        lines.append(f"  {'robust accuracy ' + name:28s} {value:.4f}")
-    if len(payload.get("robust_accuracy") or {}) > 1:
-        lines.append(f"  {'worst case over attacks':28s} {payload['worst_case']['robust_accuracy']:.4f}")
+    n = int(payload["n"])
+    clean_ci = _interval(round(payload["clean_accuracy"] * n), n)
+    robust = payload.get("robust_accuracy") or {}
+    intervals = {name: _interval(round(value * n), n) for name, value in robust.items()}
+    payload["weights"] = info["weights"]
+    payload["intervals"] = {"method": "95% Clopper-Pearson interval over the evaluated points (binomial)",
+                            "clean_accuracy": list(clean_ci), "robust_accuracy": {k: list(v) for k, v in intervals.items()}}
+    payload["guarantees"] = {"robust_accuracy": "upper bound (attack-based): a stronger attack can only lower it"}
+    points = (payload.get("points") or {}).get("description", f"{n} points")
+    lines = [f"{_described(info)} on {info['dataset']} test data ({points}), {payload.get('norm', 'linf')} eps={eps:.4g}:",
+             f"  {'clean accuracy':28s} {payload['clean_accuracy']:.4f}  [{clean_ci[0]:.3f}, {clean_ci[1]:.3f}]"]
+    for name, value in robust.items():
+        low, high = intervals[name]
+        lines.append(f"  {'robust accuracy ' + name:28s} {value:.4f}  [{low:.3f}, {high:.3f}]  upper bound (attack-based)")
+    if len(robust) > 1:
+        worst = payload["worst_case"]["robust_accuracy"]
+        low, high = _interval(round(worst * n), n)
+        lines.append(f"  {'worst case over attacks':28s} {worst:.4f}  [{low:.3f}, {high:.3f}]  upper bound (attack-based)")
+    lines.append(f"[a, b]: 95% Clopper-Pearson interval for the test distribution from {n} points; robust accuracy "
+                 f"is an upper bound: an attack that finds no adversarial example does not prove there is none")
     lines.append(f"wrote {out}")
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
@@ -602,6 +748,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from experiments import sweep
 
+    if args.seed_given:
+        raise UserError("archlip sweep does not take --seed: each run's seed is run.seed of its recipe; set it under "
+                        "'set:' in the sweep file, or vary it in the grid (run.seed: [0, 1, 2])")
+    _positive(args.max_runs, "--max-runs", allow_zero=True)
+    _positive(args.nproc_per_node, "--nproc-per-node")
     spec = sweep.load_sweep(args.sweep_file)
     out = _out_dir(args, default=str(Path("runs") / "sweeps" / spec.name))
     device = resolve_device(args.device)  # auto: cuda when available, for training and the measurements
@@ -619,7 +770,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     lines = [f"sweep {spec.name}: {result['done']} of {result['total']} runs finished "
              f"({result['ran']} ran now, {result['skipped']} skipped as already done)"]
     if result.get("commands"):
-        lines += ["would run:"] + [f"  {c}" for c in result["commands"]]
+        lines += ["would run (every run's recipe and model checked):"] + [f"  {c}" for c in result["commands"]]
     if result.get("table"):
         lines.append(f"table: {result['table']}")
     if result.get("report"):
@@ -633,11 +784,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"{run_dir} is a file; pass the --out directory of a demo, sweep or run")
+        raise NotADirectoryError(f"{run_dir} is a file; pass the --out directory of a demo, sweep, training or analysis")
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep or run")
+        raise FileNotFoundError(f"run directory {run_dir} not found; pass the --out directory of a demo, sweep, "
+                                f"training or analysis")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; give a directory for report.md and its figures")
+    _out_dir(args)
     regenerate = f"archlip report {run_dir}" + (f" --out {args.out}" if args.out else "")
     path = write_report(run_dir, out_dir=Path(args.out) if args.out else None, regenerate=regenerate)
     _emit(args, {"report": str(path)}, f"report: {path}")
@@ -657,10 +810,59 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_demo
 
-    device = resolve_device(args.device or "cpu")
     out = _out_dir(args, default="runs/demo")
+    device = resolve_device(args.device or "cpu")
     result = run_demo(out, quick=args.quick, seed=args.seed, device=str(device), verbose=not args.json, threads=args.threads)
     _emit(args, {"report": str(result["report"]), "results": str(result["results"])}, f"report: {result['report']}")
+    return EXIT_OK
+
+
+LISTS = ("presets", "recipes", "attacks", "sweeps", "datasets")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """What archlip knows by name: model presets, training recipes, attack presets, sweeps, datasets."""
+    if args.what == "presets":
+        from experiments.models.registry import describe_presets
+
+        rows = describe_presets()
+        head = ("model presets (archlip spectral/bound/eval PRESET builds one with random weights; for 10 classes "
+                "and 3 input channels; depths are blocks per stage, widths the stem then each stage):")
+        columns = ["name", "family", "depths", "widths", "params"]
+    elif args.what == "recipes":
+        from experiments.config import list_recipes, load_config
+
+        rows = []
+        for name in list_recipes():
+            cfg = load_config(name)
+            rows.append({"name": name, "dataset": cfg.data.dataset, "model": cfg.model.name, "method": cfg.method.name,
+                         "epochs": cfg.run.epochs, "eps": round(cfg.attack.eps, 4)})
+        head = "training recipes (archlip train NAME; override any key with --set section.key=value):"
+        columns = ["name", "dataset", "model", "method", "epochs", "eps"]
+    elif args.what == "attacks":
+        from experiments.attacks import get_attack_preset, list_attack_presets
+
+        rows = [{"name": n, "kind": get_attack_preset(n).kind, "description": get_attack_preset(n).description}
+                for n in list_attack_presets()]
+        head = "attack presets (archlip eval CKPT --attacks a,b,c):"
+        columns = ["name", "kind", "description"]
+    elif args.what == "sweeps":
+        import yaml
+
+        from experiments.sweep import list_sweeps, resolve_sweep_path
+
+        rows = []
+        for name in list_sweeps():
+            raw = yaml.safe_load(resolve_sweep_path(name).read_text()) or {}
+            rows.append({"name": name, "recipe": raw.get("recipe"), "launcher": raw.get("launcher", "sequential"),
+                         "budget": (raw.get("budget") or {}).get("params", "-")})
+        head = "shipped sweeps (archlip sweep NAME; archlip sweep NAME --dry-run lists its runs):"
+        columns = ["name", "recipe", "launcher", "budget"]
+    else:
+        rows = [{"name": k, "input_shape": v["input_shape"], "classes": v["num_classes"]} for k, v in DATASETS.items()]
+        head = "datasets (--data NAME; digits is bundled, the others read --data-root):"
+        columns = ["name", "input_shape", "classes"]
+    _emit(args, {args.what: rows}, head + "\n" + format_table(rows, columns))
     return EXIT_OK
 
 
@@ -670,23 +872,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
+    """argparse with one-line errors, exit status 2, and help epilogs printed as written (examples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results", threads: int | None = None) -> None:
+#: Threads for torch's CPU work unless --threads says otherwise: one. Measured (benchmarks/cli_threads.py, T1 in
+#: docs/benchmarks.md, a shared 2-core machine): with OMP_WAIT_POLICY=PASSIVE (set by main), one thread was
+#: 1.1-1.6x faster than torch's default on the digits-sized models the CLI runs on a CPU; only larger layers
+#: (wrn-16-4 at 32x32) gained from a second thread (1.35x). Without PASSIVE, spinning threads were 7-24x slower.
+DEFAULT_THREADS = 1
+
+
+def _common(parser: argparse.ArgumentParser, out_help: str = "directory for results") -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto, i.e. cuda when available; "
                                                       "the demo: cpu)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--out", default=None, help=out_help)
-    group.add_argument("--threads", type=int, default=threads,
-                       help="CPU threads for torch during this command (default: "
-                            + ("torch's choice)" if threads is None else f"{threads}: tiny models gain little from more threads, "
-                               "and one thread avoids the slowdown of an oversubscribed CPU)"))
+    group.add_argument("--threads", type=int, default=None,
+                       help=f"CPU threads for torch during this command (default {DEFAULT_THREADS} when it runs on the "
+                            f"CPU: the small models run on a CPU gain little from more, and one thread avoids the large "
+                            f"slowdown of a shared, oversubscribed CPU; raise it for large models on an idle many-core "
+                            f"machine. On a GPU: torch's default)")
     group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
@@ -703,83 +917,131 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
 
 
+TARGET_HELP = ("a checkpoint file (archlip's .safetensors, RobustBench or paper-code .pt, TRADES state dicts) or a "
+               "model preset name (random weights; see archlip list presets)")
+CKPT = "runs/demo/digits-pgdat-tiny/train/model_best.safetensors"
+EXAMPLES = {
+    "spectral": f"examples:\n  archlip spectral wrn-16-4 --input-shape 3x32x32\n  archlip spectral {CKPT} --json > layers.json",
+    "bound": f"examples:\n  archlip bound {CKPT} --n 128 --out runs/bound\n  archlip bound wrn-tiny --data digits --n 0",
+    "predict": "example:\n  archlip theory predict --depths 5,5,5 --widths 16,320,640,512",
+    "optimal-config": "example:\n  archlip theory optimal-config --budget 68M --top 5",
+    "validate": "example:\n  archlip theory validate --quick --out runs/theory",
+    "train": ("examples:\n  archlip train digits-pgdat-tiny --set run.epochs=4 --out runs/tiny\n"
+              "  archlip train digits-pgdat-tiny --set run.epochs=4 --out runs/tiny --resume   # after an interruption\n"
+              "  archlip train digits-pgdat-tiny --set run.epochs=6 --out runs/tiny --resume   # extend a finished run"),
+    "eval": (f"examples:\n  archlip eval {CKPT} --attacks pgd20,cw20 --n 200\n"
+             "  archlip eval model.pt --data cifar10 --data-root data/cifar10 --attacks aa --eps 8/255 --n 1000"),
+    "sweep": "examples:\n  archlip sweep digits-cpu --dry-run\n  archlip sweep digits-cpu --out runs/sweep",
+    "report": "examples:\n  archlip report runs/sweep\n  archlip report runs/tiny          # a training run folder",
+    "demo": "examples:\n  archlip demo --out runs/demo\n  archlip demo --quick --out runs/quick",
+    "list": "examples:\n  archlip list presets\n  archlip list recipes\n  archlip list attacks",
+}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("archlip")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="archlip", description="Certified spectral norms, Lipschitz bounds and robust training of WideResNets "
-                                                 "with any per-stage depth and width.")
+                                                 "with any per-stage depth and width.",
+                     epilog="first steps:\n  archlip demo --out runs/demo\n  archlip list presets\n"
+                            "  archlip COMMAND --help        (each command's options and examples)")
+    parser.add_argument("--version", action="version", version=f"archlip {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("spectral", help="per-layer certified spectral-norm sandwich of a checkpoint or preset")
-    p.add_argument("target", metavar="CKPT|PRESET")
+    p = sub.add_parser("spectral", help="per-layer certified spectral-norm sandwich of a checkpoint or preset",
+                       epilog=EXAMPLES["spectral"])
+    p.add_argument("target", metavar="CKPT|PRESET", help=TARGET_HELP)
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
-    p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1 (default 0.02)")
+    p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1, in (0, 1] (default 0.02)")
     _model_arg(p)
     _common(p, "directory for spectral.json and spectral.csv")
     p.set_defaults(func=cmd_spectral)
 
-    p = sub.add_parser("bound", help="certified network/stage/block Lipschitz bounds and data lower bounds")
-    p.add_argument("target", metavar="CKPT|PRESET")
+    p = sub.add_parser("bound", help="certified network/stage/block Lipschitz bounds and data lower bounds",
+                       epilog=EXAMPLES["bound"])
+    p.add_argument("target", metavar="CKPT|PRESET", help=TARGET_HELP)
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--n", type=int, default=128, help="data points for the lower bounds (0 to skip; default 128)")
-    p.add_argument("--eps", default=None, help="radius of the attack-based lower bounds (default: the checkpoint's training eps, else 8/255)")
-    p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance (default 0.02)")
+    p.add_argument("--eps", default=None, help="radius of the attack-based lower bounds, at most 1 (default: the "
+                                               "checkpoint's training eps, else 8/255)")
+    p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance, in (0, 1] (default 0.02)")
     _model_arg(p)
     _common(p, "directory for bound.json")
     p.set_defaults(func=cmd_bound)
 
     p = sub.add_parser("theory", help="random-matrix predictions and parameter-budget optimal configurations")
-    tsub = p.add_subparsers(dest="theory_command", metavar="THEORY_COMMAND", parser_class=_Parser)
+    tsub = p.add_subparsers(dest="theory_command", metavar="THEORY_COMMAND", parser_class=_Parser,
+                            help="predict, optimal-config or validate (each has --help with an example)")
     tsub.required = True
-    tp = tsub.add_parser("predict", help="parameter count and predicted Lipschitz bound of a per-stage config")
+    tp = tsub.add_parser("predict", help="parameter count and predicted Lipschitz bound of a per-stage config",
+                         epilog=EXAMPLES["predict"])
     tp.add_argument("--depths", default="5,5,5", help="blocks per stage (default 5,5,5)")
     tp.add_argument("--widths", default="16,320,640,512", help="stem width then stage widths (default WRN-34-R)")
-    tp.add_argument("--data", default="cifar10", help=f"dataset for input channels/classes: {', '.join(DATASETS)}")
+    tp.add_argument("--data", default="cifar10", choices=tuple(DATASETS), help="dataset for input channels/classes")
     _common(tp)
-    tp = tsub.add_parser("optimal-config", help="per-stage depths/widths minimising the predicted bound under a budget")
+    tp = tsub.add_parser("optimal-config", help="per-stage depths/widths minimising the predicted bound under a budget",
+                         epilog=EXAMPLES["optimal-config"])
     tp.add_argument("--budget", required=True, help="parameter budget, e.g. 68M")
     tp.add_argument("--top", type=int, default=10, help="how many ranked configurations to show (default 10)")
     tp.add_argument("--num-stages", type=int, default=3, help="number of stages (default 3)")
-    tp.add_argument("--data", default="cifar10", help=f"dataset for input size/channels/classes: {', '.join(DATASETS)}")
+    tp.add_argument("--data", default="cifar10", choices=tuple(DATASETS), help="dataset for input size/channels/classes")
     _common(tp)
-    tp = tsub.add_parser("validate", help="predicted vs measured norms at initialisation (plots, Spearman)")
+    tp = tsub.add_parser("validate", help="predicted vs measured norms at initialisation (plots, Spearman)",
+                         epilog=EXAMPLES["validate"])
     tp.add_argument("--quick", action="store_true", help="a smaller grid")
-    _common(tp)
+    _common(tp, "directory for the plots and JSON (default runs/theory-validation)")
     p.set_defaults(func=cmd_theory)
 
-    p = sub.add_parser("train", help="train a recipe (YAML), resumable")
-    p.add_argument("recipe", metavar="RECIPE.yaml", help="recipe path or packaged recipe name")
+    p = sub.add_parser("train", help="train a recipe (YAML), resumable", epilog=EXAMPLES["train"])
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="a recipe file or the name of a shipped recipe (archlip list recipes)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (starts "
+                                                         "afresh if it has none yet); with a larger run.epochs, extend it")
     p.add_argument("--download", action="store_true", help="download CIFAR-10/100 into data.root first if missing")
     _common(p, "run directory (default runs/RECIPE)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="clean and adversarial accuracy of a checkpoint")
-    p.add_argument("target", metavar="CKPT|PRESET")
-    p.add_argument("--attacks", default="pgd20", help="comma-separated attack presets (default pgd20), e.g. pgd20,cw20,aa")
-    p.add_argument("--eps", default=None, help="perturbation radius, e.g. 8/255 (default: the checkpoint's training eps, else 8/255)")
+    p = sub.add_parser("eval", help="clean and adversarial accuracy of a checkpoint", epilog=EXAMPLES["eval"])
+    p.add_argument("target", metavar="CKPT|PRESET", help=TARGET_HELP)
+    p.add_argument("--attacks", default="pgd20", help="comma-separated attack presets (default pgd20), e.g. pgd20,cw20,aa "
+                                                      "(archlip list attacks)")
+    p.add_argument("--eps", default=None, help="perturbation radius, e.g. 8/255; linf at most 1 (default: the "
+                                               "checkpoint's training eps, else 8/255)")
     p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
     p.add_argument("--subset", default="first", choices=("first", "random"), help="first n points in order (default) or a seeded subset")
+    p.add_argument("--batch-size", type=int, default=None, help="points per attack batch (default 250)")
     _data_args(p)
     _model_arg(p)
-    _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval)")
+    _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval/CHECKPOINT/ATTACKS[_nN], "
+               "one folder per evaluation setting)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="run a grid of configurations (resumable) and aggregate them")
-    p.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep path or packaged sweep name (e.g. digits-cpu)")
+    p = sub.add_parser("sweep", help="run a grid of configurations (resumable) and aggregate them", epilog=EXAMPLES["sweep"])
+    p.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep path or shipped sweep name (archlip list sweeps)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     p.add_argument("--launcher", choices=("sequential", "torchrun"), default=None, help="override the sweep's launcher")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per torchrun job")
     p.add_argument("--run", action="append", default=None, metavar="RUN_ID", help="run only these run ids (e.g. one per cluster job)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and commands without running them")
+    p.add_argument("--dry-run", action="store_true", help="check every run's recipe and model and list the commands, "
+                                                          "without running them")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table, plots and report")
     _common(p, "sweep directory (default runs/sweeps/NAME)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="markdown report with PNG plots from a run directory's JSON results")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("report", help="markdown report with PNG plots from a run directory's JSON results",
+                       epilog=EXAMPLES["report"])
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a demo, sweep, training run, or "
+                                                      "spectral/bound analysis")
     _common(p, "where to write report.md (default RUN_DIR)")
     p.set_defaults(func=cmd_report)
 
@@ -794,10 +1056,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "directory for NAME.pt and NAME.json (default runs/export)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="train a small WRN and its reduced-last-stage twin on digits, bound and report")
+    p = sub.add_parser("demo", help="train a small WRN and its reduced-last-stage twin on digits, bound and report",
+                       epilog=EXAMPLES["demo"])
     p.add_argument("--quick", action="store_true", help="a reduced setting (used by the test suite)")
-    _common(p, "output directory (default runs/demo)", threads=1)
+    _common(p, "output directory (default runs/demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="what archlip knows by name: presets, recipes, attacks, sweeps, datasets",
+                       epilog=EXAMPLES["list"])
+    p.add_argument("what", choices=LISTS, metavar="|".join(LISTS), help="which list to show")
+    _common(p)
+    p.set_defaults(func=cmd_list)
     return parser
 
 
@@ -809,15 +1078,47 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _default_threads(args: argparse.Namespace) -> int | None:
+    """``DEFAULT_THREADS`` for work on the CPU; None (torch's own choice) when the command will use a GPU."""
+    device = getattr(args, "device", None) or ("cpu" if args.command == "demo" else "auto")
+    if device.startswith("cuda"):
+        return None
+    if device == "auto" and args.command in ("spectral", "bound", "train", "eval", "sweep"):
+        import torch
+
+        return None if torch.cuda.is_available() else DEFAULT_THREADS
+    return DEFAULT_THREADS
+
+
+class _NoteHandler(logging.Handler):
+    """Notes and warnings of the ``archlip`` logger as ``archlip: note: ...`` lines on (the current) stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"archlip: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("archlip")
+    if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
+        logger.addHandler(_NoteHandler(level=logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 user error)."""
+    # idle OpenMP threads sleep instead of spinning (a spinning pool is many times slower on a shared CPU); set
+    # before torch starts its thread pool: this module imports torch only inside the commands
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _show_notes()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.seed_given = any(a == "--seed" or a.startswith("--seed=") for a in argv)
+    args.argv = argv
     show_traceback = args.traceback or os.environ.get("ARCHLIP_TRACEBACK") == "1"
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.threads is None:
+            args.threads = _default_threads(args)
         with torch_threads(args.threads):
             return handler(args)
     except BrokenPipeError:  # e.g. `archlip ... | head`: the reader left; not an error

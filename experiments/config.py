@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from experiments.io import write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -320,6 +322,28 @@ def _cross_checks(cfg: TrainConfig) -> None:
         raise ConfigError("selection.metric pgd_acc needs data.val_size > 0 (or set selection.metric: last)")
     if cfg.selection.metric == "clean_acc" and cfg.data.val_size == 0:
         raise ConfigError("selection.metric clean_acc needs data.val_size > 0 (or set selection.metric: last)")
+    check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")
+
+
+#: A linf radius above this is accepted with a warning: most of the [0, 1] input range is reachable.
+LINF_EPS_WARN = 0.5
+
+
+def check_eps(eps: float, norm: str = "linf", where: str = "eps") -> str | None:
+    """Validate a perturbation radius for inputs in [0, 1]; returns a warning text or None.
+
+    linf: 0 <= eps <= 1 (a radius of 1 reaches every image), with a warning above ``LINF_EPS_WARN``;
+    l2: eps >= 0 and finite. Raises :class:`ConfigError` (one line, with the sensible range) otherwise.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ConfigError(f"{where}: {eps!r} is not a radius; give a finite number >= 0, e.g. 8/255")
+    if norm == "linf" and eps > 1:
+        raise ConfigError(f"{where}: {eps:g} is out of range for a linf ball on [0, 1] inputs (must be <= 1: at 1 every "
+                          f"image is reachable); typical values are 8/255 on CIFAR-10 and 0.1 on digits")
+    if norm == "linf" and eps > LINF_EPS_WARN:
+        return (f"{where}: a linf radius of {eps:g} covers most of the [0, 1] input range; robust accuracy will be "
+                f"near chance (typical: 8/255 on CIFAR-10, 0.1 on digits)")
+    return None
 
 
 def effective_attack_numbers(attack: AttackConfig) -> tuple[float, float]:
@@ -430,22 +454,22 @@ def load_config(path_or_name: str | Path | Mapping | None = None, overrides: Ite
         path = resolve_recipe_path(path_or_name)
         with open(path, encoding="utf-8") as fh:
             try:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.safe_load(fh)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not data:
+            raise ConfigError(f"{path} is an empty recipe; start from a shipped one (e.g. "
+                              f"{CONFIG_DIR / 'digits-pgdat-tiny.yaml'}) and change what you need")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        data.setdefault("name", path.stem)  # a recipe without a name is named after its file, not "unnamed"
     data = apply_overrides(data, overrides)
     return config_from_dict(data)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (every key, defaults included); loads back to an equal config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    return path
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:

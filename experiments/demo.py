@@ -330,8 +330,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     ``threads``: torch CPU threads during the demo (restored afterwards; None leaves torch's setting).
     """
     from experiments.cli import torch_threads
+    from experiments.io import RunFolderLock
 
-    with torch_threads(threads):
+    with torch_threads(threads), RunFolderLock(out_dir, "demo"):  # one demo per folder at a time
         return _run_demo(Path(out_dir), quick=quick, seed=seed, device=device, verbose=verbose, recipes=recipes,
                          threads=threads)
 
@@ -340,6 +341,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
               threads: int | None) -> dict[str, Any]:
     from experiments.cli import write_json
     from experiments.config import load_config, save_config
+    from experiments.io import remove_stale_temps
     from experiments.report import write_report
     from experiments.training import train
 
@@ -352,6 +354,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
         overrides = [*settings["overrides"], f"run.seed={seed}", f"run.device={torch.device(device).type}"]
         config = load_config(recipe, overrides=overrides)
         model_dir = out_dir / config.name
+        remove_stale_temps(model_dir)  # the demo's lock covers the model folder's own files
         save_config(config, model_dir / "resolved_config.yaml")
         _say(verbose, f"[{index}/{len(recipes)}] training {config.name} ({config.model.name}, {config.method.name}, "
                       f"{config.run.epochs} epoch{'s' if config.run.epochs != 1 else ''}) -> {model_dir / 'train'}")

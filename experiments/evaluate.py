@@ -44,6 +44,7 @@ from experiments.attacks import (
     logit_margin,
     model_mode,
 )
+from experiments.io import atomic_write, locks_folder, write_text
 
 POINT_SELECTIONS = ("first", "random")
 EVAL_NORMS = {"linf": "Linf", "l2": "L2"}
@@ -109,12 +110,7 @@ def _versions() -> dict[str, str]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _model_digest(model: nn.Module) -> str:
@@ -174,8 +170,8 @@ def _load_state(path: Path, fingerprint: dict[str, Any], resume: bool) -> dict[s
     differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
     if differ:
         raise ValueError(
-            f"state file {path} belongs to a different evaluation (differs in: {', '.join(differ)}); "
-            "use a new out_dir or delete the state file"
+            f"{path.parent} holds a different evaluation (differs in: {', '.join(differ)}); evaluate into "
+            f"another folder, or delete {path} to start over"
         )
     return state
 
@@ -307,13 +303,11 @@ def _load_adv_store(path: Path | None) -> dict[int, torch.Tensor]:
 def _save_adv_store(path: Path | None, store: dict[int, torch.Tensor]) -> None:
     if path is None or not store:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     keys = sorted(store)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"index": torch.tensor(keys, dtype=torch.int64),
-               "x_adv": torch.stack([store[k] for k in keys]).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    blob = save({"index": torch.tensor(keys, dtype=torch.int64), "x_adv": torch.stack([store[k] for k in keys]).contiguous()})
+    atomic_write(path, lambda fh: fh.write(blob))
 
 
 def _forward_batched(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
@@ -463,6 +457,7 @@ def _square_check(entry: dict[str, Any], attacks: list[str], alpha: float = 0.00
 # main entry
 
 
+@locks_folder("out_dir", "evaluation")  # one writer per evaluation folder
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,

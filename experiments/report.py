@@ -21,9 +21,12 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from experiments.io import write_text
 
-#: Guarantee label of each scalar column (see spectral/guarantee.py).
+#: Guarantee label of each scalar column (see spectral/guarantee.py). Robust accuracy under an attack is an
+#: upper bound of the true robust accuracy on the evaluated points (an attack that fails proves nothing).
 COLUMN_GUARANTEES: dict[str, str] = {
+    "robust_acc": "attack_upper_bound",
     "certified_lipschitz": "certified_upper",
     "certified_lipschitz_product": "certified_upper",
     "empirical_lipschitz": "lower",
@@ -61,6 +64,8 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
     if summaries:
         return {"kind": "sweep", "name": run_dir.name, "models": [_read_json(p) for p in summaries]}
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "resolved_config.yaml").is_file():
+        return _training_results(run_dir)
     record: dict[str, Any] = {"name": run_dir.name}
     found = False
     if (run_dir / "spectral.json").is_file():
@@ -82,6 +87,30 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
             f"spectral.json or bound.json (archlip spectral/bound --out {run_dir})"
         )
     return {"kind": "analysis", "name": run_dir.name, "models": [record]}
+
+
+def _training_results(run_dir: Path) -> dict[str, Any]:
+    """A training run folder (``archlip train --out``): its summary, architecture and per-epoch metrics."""
+    from experiments.io import read_jsonl
+
+    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    arch: dict[str, Any] = {}
+    for sidecar in ("model_final.json", "model_best.json"):
+        if (run_dir / sidecar).is_file():
+            arch = _read_json(run_dir / sidecar).get("arch") or {}
+            break
+    train = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k != "out_dir"}
+    train.update({k: v for k, v in (summary.get("final_val") or {}).items() if isinstance(v, (int, float))})
+    selection = summary.get("selection") or {}
+    if selection.get("metric"):
+        train["selection_metric"], train["selected_epoch"] = selection["metric"], selection.get("best_epoch")
+    name = str(summary.get("name", run_dir.name))
+    record = {"name": name, "depths": arch.get("depths"), "widths": arch.get("widths"), "train": train}
+    status = summary.get("status", "in progress (no summary.json yet)")
+    return {"kind": "training", "name": name, "models": [record], "metrics": read_jsonl(run_dir / "metrics.jsonl"),
+            "description": f"Training run in {run_dir}: {status}, {summary.get('epochs_completed', '?')} of "
+                           f"{summary.get('epochs', '?')} epochs. Evaluate its model with `archlip eval` and bound it "
+                           f"with `archlip bound` for robustness and Lipschitz numbers."}
 
 
 def _read_json(path: Path) -> Any:
@@ -163,19 +192,24 @@ def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows to CSV (lists joined with '-', e.g. depths 5-5-5)."""
-    import csv
+def csv_header(column: str) -> str:
+    """A CSV column name with its guarantee label: ``certified_lipschitz [certified_upper]``."""
+    return f"{column} [{COLUMN_GUARANTEES[column]}]" if column in COLUMN_GUARANTEES else column
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows to CSV atomically (lists joined with '-', e.g. depths 5-5-5); headers carry guarantee labels."""
+    import csv
+    import io as textio
+
     columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
-    return path
+    buffer = textio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([csv_header(c) for c in columns])
+    for row in rows:
+        writer.writerow(["-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in
+                         (row.get(c) for c in columns)])
+    return write_text(path, buffer.getvalue())
 
 
 def _finite(v: Any) -> bool:
@@ -218,16 +252,24 @@ def _pyplot():
     return plt
 
 
-def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 4) -> Path | None:
-    """Per-layer certified upper and lower bounds (and the random-matrix baseline), coloured by stage."""
-    with_layers = [m for m in models if m.get("layers")][:max_models]
+def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 16,
+                     per_row: int = 4) -> Path | None:
+    """Per-layer certified upper and lower bounds (and the random-matrix baseline), coloured by stage: one panel
+    per model, ``per_row`` panels a row; beyond ``max_models`` the title says how many are shown and which not."""
+    all_with_layers = [m for m in models if m.get("layers")]
+    with_layers = all_with_layers[:max_models]
     if not with_layers:
         return None
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-    fig, axes = plt.subplots(1, len(with_layers), figsize=(5.2 * len(with_layers), 4.3), squeeze=False, sharey=True)
+    ncols = min(per_row, len(with_layers))
+    nrows = math.ceil(len(with_layers) / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows + 0.6), squeeze=False, sharey=True)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(with_layers):]:
+        ax.set_visible(False)
     stages_seen: list[str] = []
     values: list[float] = []
     for ax, model in zip(axes[0], with_layers):
@@ -257,14 +299,21 @@ def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_mod
         for ax in axes[0]:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
-    axes[0][0].set_ylabel("l2 operator norm")
+    for row in grid:
+        row[0].set_ylabel("l2 operator norm")
     handles = [Line2D([], [], ls="", marker="s", color=_STAGE_COLOURS.get(s, "#8c564b"), label=s) for s in stages_seen]
     handles += [Line2D([], [], ls="", marker="v", color="k", label="certified upper"),
                 Line2D([], [], ls="", marker="^", color="k", markerfacecolor="none", label="lower"),
                 Line2D([], [], ls="", marker="x", color="#777777", label="random-matrix baseline")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.suptitle("per-layer spectral norms by stage", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    title = "per-layer spectral norms by stage"
+    if len(all_with_layers) > len(with_layers):
+        rest = [str(m.get("name", "?")) for m in all_with_layers[len(with_layers):]]
+        title += (f" ({len(with_layers)} of {len(all_with_layers)} runs shown; not shown: {', '.join(rest[:6])}"
+                  f"{' ...' if len(rest) > 6 else ''}; per-layer tables in report.md)")
+    fig.suptitle(title, fontsize=10)
+    height = 4.0 * nrows + 0.6
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1 - 0.3 / height))
     return _save(fig, plt, path)
 
 
@@ -378,10 +427,42 @@ def _save(fig, plt, path: str | Path) -> Path:
     return path
 
 
-def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False) -> dict[str, Path]:
-    """Write every figure the records support; returns {figure key: path}."""
+def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Loss and accuracies per epoch of a training run (``metrics.jsonl`` rows)."""
+    rows = [r for r in rows if _finite(r.get("epoch"))]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    epochs = [r["epoch"] + 1 for r in rows]
+    left.plot(epochs, [r.get("train_loss") for r in rows], marker="o", color="#1f77b4")
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    for key, label, style in (("train_clean_acc", "train clean", "s:"), ("train_adv_acc", "train adversarial", "o:"),
+                              ("val_clean_acc", "validation clean", "s-"), ("val_pgd_acc", "validation PGD", "o-")):
+        points = [(e, r[key]) for e, r in zip(epochs, rows) if _finite(r.get(key))]
+        if points:
+            right.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+    right.set_xlabel("epoch")
+    right.set_ylabel("accuracy")
+    right.set_ylim(0, 1)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+    fig.suptitle("training curves", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False,
+                 metrics: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Write every figure the records support (and the training curves of ``metrics`` rows); {figure key: path}."""
     out_dir = Path(out_dir)
     figures: dict[str, Path | None] = {
+        "training_curves": plot_training_curves(metrics, out_dir / "training_curves.png") if metrics else None,
         "layer_norms": plot_layer_norms(models, out_dir / "layer_norms.png"),
         "certified_vs_empirical": plot_certified_vs_empirical(models, out_dir / "certified_vs_empirical.png"),
         "robustness_vs_last_width": plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
@@ -475,6 +556,7 @@ def plot_history(histories: Mapping[str, Sequence[dict[str, Any]]], path: str | 
 # ----------------------------------------------------------------------------------------------
 
 _CAPTIONS = {
+    "training_curves": "Training loss (left) and accuracies (right) per epoch; validation accuracies are on the split held out of the training data.",
     "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size (eval-mode BatchNorm directly after a conv folded in), and the random-matrix baseline (x) of a kernel with the same entry std.",
     "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
     "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
@@ -496,7 +578,9 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += [str(results["description"]), ""]
     lines += [f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate this report and its figures with `{regenerate}`.", ""]
     lines += ["Guarantee of each number: `certified_upper` (a proven upper bound), `lower` (a proven lower bound: "
-              "the true value is at least this), `estimate` (no guarantee either way). See docs/index.md.", ""]
+              "the true value is at least this), `estimate` (no guarantee either way), `attack_upper_bound` (robust "
+              "accuracy under the attacks run: the true robust accuracy on those points is at most this). "
+              "See docs/index.md.", ""]
 
     rows = table_rows(models)
     shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
@@ -613,16 +697,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regener
     results = load_results(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = results.get("models", [])
-    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep")
+    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep", metrics=results.get("metrics"))
     history_figure = plot_history(histories, out_dir / "training_history.png") if histories else None
     if history_figure is not None:
         figures["training_history"] = history_figure
     if results.get("kind") == "sweep" and models:
         write_csv(table_rows(models), out_dir / "table.csv")
     text = render_markdown(results, figures, out_dir, regenerate or f"archlip report {run_dir}")
-    path = out_dir / "report.md"
-    path.write_text(text)
-    return path
+    return write_text(out_dir / "report.md", text)
 
 
 def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[str, Any]]], out_dir: Path,
@@ -652,6 +734,4 @@ def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[st
         lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows] + [""]
     if figure is not None:
         lines += [f"![training_history]({figure.name})", "", f"*{_CAPTIONS['training_history']}*", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(out_dir / "report.md", "\n".join(lines))

@@ -31,7 +31,6 @@ the sweep skips finished runs and resumes interrupted training from its checkpoi
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import itertools
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
+
+from experiments.io import RunFolderLock, remove_stale_temps, write_text
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
 LAUNCHERS = ("sequential", "torchrun")
@@ -182,6 +183,7 @@ def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
     nproc = raw.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc_per_node must be a positive integer, got {nproc!r}")
+    check_measurement_options(raw.get("evaluate") or {}, raw.get("analysis") or {})
     return SweepSpec(
         name=str(raw.get("name", default_name)), recipe=str(raw["recipe"]), runs=runs, base=base,
         evaluate=dict(raw.get("evaluate") or {}), analysis=dict(raw.get("analysis") or {}), budget=budget,
@@ -190,48 +192,70 @@ def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
     )
 
 
-@contextlib.contextmanager
-def _skip_weight_init():
-    """Turn torch.nn.init's in-place initialisers into no-ops (weights on the meta device hold no values)."""
-    import torch
+EVALUATE_KEYS = ("attacks", "eps", "n")
+ANALYSIS_FLAGS = ("spectral", "bound", "lower", "theory")
+ANALYSIS_COUNTS = ("lower_points", "lower_iters", "attack_ratio_steps")
 
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
+
+def check_measurement_options(evaluate: Mapping[str, Any], analysis: Mapping[str, Any]) -> None:
+    """The sweep's ``evaluate`` and ``analysis`` settings, checked before any run trains (a bad attack name must
+    not surface after the first run's training)."""
+    from experiments.attacks import get_attack_preset
+    from experiments.config import check_eps, parse_number
+
+    for section, mapping, valid in (("evaluate", evaluate, EVALUATE_KEYS),
+                                    ("analysis", analysis, ANALYSIS_FLAGS + ANALYSIS_COUNTS + ("rtol",))):
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"'{section}' must be a mapping with keys {', '.join(valid)}, got {mapping!r}")
+        unknown = sorted(set(map(str, mapping)) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {section} key(s) {unknown}; valid: {', '.join(valid)}")
+    attacks = evaluate.get("attacks", ["pgd20"])
+    if not isinstance(attacks, list) or not attacks:
+        raise ValueError(f"evaluate.attacks must be a non-empty list of attack names, e.g. [pgd20], got {attacks!r}")
+    for name in attacks:
+        get_attack_preset(str(name))  # unknown names: ValueError listing the presets
+    if "eps" in evaluate:
+        check_eps(parse_number(evaluate["eps"], "evaluate.eps"), "linf", "evaluate.eps")
+    n = evaluate.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"evaluate.n must be a positive integer (or left out for all test points), got {n!r}")
+    for key in ANALYSIS_FLAGS:
+        if not isinstance(analysis.get(key, True), bool):
+            raise ValueError(f"analysis.{key} must be true or false, got {analysis[key]!r}")
+    for key in ANALYSIS_COUNTS:
+        value = analysis.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"analysis.{key} must be a positive integer, got {value!r}")
+    rtol = analysis.get("rtol", 0.02)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol <= 1:
+        raise ValueError(f"analysis.rtol must be a number in (0, 1], e.g. 0.05, got {rtol!r}")
+
+
+def check_runs(spec: SweepSpec) -> None:
+    """Every run's recipe with its overrides loads, validates and builds its model (on the meta device)."""
+    from experiments.config import load_config
+    from experiments.training.loop import check_run_config
+
+    for run in spec.runs:
+        try:
+            check_run_config(load_config(spec.recipe, overrides=to_override_strings({**spec.base, **run.overrides})))
+        except ValueError as exc:
+            raise type(exc)(f"run {run.run_id}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=4096)
 def _count_params_cached(recipe: str, frozen: str) -> int:
-    import torch
-
     from experiments.config import load_config
-    from experiments.models import create_model
+    from experiments.training.loop import model_skeleton
 
     config = load_config(recipe, overrides=to_override_strings(json.loads(frozen)))
-    with torch.device("meta"), _skip_weight_init():
-        model = create_model(config.model.name, num_classes=_num_classes(config), in_channels=_in_channels(config),
-                             **config.model.overrides)
-    return int(sum(p.numel() for p in model.parameters()))
+    return int(sum(p.numel() for p in model_skeleton(config).parameters()))
 
 
 def count_params_for(recipe: str, overrides: Mapping[str, Any]) -> int:
     """Parameter count of the model a recipe + overrides builds (built on the meta device: no memory, no init)."""
     return _count_params_cached(recipe, json.dumps(dict(overrides), sort_keys=True, default=str))
-
-
-def _num_classes(config) -> int:
-    return 100 if getattr(config.data, "dataset", "") == "cifar100" else 10
-
-
-def _in_channels(config) -> int:
-    dataset = getattr(config.data, "dataset", "digits")
-    return 1 if dataset == "digits" else 3
 
 
 def apply_budget(runs: list[RunSpec], budget: Mapping[str, Any], recipe: str, base: Mapping[str, Any],
@@ -427,24 +451,54 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
     Returns counts (total, done, ran, skipped), the run ids of each kind and the paths written.
     ``report=False`` skips the plots and report.md (results.json and table.csv are always written).
     """
-    from experiments.cli import write_json
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if launcher is not None and launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     if max_runs is not None and max_runs < 0:
         raise ValueError(f"--max-runs must be >= 0, got {max_runs}")
-    runs = spec.runs
-    if only:
-        only = list(only)
-        known = {r.run_id for r in runs}
-        missing = [r for r in only if r not in known]
-        if missing:
-            raise ValueError(f"unknown run id(s) {missing}; this sweep's runs: {', '.join(sorted(known))}")
-        runs = [r for r in runs if r.run_id in only]
+    if runner is None and not aggregate_only:
+        check_runs(spec)  # what the default runner will train: every recipe and model, before any run starts
+    if dry_run:
+        return _dry_run(spec, out_dir, only, launcher or spec.launcher, nproc_per_node or spec.nproc_per_node)
+    with RunFolderLock(out_dir, "sweep"):
+        return _run_sweep(spec, out_dir, max_runs=max_runs, launcher=launcher, nproc_per_node=nproc_per_node,
+                          only=only, aggregate_only=aggregate_only, device=device, runner=runner, progress=progress,
+                          report=report)
+
+
+def _selected(spec: SweepSpec, only: Iterable[str] | None) -> list[RunSpec]:
+    if not only:
+        return list(spec.runs)
+    only = list(only)
+    known = {r.run_id for r in spec.runs}
+    missing = [r for r in only if r not in known]
+    if missing:
+        raise ValueError(f"unknown run id(s) {missing}; this sweep's runs: {', '.join(sorted(known))}")
+    return [r for r in spec.runs if r.run_id in only]
+
+
+def _dry_run(spec: SweepSpec, out_dir: Path, only: Iterable[str] | None, launcher: str, nproc: int) -> dict[str, Any]:
+    """What a real run would do, without writing anything."""
+    runs = _selected(spec, only)
+    todo = [r for r in runs if not is_finished(out_dir, r)]
+    commands = [
+        shlex.join(torchrun_command(spec, r, out_dir / "runs" / r.run_id / "train", nproc, False))
+        if launcher == "torchrun" else f"train {r.run_id}: " + " ".join(to_override_strings({**spec.base, **r.overrides}))
+        for r in todo
+    ]
+    return {"total": len(spec.runs), "skipped": len(runs) - len(todo),
+            "skipped_ids": [r.run_id for r in runs if r not in todo], "ran": 0, "ran_ids": [], "commands": commands,
+            "done": sum(is_finished(out_dir, r) for r in spec.runs)}
+
+
+def _run_sweep(spec: SweepSpec, out_dir: Path, *, max_runs: int | None, launcher: str | None,
+               nproc_per_node: int | None, only: Iterable[str] | None, aggregate_only: bool, device: str | None,
+               runner: Runner | None, progress: bool, report: bool) -> dict[str, Any]:
+    from experiments.cli import write_json
+
+    runs = _selected(spec, only)
     options = {"launcher": launcher or spec.launcher, "nproc_per_node": nproc_per_node or spec.nproc_per_node, "device": device}
-    (out_dir / "sweep.json").write_text(json.dumps({
+    write_text(out_dir / "sweep.json", json.dumps({
         "name": spec.name, "recipe": spec.recipe, "source": spec.source, "base": spec.base,
         "runs": [{"run_id": r.run_id, "overrides": r.overrides, "params": r.params} for r in spec.runs],
         "evaluate": spec.evaluate, "analysis": spec.analysis, "budget": spec.budget,
@@ -453,14 +507,6 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
     skipped = [r.run_id for r in runs if is_finished(out_dir, r)]
     todo = [r for r in runs if not is_finished(out_dir, r)]
     result: dict[str, Any] = {"total": len(spec.runs), "skipped": len(skipped), "skipped_ids": skipped, "ran": 0, "ran_ids": []}
-    if dry_run:
-        result["commands"] = [
-            shlex.join(torchrun_command(spec, r, out_dir / "runs" / r.run_id / "train", options["nproc_per_node"], False))
-            if options["launcher"] == "torchrun" else f"train {r.run_id}: " + " ".join(to_override_strings({**spec.base, **r.overrides}))
-            for r in todo
-        ]
-        result["done"] = sum(is_finished(out_dir, r) for r in spec.runs)
-        return result
     if not aggregate_only:
         runner = runner or train_run
         if max_runs is not None:
@@ -472,6 +518,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
             iterator = tqdm(todo, desc=f"sweep {spec.name}", unit="run")
         for run in iterator:
             run_dir = out_dir / "runs" / run.run_id
+            remove_stale_temps(run_dir)  # the sweep's lock covers the run folder's own files
             start = time.time()
             record = runner(spec, run, run_dir, options)
             record.setdefault("name", run.run_id)

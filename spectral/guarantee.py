@@ -46,6 +46,19 @@ class NormValue:
         if math.isnan(self.value):
             raise ValueError(f"method {self.method!r} produced NaN; check the weights for NaN/Inf")
 
+    def __repr__(self) -> str:
+        """Short, for notebooks: the number, its guarantee and method; ``details`` by key only (it may hold
+        warm-start vectors with thousands of entries)."""
+        text = f"NormValue({self.value:.6g}, {self.guarantee.value}, method={self.method!r}"
+        if self.iterations is not None:
+            text += f", iterations={self.iterations}"
+        if self.seconds:
+            text += f", seconds={self.seconds:.3g}"
+        if self.details:
+            keys = list(self.details)
+            text += f", details: {', '.join(map(str, keys[:6]))}{', ...' if len(keys) > 6 else ''}"
+        return text + ")"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; warm-start vectors and other large tensors in ``details`` are left out."""
         return {"value": json_safe(self.value), "guarantee": self.guarantee.value, "method": self.method,

@@ -62,6 +62,18 @@ def test_format_table_and_jsonable():
     assert payload["nv"]["guarantee"] == "lower"
 
 
+def test_norm_value_repr_is_short_in_a_notebook():
+    import torch
+
+    from spectral.guarantee import Guarantee, NormValue
+
+    value = NormValue(3.14159265, Guarantee.UPPER, "fft", iterations=12,
+                      details={"u": torch.randn(128), "v": list(range(128)), "blocks": 4})
+    text = repr(value)
+    assert text.startswith("NormValue(3.14159, certified_upper, method='fft', iterations=12")
+    assert "details: u, v, blocks" in text and len(text) < 120
+
+
 # ------------------------------------------------------------------------------------------ user errors
 
 
@@ -96,7 +108,7 @@ def test_cuda_requested_without_cuda(capsys):
 
 
 def test_wrong_input_shape_and_negative_n(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "spectral", "wrn-tiny", "--input-shape", "3x")
+    code, _, err = run_cli(capsys, "spectral", "wrn-tiny", "--input-shape", "3")
     assert_one_line_error(code, err, "cannot take inputs of shape 3", "--input-shape")
     code, _, err = run_cli(capsys, "bound", "wrn-tiny", "--data", "digits", "--n", "-3")
     assert_one_line_error(code, err, "--n must be >= 0")
@@ -335,3 +347,340 @@ def test_model_flag_settles_a_preact_checkpoint(capsys, tmp_path):
     code, out, err = run_cli(capsys, "spectral", str(tmp_path / "p.pt"), "--input-shape", "3x16x16",
                              "--model", "preact-resnet-tiny-input-shortcut", "--json")
     assert code == 0, err
+# ------------------------------------------------------------------------------------------ run folders and first steps (issue 19)
+
+TINY_TRAIN = ["--set", "run.epochs=2", "--set", "data.train_limit=64", "--set", "data.val_size=0",
+              "--set", "selection.metric=last", "--set", "attack.steps=2", "--set", "model.overrides.widths=[4,8,8,8]",
+              "--threads", "1"]
+
+
+def _archlip(*argv: str) -> list[str]:
+    exe = Path(sys.executable).with_name("archlip")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "experiments.cli"], list(argv)
+
+
+def test_two_concurrent_trainings_second_exits_2_first_is_unharmed(tmp_path, capsys):
+    """A second `archlip train` into a folder a live run holds exits 2 naming the holder; the first run then
+    finishes exactly as a lone run does (no interleaved metrics, no lost model)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    assert cli.main(["train", "digits-pgdat-tiny", "--out", str(tmp_path / "lone"), "--json", *TINY_TRAIN]) == 0
+    capsys.readouterr()
+    exe, _ = _archlip()
+    env = {**os.environ, "ARCHLIP_TRACEBACK": "0", "PYTHONPATH": str(REPO)}
+    run = tmp_path / "shared"
+    first = subprocess.Popen(exe + ["train", "digits-pgdat-tiny", "--out", str(run), "--json", *TINY_TRAIN],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lock = run / ".archlip.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        if lock.exists() and f'"pid": {first.pid}' in lock.read_text():
+            break
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # hold the first run mid-training while the second one tries
+    try:
+        second = subprocess.run(exe + ["train", "digits-pgdat-tiny", "--out", str(run), "--resume", *TINY_TRAIN],
+                                capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert f"in use by pid {first.pid} on host" in second.stderr and "archlip train" in second.stderr
+    a, b = load_file(str(tmp_path / "lone" / "model_final.safetensors")), load_file(str(run / "model_final.safetensors"))
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    lone = [json.loads(r) for r in (tmp_path / "lone" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and [r["train_loss"] for r in rows] == [r["train_loss"] for r in lone]
+    assert not lock.exists()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _no_work(monkeypatch) -> None:
+    """Make every expensive step fail the test if it is reached."""
+    import experiments.demo
+    import experiments.evaluate
+    import experiments.sweep
+    import experiments.training
+
+    def never(*args, **kwargs):
+        pytest.fail("work started although an argument was invalid")
+
+    for module, name in ((experiments.training, "train"), (experiments.evaluate, "evaluate"),
+                         (experiments.demo, "bound_summary"), (experiments.demo, "spectral_analyze"),
+                         (experiments.demo, "run_demo"), (experiments.sweep, "train_run"),
+                         (experiments.demo, "data_lower_bounds")):
+        monkeypatch.setattr(module, name, never)
+
+
+BAD_SWEEPS = {
+    "attack": {"recipe": "digits-pgdat-tiny", "evaluate": {"attacks": ["pgd20", "pgd-nope"]}},
+    "typo": {"recipe": "digits-pgdat-tiny", "set": {"model.overrides.widht": [8, 16, 32, 32]}},
+    "eps": {"recipe": "digits-pgdat-tiny", "evaluate": {"eps": 300}},
+}
+
+REJECTED = [
+    (["eval", "wrn-tiny", "--data", "digits", "--eps", "300"], "<= 1"),
+    (["eval", "wrn-tiny", "--data", "digits", "--eps", "-0.1"], ">= 0"),
+    (["eval", "wrn-tiny", "--data", "digits", "--attacks", "pgd20,pgd-nope"], "pgd-nope"),
+    (["eval", "wrn-tiny", "--data", "digits", "--n", "0"], "--n"),
+    (["eval", "wrn-tiny", "--data", "digits", "--batch-size", "0"], "--batch-size"),
+    (["bound", "wrn-tiny", "--data", "digits", "--eps", "300"], "<= 1"),
+    (["bound", "wrn-tiny", "--data", "digits", "--n", "-5"], "--n must be >= 0"),
+    (["bound", "wrn-tiny", "--data", "digits", "--rtol", "inf"], "--rtol"),
+    (["spectral", "wrn-tiny", "--data", "digits", "--rtol", "0"], "--rtol"),
+    (["spectral", "wrn-tiny", "--input-shape="], "input shape"),
+    (["spectral", "wrn-tiny", "--input-shape", "1x8x8x"], "input shape"),
+    (["bound", "wrn-tiny", "--data", "digits", "--out", "/proc/archlip-test/out"], "not writable"),
+    (["bound", "wrn-tiny", "--data", "digits", "--out="], "--out is empty"),
+    (["train", "EMPTY", "--out", "OUT"], "empty recipe"),
+    (["train", "digits-pgdat-tiny", "--set", "model.overrides.widht=[8,16,32,32]", "--out", "OUT"], "widht"),
+    (["train", "digits-pgdat-tiny", "--set", "attack.eps=300", "--out", "OUT"], "attack.eps"),
+    (["sweep", "SWEEP:attack", "--out", "OUT"], "pgd-nope"),
+    (["sweep", "SWEEP:attack", "--out", "OUT", "--dry-run"], "pgd-nope"),
+    (["sweep", "SWEEP:typo", "--out", "OUT"], "widht"),
+    (["sweep", "SWEEP:typo", "--out", "OUT", "--dry-run"], "widht"),
+    (["sweep", "SWEEP:eps", "--out", "OUT"], "evaluate.eps"),
+    (["sweep", "digits-cpu", "--seed", "3", "--out", "OUT"], "run.seed"),
+    (["theory", "optimal-config", "--budget", "1M", "--top", "0"], "--top"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", REJECTED, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_rejected_values_exit_2_before_any_work(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    (tmp_path / "empty.yaml").write_text("# a recipe someone meant to fill in\n")
+    argv = [str(tmp_path / "empty.yaml") if a == "EMPTY" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    for i, a in enumerate(argv):
+        if a.startswith("SWEEP:"):
+            import yaml
+
+            (tmp_path / "s.yaml").write_text(yaml.safe_dump(BAD_SWEEPS[a.split(":")[1]]))
+            argv[i] = str(tmp_path / "s.yaml")
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists(), "a folder was created"
+
+
+def test_large_linf_eps_is_accepted_with_a_warning(capsys):
+    assert cli.parse_eps("0.6") == 0.6
+    assert "near chance" in capsys.readouterr().err
+
+
+def test_eval_defaults_to_one_folder_per_checkpoint_and_setting(trained_ckpt, capsys, tmp_path, monkeypatch):
+    """The quickstart's evals in a row, without --out, all succeed (they used to share runs/eval)."""
+    monkeypatch.chdir(tmp_path)
+    code, first, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "fgsm", "--n", "16")
+    assert code == 0, err
+    code, second, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "fgsm,pgd10", "--n", "16",
+                                "--batch-size", "8")
+    assert code == 0, err
+    folders = sorted(p.parent for p in (tmp_path / "runs" / "eval").glob("*/*/summary.json"))
+    assert len(folders) == 2 and folders[0].parent == folders[1].parent
+    assert {f.name for f in folders} == {"fgsm_n16", "fgsm+pgd10_n16"}
+    assert "upper bound (attack-based)" in second and "Clopper-Pearson" in second
+    assert "out_dir" not in err + second and "resume=True" not in err + second
+    # the same evaluation again resumes (finished: nothing to redo) instead of failing
+    code, again, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "fgsm", "--n", "16", "--json")
+    assert code == 0, err
+    payload = json.loads(again)
+    low, high = payload["intervals"]["robust_accuracy"]["fgsm"]
+    assert low <= payload["robust_accuracy"]["fgsm"] <= high
+
+
+def test_training_folder_messages_speak_cli(trained_ckpt, capsys, tmp_path):
+    run_dir = trained_ckpt.parent
+    code, _, err = run_cli(capsys, "train", "digits-pgdat-tiny", "--out", str(run_dir), "--set", "run.epochs=1",
+                           "--set", "data.train_limit=128", "--set", "data.val_size=0", "--set", "selection.metric=last",
+                           "--set", "attack.steps=2")
+    assert_one_line_error(code, err, "already holds a training run", "--resume", "run.epochs")
+    assert "resume=True" not in err
+
+
+def test_resume_of_a_run_without_checkpoint_starts_with_a_note(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "digits-pgdat-tiny", "--out", str(tmp_path / "r"), "--resume",
+                             "--set", "run.epochs=1", "--set", "data.train_limit=64", "--set", "data.val_size=0",
+                             "--set", "selection.metric=last", "--set", "attack.steps=1", "--set", "run.progress=false")
+    assert code == 0, err
+    assert "archlip: note:" in err and "starts from the beginning" in err and "completed" in out
+
+
+def test_report_on_a_training_folder(trained_ckpt, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "report", str(trained_ckpt.parent), "--out", str(tmp_path))
+    assert code == 0, err
+    text = (tmp_path / "report.md").read_text()
+    assert "training_curves.png" in text and (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert "## Training" in text
+
+
+def test_version_lists_and_help_examples(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("archlip ")
+    for what, needles in (("presets", ("wrn-34-r", "68116698")), ("recipes", ("digits-pgdat-tiny", "cifar10")),
+                          ("attacks", ("pgd20", "aa")), ("sweeps", ("digits-cpu",)), ("datasets", ("digits",))):
+        code, out, err = run_cli(capsys, "list", what)
+        assert code == 0, err
+        assert all(n in out for n in needles), out
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
+    for name, sub in commands.items():
+        text = sub.format_help()
+        if name != "theory":
+            assert "example" in text, name
+        for action in sub._positionals._group_actions:  # noqa: SLF001
+            assert action.help, f"{name}: positional {action.dest} has no help"
+
+
+def test_preset_output_says_the_weights_are_random(capsys):
+    code, out, err = run_cli(capsys, "spectral", "wrn-tiny", "--data", "digits", "--rtol", "0.5")
+    assert code == 0, err
+    assert "random weights" in out and "not a trained model" in out
+
+
+def test_model_zoo_names_get_a_hint(capsys):
+    for target in ("Huang2021Exploring_WRN-34-R", "Huang2021Exploring_WRN-34-R.pt", "Carmon2019Unlabeled"):
+        code, _, err = run_cli(capsys, "bound", target, "--n", "0")
+        assert_one_line_error(code, err, "RobustBench", "download")
+
+
+def test_cli_sets_a_passive_omp_wait_policy_before_torch(monkeypatch, capsys):
+    proc = subprocess.run([sys.executable, "-c", "import sys, experiments.cli; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.stdout.strip() == "False", "importing the CLI must not start torch (its OpenMP pool reads the policy)"
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert run_cli(capsys, "list", "datasets")[0] == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_cli(capsys, "list", "datasets")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE", "a user's own setting wins"
+
+
+# ------------------------------------------------------------------------------------------ the quickstart, in order
+
+QUICK_TRAIN = ["--set", "run.epochs=1", "--set", "data.train_limit=128", "--set", "attack.steps=1",
+               "--set", "data.val_size=0", "--set", "selection.metric=last", "--set", "run.progress=false"]
+
+
+def _quickstart_commands() -> list[str]:
+    """Every command in docs/quickstart.md's bash blocks, in order (``make demo`` as the Makefile runs it)."""
+    import re
+
+    make_demo = next(line.strip() for line in (REPO / "Makefile").read_text().splitlines()
+                     if "archlip demo" in line).replace("$(VENV)/bin/", "")
+    text = (REPO / "docs" / "quickstart.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith("make demo"):
+                commands.append(make_demo)
+            elif re.match(r"(\.venv/bin/)?archlip\b", line):
+                commands.append(line.replace(".venv/bin/", "", 1))
+    return commands
+
+
+def _scaled(argv: list[str]) -> list[str]:
+    """The same command at test scale: small presets, few points, one short epoch, a small budget."""
+    argv = list(argv)
+    command = argv[0]
+    if command == "demo" and "--quick" not in argv:
+        argv.append("--quick")
+    if command in ("spectral", "bound", "eval") and len(argv) > 1 and not argv[1].startswith("-"):
+        if "/" not in argv[1] and not argv[1].endswith(".pt") and argv[1] not in ("wrn-tiny", "wrn-tiny-r"):
+            argv[1] = "wrn-tiny"  # a large preset's sandwich takes minutes on a CPU
+        argv += ["--rtol", "0.5"] if command != "eval" else []
+    if command in ("bound", "eval"):
+        if "--n" in argv:
+            argv[argv.index("--n") + 1] = "8"
+        else:
+            argv += ["--n", "8"]
+    if command == "theory" and "--budget" in argv:
+        argv[argv.index("--budget") + 1] = "2M"
+    if command == "train":
+        argv += QUICK_TRAIN
+    return argv
+
+
+@pytest.mark.slow
+def test_quickstart_commands_run_in_order(capsys, tmp_path, monkeypatch):
+    """docs/quickstart.md from top to bottom, scaled down: each command works after the ones before it (or, for
+    CIFAR-10 data or a RobustBench file that are not here, stops with a one-line error that says what to do)."""
+    import shlex
+
+    import experiments.demo
+
+    monkeypatch.chdir(tmp_path)
+    quick = dict(experiments.demo.DEMO_SETTINGS["quick"])  # the suite's reduced demo, smaller still
+    quick.update(overrides=[*quick["overrides"], "run.epochs=1", "data.train_limit=256"], eval_n=32, lower_points=8)
+    monkeypatch.setitem(experiments.demo.DEMO_SETTINGS, "quick", quick)
+    commands = _quickstart_commands()
+    assert len(commands) >= 12, commands
+    seen: set[tuple[str, ...]] = set()
+    ran = 0
+    for line in commands:
+        argv = shlex.split(line, comments=True)[1:]
+        redirect = None
+        if ">" in argv:
+            redirect = tmp_path / argv[argv.index(">") + 1]
+            argv = argv[:argv.index(">")]
+        argv = _scaled(argv)
+        key = tuple(a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out"))
+        if key in seen:  # the same work into another folder (demo --quick twice): parsing it is enough
+            cli.build_parser().parse_args(argv)
+            continue
+        seen.add(key)
+        if argv in (["--version"],) or "--help" in argv:
+            with pytest.raises(SystemExit) as info:
+                cli.main(argv)
+            assert info.value.code == 0, line
+            capsys.readouterr()
+            continue
+        code = cli.main([*argv, "--threads", "1"])
+        out, err = capsys.readouterr()
+        if "cifar10" in line or "Huang2021" in line:
+            assert_one_line_error(code, err, "download")  # how to get the data or the file
+            continue
+        assert code == 0, f"{line}\n-> {' '.join(argv)}\n{err}"
+        if redirect is not None:
+            redirect.write_text(out)
+        ran += 1
+    assert ran >= 8
+    assert json.loads((tmp_path / "layers.json").read_text())["layers"]
+    assert (tmp_path / "runs" / "bound-r" / "report.md").is_file() and (tmp_path / "runs" / "w16" / "summary.json").is_file()
+
+
+def test_sweep_report_shows_every_run_and_labels_csv_headers(capsys, tmp_path, monkeypatch):
+    """layer_norms.png of a 6-run sweep has 6 panels (it silently showed 4); table.csv headers carry guarantees."""
+    import experiments.report as report
+
+    layers = [{"name": n, "upper": 2.0 + i, "lower": 1.9 + i, "random_baseline": 1.0}
+              for i, n in enumerate(["stem_conv", "blocks.0.0.conv1", "blocks.1.0.conv1", "blocks.2.0.conv1", "fc"])]
+    models = [{"name": f"run{i}", "depths": [1, 1, 1], "widths": [8, 16, 32, 8 * (i + 1)], "params": 1000 * (i + 1),
+               "clean_acc": 0.9, "robust_acc": 0.5, "certified_lipschitz": 10.0 + i, "empirical_lipschitz": 1.0,
+               "layers": layers} for i in range(6)]
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "sweep", "name": "six", "models": models}))
+    panels = {}
+    real_save = report._save
+
+    def spy(fig, plt, path):
+        panels[Path(path).name] = sum(ax.get_visible() for ax in fig.axes)
+        return real_save(fig, plt, path)
+
+    monkeypatch.setattr(report, "_save", spy)
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == 0, err
+    assert panels["layer_norms.png"] == 6
+    header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
+    assert "robust_acc [attack_upper_bound]" in header and "certified_lipschitz [certified_upper]" in header
+    assert "empirical_lipschitz [lower]" in header and "name" in header

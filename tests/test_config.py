@@ -117,3 +117,44 @@ def test_parse_number_and_apply_overrides_are_pure():
     out = apply_overrides(base, ["run.epochs=2"])
     assert base == {"run": {"epochs": 1}} and out == {"run": {"epochs": 2}}
     assert math.isclose(config_to_dict(load_config(out))["attack"]["eps"], 8 / 255)
+
+
+# ------------------------------------------------------------------------------------------ nonsense rejected (issue 19)
+
+
+@pytest.mark.parametrize("eps", ["300", "1.5", "-0.1", ".inf"])
+def test_linf_eps_outside_the_input_range_is_rejected(eps):
+    with pytest.raises(ConfigError, match="attack.eps"):
+        load_config("digits-pgdat-tiny", [f"attack.eps={eps}"])
+
+
+def test_check_eps_ranges_and_warning():
+    from experiments.config import check_eps
+
+    assert check_eps(8 / 255) is None and check_eps(1.0, "l2") is None and check_eps(3.0, "l2") is None
+    assert "near chance" in check_eps(0.6)
+    assert check_eps(1.0) is not None
+    for bad in (1.01, 300, -1, float("nan"), True):
+        with pytest.raises(ConfigError, match="<= 1|>= 0"):
+            check_eps(bad)
+
+
+def test_empty_recipe_is_rejected_and_a_nameless_one_takes_its_file_name(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty recipe.*digits-pgdat-tiny.yaml"):
+        load_config(empty)
+    nameless = tmp_path / "my-run.yaml"
+    nameless.write_text("run: {epochs: 2}\n")
+    assert load_config(nameless).name == "my-run"
+
+
+def test_resolved_config_is_written_atomically_with_the_umask_mode(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        path = save_config(load_config("digits-pgdat-tiny"), tmp_path / "resolved_config.yaml")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["resolved_config.yaml"]

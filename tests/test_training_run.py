@@ -22,7 +22,7 @@ from experiments.data import load_digits
 from experiments.models import create_model
 from experiments.training import train
 from experiments.training.checkpointing import load_resume_state
-from experiments.training.loop import batches_per_epoch, check_speed_switches
+from experiments.training.loop import RunExistsError, batches_per_epoch, check_speed_switches
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -74,17 +74,26 @@ def test_every_method_trains_one_epoch(tmp_path, method):
         assert row["train_clean_acc"] is not None
 
 
-def test_run_folder_guards(tmp_path):
+def test_run_folder_guards(tmp_path, caplog):
     cfg = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=64", "selection.metric=last"])
-    with pytest.raises(FileNotFoundError, match="resume requested"):
-        train(cfg, tmp_path / "new", resume=True)
+    # resume of a run killed before its first checkpoint (or never started): starts from scratch, with a note
+    assert train(cfg, tmp_path / "new", resume=True)["status"] == "completed"
+    assert "holds no resume checkpoint" in caplog.text
     train(cfg, tmp_path / "run")
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(RunExistsError, match="already holds a training run"):
         train(cfg, tmp_path / "run")
     changed = load_config("digits-pgdat-tiny", SMALL + ["run.epochs=1", "data.train_limit=64", "selection.metric=last",
                                                         "optim.lr=0.5"])
     with pytest.raises(ValueError, match="optim.lr: 0.1 -> 0.5"):
         train(changed, tmp_path / "run", resume=True)
+    assert not (tmp_path / "run" / ".archlip.lock").exists(), "the lock file goes with its holder"
+
+
+def test_a_bad_model_override_creates_no_run_folder(tmp_path):
+    cfg = load_config("digits-pgdat-tiny", SMALL + ["model.overrides.widht=[4,8,8,8]"])
+    with pytest.raises(ConfigError, match="widht"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_speed_switches_are_wired_and_rejected_clearly(tmp_path, monkeypatch):
@@ -332,3 +341,90 @@ def test_the_saved_model_is_the_ema_shadow(tmp_path):
         else:
             moved += int(saved[k].item() != v.item())  # num_batches_tracked is copied from the live model
     assert moved > 0
+# ------------------------------------------------------------------------------------------ run folders (issue 19)
+
+# 2 steps per epoch, a schedule that does not depend on run.epochs (so a finished run can be extended)
+EXT = SMALL + ["data.train_limit=128", "schedule.name=multistep", "schedule.milestones=[1.5]", "ema.enabled=true"]
+
+
+@pytest.fixture(scope="module")
+def straight_two_epochs(tmp_path_factory):
+    """A lone 2-epoch run, written under umask 022."""
+    out = tmp_path_factory.mktemp("straight")
+    previous = os.umask(0o022)
+    try:
+        summary = train(load_config("digits-pgdat-tiny", EXT + ["run.epochs=2"]), out)
+    finally:
+        os.umask(previous)
+    assert summary["status"] == "completed"
+    return out
+
+
+def _stop_at(step: int):
+    def on_step(info):
+        if info["global_step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop checkpoints and returns "interrupted"
+    return on_step
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a / "model_final.safetensors"), _weights(b / "model_final.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    rows_a = [json.loads(r) for r in (a / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(r) for r in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]
+    assert [r["val_pgd_acc"] for r in rows_a] == [r["val_pgd_acc"] for r in rows_b]
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+
+
+def test_files_follow_the_umask(straight_two_epochs):
+    modes = _modes(straight_two_epochs)
+    assert {"resume.pt", "summary.json", "model_final.safetensors", "metrics.jsonl"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_torn_metrics_line_and_stale_temps_then_resume_is_bit_identical(tmp_path, straight_two_epochs, caplog):
+    cfg = load_config("digits-pgdat-tiny", EXT + ["run.epochs=2"])
+    run = tmp_path / "run"
+    previous = os.umask(0o027)
+    try:
+        assert train(cfg, run, on_step=_stop_at(3))["status"] == "interrupted"  # epoch 1, batch 1
+        # a power loss during the next append, and two writers killed mid-write
+        with open(run / "metrics.jsonl", "a") as fh:
+            fh.write('{"epoch": 1, "global_step": 4, "lr": 0.1, "train_lo')
+        for name in (".resume.pt.k3j_9x2a.tmp", ".model_best.safetensors.abcdefgh.tmp", "summary.json.tmp"):
+            (run / name).write_bytes(b"partial")
+        (run / "notes.tmp").write_text("not ours")
+        summary = train(cfg, run, resume=True)
+    finally:
+        os.umask(previous)
+    assert summary["status"] == "completed"
+    assert "torn last line" in caplog.text and "removed 3 temporary file(s)" in caplog.text
+    assert sorted(p.name for p in run.glob("*.tmp")) == ["notes.tmp"]
+    _assert_same_run(straight_two_epochs, run)
+    modes = _modes(run)
+    modes.pop("notes.tmp")
+    assert set(modes.values()) == {0o640}, modes
+
+
+def test_a_finished_run_can_be_extended_when_the_schedule_allows(tmp_path, straight_two_epochs, caplog):
+    run = tmp_path / "run"
+    assert train(load_config("digits-pgdat-tiny", EXT + ["run.epochs=1"]), run)["epochs_completed"] == 1
+    longer = load_config("digits-pgdat-tiny", EXT + ["run.epochs=2"])
+    summary = train(longer, run, resume=True)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert "run.epochs 1 -> 2" in caplog.text
+    assert load_config(run / "resolved_config.yaml") == longer
+    _assert_same_run(straight_two_epochs, run)
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        train(load_config("digits-pgdat-tiny", EXT + ["run.epochs=1"]), run, resume=True)
+    cosine = SMALL + ["data.train_limit=64", "selection.metric=last", "run.epochs=1"]
+    train(load_config("digits-pgdat-tiny", cosine), tmp_path / "cosine")
+    with pytest.raises(ConfigError, match="cosine schedule spreads over run.epochs"):
+        train(load_config("digits-pgdat-tiny", cosine[:-1] + ["run.epochs=2"]), tmp_path / "cosine", resume=True)

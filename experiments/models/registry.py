@@ -5,9 +5,11 @@ model constructor's keyword arguments (e.g. ``depths``, ``widths``, ``activation
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from experiments.models.dm import DMPreActResNet, DMWideResNet
@@ -129,6 +131,38 @@ def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Modul
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes, **overrides)
+
+
+@contextlib.contextmanager
+def on_meta_device() -> Iterator[None]:
+    """Models built inside the block live on torch's meta device and skip ``torch.nn.init``: the constructor's
+    argument checks and the parameter shapes only, in milliseconds, with no memory and no random numbers drawn."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def describe_presets(num_classes: int = 10, in_channels: int = 3) -> list[dict[str, Any]]:
+    """One row per registered model: name, family, per-stage depths (blocks) and widths, parameter count
+    (for ``num_classes`` outputs and ``in_channels`` inputs). Built on the meta device: no memory, no init."""
+    rows = []
+    for name in list_models():
+        with on_meta_device():
+            model = create_model(name, num_classes=num_classes, in_channels=in_channels)
+        config = model.arch_config() if hasattr(model, "arch_config") else {}
+        depths = config.get("depths", config.get("num_blocks"))
+        rows.append({"name": name, "family": config.get("family", type(model).__name__),
+                     "depths": list(depths) if depths is not None else None,
+                     "widths": list(config["widths"]) if config.get("widths") is not None else None,
+                     "params": int(sum(p.numel() for p in model.parameters()))})
+    return rows
 
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:

@@ -1,49 +1,22 @@
-"""Resumable training state: atomic writes and RNG states stored as plain tensors/lists.
+"""Resumable training state: resume checkpoints and RNG states stored as plain tensors/lists.
 
 A resume checkpoint is ``torch.save`` of a dict of tensors, numbers, strings, lists and dicts only, so it
-loads with ``torch.load(..., weights_only=True)``. Files are written atomically: a temporary file in the
-same folder, flushed and fsync'ed, then ``os.replace``d over the target and the folder fsync'ed, so a crash
-at any moment leaves either the old or the new checkpoint, never a torn one.
+loads with ``torch.load(..., weights_only=True)``. It is written through :func:`experiments.io.atomic_write`
+(temporary file, fsync, rename), so a crash at any moment leaves either the old or the new checkpoint.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from experiments.io import atomic_write
+
 RESUME_FILE = "resume.pt"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write ``path`` atomically: ``write(fh)`` fills a temporary sibling that is fsync'ed and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems do not allow fsync on folders
-        pass
-    return path
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

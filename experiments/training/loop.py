@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.config import (TrainConfig, config_diff, config_from_dict, config_to_dict, effective_attack_numbers,
-                                load_config, save_config)
+from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
+                                effective_attack_numbers, load_config, save_config)
+from experiments.io import LOG, RunFolderLock, read_jsonl, write_text
 from experiments.training import distributed as D
 from experiments.training.adversary import craft
-from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, atomic_write,
-                                                capture_rng_states, load_resume_state, restore_rng_states)
+from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, capture_rng_states,
+                                                load_resume_state, restore_rng_states)
 from experiments.training.ema import ModelEMA
 from experiments.training.history import history_due, history_settings, robustness_history
 from experiments.training.losses import cross_entropy, mart_loss, trades_loss
@@ -266,6 +267,39 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
     return create_model(cfg.model.name, num_classes=num_classes, **overrides)
 
 
+def model_skeleton(cfg: TrainConfig) -> nn.Module:
+    """The recipe's model on the meta device (no memory, no init, no random numbers): checks the model name and
+    ``model.overrides`` and counts parameters before any data is read or any folder is written."""
+    from experiments.data import DATASETS
+    from experiments.models.registry import on_meta_device
+
+    info = DATASETS.get(cfg.data.dataset, DATASETS["cifar10"])
+    with on_meta_device():
+        return build_model(cfg, info["input_shape"][0], info["num_classes"])
+
+
+def check_run_config(cfg: TrainConfig, check_data: bool = True) -> None:
+    """Everything about a recipe that can be checked before a run folder is created: the model builds, the
+    dataset's files are where the recipe says (``check_data=False``: not yet, e.g. before a download)."""
+    try:
+        model_skeleton(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model {cfg.model.name!r} with model.overrides {dict(cfg.model.overrides)}: "
+                          f"{' '.join(str(exc).split())}") from None
+    except (NotImplementedError, RuntimeError):  # a constructor that needs real tensors: checked when built
+        pass
+    check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")  # (a warning, if any, is given when training starts)
+    dc = cfg.data
+    if not check_data:
+        return
+    if dc.dataset == "cifar10" and not dc.root:
+        raise ConfigError("data.root must point to the CIFAR-10 folder for data.dataset: cifar10")
+    if dc.root and dc.dataset != "digits" and not Path(dc.root).is_dir():
+        raise ConfigError(f"data.root {dc.root!r} is not a folder; point it to the folder holding the dataset's files")
+    if dc.extra_data and not Path(dc.extra_data).is_file():
+        raise ConfigError(f"data.extra_data {dc.extra_data!r} does not exist; give the path of the pseudo-labelled pickle")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one step
 
@@ -401,22 +435,21 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric rows of epochs not covered by the resume checkpoint (a crash between the two writes)."""
+    """Drop metric rows of epochs not covered by the resume checkpoint (a crash between the two writes) and a
+    torn last line (a crash during the append, dropped with a note): the file then ends where training resumes."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) < epochs_done]
-    if len(keep) != len(rows):
-        atomic_write(path, lambda fh: fh.write("".join(k + "\n" for k in keep)), mode="w")
+    rows = read_jsonl(path)
+    keep = [row for row in rows if row.get("epoch", 0) < epochs_done]
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    if len(keep) != len(lines):
+        write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def _last_validation(path: Path) -> dict:
     """The ``val_*`` entries of the last epoch row in ``metrics.jsonl`` ({} if none): a resumed run that has no
     epoch left to train still reports (and stamps its final model with) the validation it ended with."""
-    if not path.exists():
-        return {}
-    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    for row in reversed(rows):
+    for row in reversed(read_jsonl(path)):
         val = {k: v for k, v in row.items() if k.startswith("val_")}
         if val:
             return val
@@ -454,18 +487,61 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
     cfg = config if isinstance(config, TrainConfig) else (
         config_from_dict(config) if isinstance(config, Mapping) else load_config(config))
     out_dir = Path(out_dir)
+    check_run_config(cfg)  # before the folder exists: a typo in model.overrides must not leave a run folder
+    warning = check_eps(cfg.attack.eps, cfg.attack.norm, "attack.eps")
+    if warning:
+        LOG.warning("warning: %s", warning)
     rank, world, local_rank = D.env_world()
     device = resolve_device(cfg, local_rank)
-    ctx = D.setup(cfg.distributed.backend, device.type)
-    try:
-        with run_environment(cfg, device), StopFlag() as stop:
-            summary = _train(cfg, out_dir, resume, on_step, device, ctx, stop)
-        # every rank finishes its collectives and I/O before any rank tears the group down (gloo aborts a
-        # process whose peer closed the connection while it was still shutting down)
-        D.barrier(ctx)
-        return summary
-    finally:
-        D.teardown(ctx)
+    # one writer per run folder (rank 0 writes for every rank); taken before the process group, so a second
+    # writer fails at once
+    with RunFolderLock(out_dir, "training") if rank == 0 else contextlib.nullcontext():
+        ctx = D.setup(cfg.distributed.backend, device.type)
+        try:
+            with run_environment(cfg, device), StopFlag() as stop:
+                summary = _train(cfg, out_dir, resume, on_step, device, ctx, stop)
+            # every rank finishes its collectives and I/O before any rank tears the group down (gloo aborts a
+            # process whose peer closed the connection while it was still shutting down)
+            D.barrier(ctx)
+            return summary
+        finally:
+            D.teardown(ctx)
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run and resuming it was not asked for."""
+
+
+#: Recipe keys a resumed run may change: they do not touch the training's numbers.
+RESUME_MAY_CHANGE = ("run.progress", "description")
+#: Schedules whose learning rate at an epoch does not depend on run.epochs (so a run can be extended exactly).
+EXTENSIBLE_SCHEDULES = ("constant", "multistep")
+
+
+def resume_config_changes(saved: TrainConfig, new: TrainConfig, epochs_done: int) -> list[str]:
+    """Check a resumed run's recipe against the saved one; returns notes on accepted changes.
+
+    The recipe must be the saved one, except ``RESUME_MAY_CHANGE`` and ``run.epochs``: that may change (to at
+    least the epochs already trained) when the schedule does not depend on it (constant, multistep), so the
+    continued run trains exactly as a run started with the new number would. Anything else: ``ConfigError``.
+    """
+    diff = [d for d in config_diff(saved, new) if d.split(":", 1)[0] not in RESUME_MAY_CHANGE]
+    refused = [d for d in diff if not d.startswith("run.epochs:")]
+    if refused:
+        raise ConfigError("resume config differs from the saved run: " + "; ".join(refused)
+                          + " (a resumed run keeps its recipe; only run.epochs may change)")
+    if saved.run.epochs == new.run.epochs:
+        return []
+    change = f"run.epochs {saved.run.epochs} -> {new.run.epochs}"
+    if new.schedule.name not in EXTENSIBLE_SCHEDULES:
+        raise ConfigError(f"{change}: the {new.schedule.name} schedule spreads over run.epochs, so changing it would "
+                          f"change the learning rate of the {epochs_done} epoch(s) already trained; start a new run "
+                          f"with run.epochs={new.run.epochs} (constant and multistep schedules can be extended)")
+    if new.run.epochs < epochs_done:
+        raise ConfigError(f"{change}: this run has already trained {epochs_done} epochs; run.epochs must be >= "
+                          f"{epochs_done}")
+    return [f"{change}: the run continues to epoch {new.run.epochs} (the {new.schedule.name} schedule does not "
+            f"depend on run.epochs, so it trains as a {new.run.epochs}-epoch run would)"]
 
 
 def _seed_all(seed: int) -> None:
@@ -477,13 +553,15 @@ def _seed_all(seed: int) -> None:
 def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch.device, ctx: D.DistContext,
            stop: StopFlag) -> dict:
     resume_path = out_dir / RESUME_FILE
+    if resume and not resume_path.is_file():  # killed before its first checkpoint: nothing to continue
+        if ctx.is_main:
+            LOG.warning("note: %s holds no resume checkpoint (%s) yet, so the run starts from the beginning",
+                        out_dir, RESUME_FILE)
+        resume = False
     if ctx.is_main:
-        if resume and not resume_path.is_file():
-            raise FileNotFoundError(f"resume requested but {str(resume_path)!r} does not exist; start without resume")
         if not resume and resume_path.exists():
-            raise FileExistsError(
-                f"{str(out_dir)!r} already holds a run (resume.pt); pass resume=True to continue it or use a new folder"
-            )
+            raise RunExistsError(f"{out_dir} already holds a training run ({RESUME_FILE}); resume it (raising "
+                                 f"run.epochs extends a finished run) or train into another folder")
         out_dir.mkdir(parents=True, exist_ok=True)
     D.barrier(ctx)
     D.check_global_batch(cfg.run.batch_size, ctx.world_size)
@@ -515,9 +593,12 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
     if resume:
         state = load_resume_state(resume_path, map_location=device)
         saved_cfg = config_from_dict(state["config"])
-        diff = config_diff(saved_cfg, cfg)
-        if diff:
-            raise ValueError("resume config differs from the saved run: " + "; ".join(diff))
+        notes = resume_config_changes(saved_cfg, cfg, int(state["progress"]["epoch"]))
+        if ctx.is_main:
+            for note in notes:
+                LOG.warning("note: %s", note)
+            if notes:
+                save_config(cfg, out_dir / CONFIG_FILE)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -668,7 +749,7 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
                 out_dir / "model_final", final, _model_metadata(cfg, total - 1, prog.global_step, last_val, "final"))
             if prog.best_epoch >= 0:
                 summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
-        atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(json.dumps(json_safe(summary, nonfinite="null"), indent=2)), mode="w")
+        write_text(out_dir / SUMMARY_FILE, json.dumps(json_safe(summary, nonfinite="null"), indent=2))
     D.barrier(ctx)
     return summary
 
