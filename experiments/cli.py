@@ -935,6 +935,8 @@ EXAMPLES = {
     "report": "examples:\n  archlip report runs/sweep\n  archlip report runs/tiny          # a training run folder",
     "demo": "examples:\n  archlip demo --out runs/demo\n  archlip demo --quick --out runs/quick",
     "list": "examples:\n  archlip list presets\n  archlip list recipes\n  archlip list attacks",
+    "export": ("examples:\n  archlip export runs/tiny --format robustbench --out runs/export\n"
+               "  archlip export runs/tiny --checkpoint final --eval runs/eval/tiny/summary.json"),
 }
 
 
@@ -1045,7 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "where to write report.md (default RUN_DIR)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="a trained model as a model-zoo state dict (.pt) plus a JSON card")
+    p = sub.add_parser("export", help="a trained model as a model-zoo state dict (.pt) plus a JSON card",
+                       epilog=EXAMPLES["export"])
     p.add_argument("run", metavar="RUN_DIR|CKPT", help="a training run folder (its selected model) or a checkpoint")
     p.add_argument("--format", default="robustbench", choices=("robustbench",), help="target layout (default robustbench)")
     p.add_argument("--checkpoint", default="best", choices=("best", "final"),

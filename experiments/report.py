@@ -713,8 +713,10 @@ def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[st
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = next(iter(histories.values()), [])
     figure = plot_history(histories, out_dir / "training_history.png")
+    curves = plot_training_curves(rows, out_dir / "training_curves.png")
     lines = [f"# archlip training report: {run_dir.name}", "",
-             f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate with `{regenerate}`.", ""]
+             f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate with `{regenerate}`.", "",
+             "## Training", ""]
     summary_file = run_dir / "summary.json"
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     if summary:
@@ -732,6 +734,7 @@ def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[st
         lines += ["## Per-epoch history (validation split; epochs from 0)", "", "| " + " | ".join(keys) + " |",
                   "|" + "|".join("---" for _ in keys) + "|"]
         lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows] + [""]
-    if figure is not None:
-        lines += [f"![training_history]({figure.name})", "", f"*{_CAPTIONS['training_history']}*", ""]
+    for key, path in (("training_curves", curves), ("training_history", figure)):
+        if path is not None:
+            lines += [f"![{key}]({path.name})", "", f"*{_CAPTIONS[key]}*", ""]
     return write_text(out_dir / "report.md", "\n".join(lines))

@@ -192,7 +192,7 @@ def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
     )
 
 
-EVALUATE_KEYS = ("attacks", "eps", "n")
+EVALUATE_KEYS = ("attacks", "eps", "n", "checkpoint")
 ANALYSIS_FLAGS = ("spectral", "bound", "lower", "theory")
 ANALYSIS_COUNTS = ("lower_points", "lower_iters", "attack_ratio_steps")
 

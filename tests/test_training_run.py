@@ -266,8 +266,15 @@ FAKE_EXTRA = textwrap.dedent("""
 
     loop.load_training_data = fake_training_data
 """)
-EXTRA = SMALL + ["data.extra_data=unused.pickle", "data.extra_fraction=0.5", "data.epoch_size=200",
-                 "selection.metric=last", "run.epochs=2"]
+
+
+def extra_overrides(tmp_path: Path) -> list[str]:
+    """Extra-data settings; the pickle is a placeholder (FAKE_EXTRA's loader never reads it, the config check
+    only wants it to exist)."""
+    placeholder = tmp_path / "unused.pickle"
+    placeholder.write_bytes(b"")
+    return SMALL + [f"data.extra_data={placeholder}", "data.extra_fraction=0.5", "data.epoch_size=200",
+                    "selection.metric=last", "run.epochs=2"]
 
 
 def test_extra_data_epoch_length_follows_the_reference():
@@ -283,7 +290,7 @@ def test_extra_data_epoch_length_follows_the_reference():
 def test_extra_data_run_mixes_both_sources_and_resumes_bit_exactly(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(FAKE_EXTRA, namespace)  # patches experiments.training.loop.load_training_data
-    cfg = load_config("digits-pgdat-tiny", EXTRA)
+    cfg = load_config("digits-pgdat-tiny", extra_overrides(tmp_path))
     seen = []
     straight = train(cfg, tmp_path / "straight", on_step=seen.append)
     assert straight["steps_per_epoch"] == math.ceil(200 / 64) == 4 and straight["global_step"] == 8
@@ -317,7 +324,7 @@ EXTRA_DDP_DRIVER = FAKE_EXTRA + textwrap.dedent("""
 @pytest.mark.slow
 def test_ddp_extra_data_every_rank_sees_both_sources(tmp_path):
     (tmp_path / "ddp-steps").mkdir()
-    _torchrun_two(tmp_path, EXTRA_DDP_DRIVER, EXTRA + ["run.epochs=1", "distributed.backend=gloo"])
+    _torchrun_two(tmp_path, EXTRA_DDP_DRIVER, extra_overrides(tmp_path) + ["run.epochs=1", "distributed.backend=gloo"])
     for rank in (0, 1):
         steps = [json.loads(line) for line in (tmp_path / "ddp-steps" / f"rank{rank}.jsonl").read_text().splitlines()]
         assert len(steps) == 4 and all(s["rank"] == rank and s["shard_size"] == 32 for s in steps)
@@ -341,6 +348,8 @@ def test_the_saved_model_is_the_ema_shadow(tmp_path):
         else:
             moved += int(saved[k].item() != v.item())  # num_batches_tracked is copied from the live model
     assert moved > 0
+
+
 # ------------------------------------------------------------------------------------------ run folders (issue 19)
 
 # 2 steps per epoch, a schedule that does not depend on run.epochs (so a finished run can be extended)
