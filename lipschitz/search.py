@@ -8,20 +8,21 @@ The data lower bounds of ``lipschitz.lower`` look at the given points only; here
   The ascent direction is the gradient of the secant ``||f(x + h v) - f(x - h v)|| / (2h)`` (``v`` the
   current top right singular vector), a smoothed ``||J(x) v||`` whose gradient does not vanish where the
   Jacobian is piecewise constant (ReLU networks) and tends to that of ``||J(x) v||`` as ``h -> 0``
-  (smooth activations); ``h`` and the step shrink geometrically. Every iterate is a real point of the box
-  (moved off the box faces by a tiny random jitter, so almost surely a point of differentiability), and
-  its ``||J||`` is evaluated there (exact Jacobian + SVD for small maps, else power iteration).
+  (smooth activations); normalised steps with heavy-ball momentum, ``h`` and the step shrink geometrically.
+  Every iterate is a real point of the box (moved off the box faces by a tiny random jitter, so almost
+  surely a point of differentiability), and its ``||J||`` is evaluated there (exact Jacobian + SVD for
+  small maps, else power iteration).
 - ``ratio_search``: the attack-ratio ascent of ``lipschitz.lower`` (pairs in l2 balls, float64 ratios
   with a round-off allowance) around data points, random points of the box and given centres.
-- ``lipschitz_lower_search``: both (the ratio search also around the Jacobian search's best points); the
+- ``lower_bound_search``: both (the ratio search also around the Jacobian search's best points); the
   larger value.
 - ``node_lower_bounds``: ``jacobian_norm_search`` on every named node's own sub-map (blocks, stages ...)
   from the tensors that reach it on the data, keyed by the node names of ``NetworkBound.nodes``.
 
 Every reported value is a true value of the function at a real point, re-evaluated in float64: ``||J(x*) v||``
 for a unit ``v`` (less ``JACOBIAN_ROUNDOFF``) or an observed float64 ratio: guarantee LOWER.
-References: Scaman & Virmaux 2018 (Jacobian norms; AutoLip/SeqLip lower bounds by gradient ascent);
-Fazlyab et al. 2019 (LipSDP) report naive lower bounds from sampled gradients, which this search improves on.
+References: Scaman & Virmaux 2018, "Lipschitz regularity of deep neural networks" (Jacobian norms as lower
+bounds of the Lipschitz constant); Polyak 1964 (heavy-ball momentum).
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ def _ascend(model: nn.Module, cand: _Candidates, idx: torch.Tensor, *, steps: in
 
 def jacobian_norm_search(model: nn.Module, x: torch.Tensor, *, clip: tuple[float, float] | None = (0.0, 1.0),
                          n_random: int = 64, attack_points: int = 16, attack_steps: int = 20,
-                         attack_eps: float | None = None, per_source: int = 8, steps: int = 30,
+                         attack_eps: float | None = None, per_source: int = 8, steps: int = 60,
                          method: str = "auto", power: PowerOptions | None = None, perturb: float = 1e-6,
                          seed: int = 0, progress: bool = False) -> LowerSearchResult:
     """The largest ``||J_f(x)||_2`` found over the input box by ascent from data, random and attack points.
