@@ -362,7 +362,8 @@ def node_lower_bounds(model: nn.Module, x: torch.Tensor, *, names: list[str] | N
     """Per named node (the ``NetworkBound.nodes`` names: stem, stages, blocks, ...) a LOWER bound of the
     Lipschitz constant of the node's own sub-map: ``jacobian_norm_search`` on that map (no box: a node's input
     domain is all of R^n, where its certified value holds) started from the tensors that reach the node when
-    the network runs on ``x``, random points with their spread and attack points. ``names``: only these."""
+    the network runs on ``x``, random points with their spread and attack points. ``names``: only these.
+    A node that is a sequence of one child computes the same map as that child and shares its result."""
     from lipschitz import graph as G
     from lipschitz.bounds import graph_from_module
 
@@ -373,9 +374,18 @@ def node_lower_bounds(model: nn.Module, x: torch.Tensor, *, names: list[str] | N
         node_inputs(root, x, inputs)
     nodes = [n for n in G.iter_nodes(root) if isinstance(n, (G.Sequential, G.Residual)) and n is not root
              and (n.name or getattr(n, "role", None)) and (names is None or n.name in names)]
-    out = {}
+
+    def same_map(node):
+        while isinstance(node, G.Sequential) and len(node.children) == 1:
+            node = node.children[0]
+        return node
+
+    out, done = {}, {}
     for node in tqdm(nodes, desc="node lower bounds", disable=not progress):
-        out[node.name] = jacobian_norm_search(NodeMap(node, model), inputs[id(node)], clip=None, n_random=n_random,
-                                              attack_points=attack_points, attack_steps=attack_steps,
-                                              per_source=per_source, steps=steps, method=method, seed=seed)
+        key = id(same_map(node))
+        if key not in done:
+            done[key] = jacobian_norm_search(NodeMap(node, model), inputs[id(node)], clip=None, n_random=n_random,
+                                             attack_points=attack_points, attack_steps=attack_steps,
+                                             per_source=per_source, steps=steps, method=method, seed=seed)
+        out[node.name] = done[key]
     return out
