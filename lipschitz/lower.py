@@ -113,7 +113,7 @@ JACOBIAN_METHODS = ("auto", "exact", "vmap", "loop")
 # "auto" forms the exact Jacobian when it needs at most this many vjps (or jvps) per sample
 EXACT_MAX_PRODUCTS = 64
 # the exact path evaluates about this many Jacobian rows (samples x products) at a time (bounds its memory)
-EXACT_CHUNK_ROWS = 2048
+EXACT_CHUNK_ROWS = 1024
 # relative round-off allowance of a float64 Jacobian-vector product, subtracted from a reported ||J v||
 JACOBIAN_ROUNDOFF = 2.0**-36
 

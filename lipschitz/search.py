@@ -268,8 +268,8 @@ def ratio_search(model: nn.Module, x: torch.Tensor, *, eps: float | None = None,
     _check_clip(clip)
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    eps = eps or _domain_scale(x, clip) / 16
-    if eps <= 0:
+    eps = _domain_scale(x, clip) / 16 if eps is None else eps
+    if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     groups = [("data", x.detach())]
     if n_random > 0:
@@ -313,13 +313,10 @@ class LowerSearch:
 def lower_bound_search(model: nn.Module, x: torch.Tensor, *, clip: tuple[float, float] | None = (0.0, 1.0),
                        seed: int = 0, jacobian: dict[str, Any] | None = None,
                        ratio: dict[str, Any] | None = None) -> LowerSearch:
-    """``jacobian_norm_search`` then ``ratio_search`` (also around the Jacobian search's best point, with a
-    ball of 1/4 of its default radius); ``jacobian`` / ``ratio``: keyword options of each. Guarantee LOWER."""
+    """``jacobian_norm_search`` then ``ratio_search`` (also around the Jacobian search's best point);
+    ``jacobian`` / ``ratio``: keyword options of each. Guarantee LOWER."""
     jac = jacobian_norm_search(model, x, clip=clip, seed=seed, **(jacobian or {}))
-    opts = {"eps": None, **(ratio or {})}
-    if opts["eps"] is None:
-        opts["eps"] = _domain_scale(x, clip) / 16
-    rat = ratio_search(model, x, clip=clip, seed=seed, centres=jac.points[0].unsqueeze(0), **opts)
+    rat = ratio_search(model, x, clip=clip, seed=seed, centres=jac.points[0].unsqueeze(0), **(ratio or {}))
     return LowerSearch(jac, rat)
 
 
