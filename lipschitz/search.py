@@ -263,6 +263,7 @@ def ratio_search(model: nn.Module, x: torch.Tensor, *, eps: float | None = None,
     ``n_random`` random points of the box and the given ``centres`` (labelled ``centre_source``); both points
     ascend the log-ratio inside the ball and the box; only pairs at least ``eps/10`` apart count. Ratios are
     float64 with a round-off allowance (``attack_ratio_lower``): guarantee LOWER of the l2 Lipschitz constant.
+    If no pair ever had a positive ratio (a map constant there) the value is 0 and ``points`` is a centre twice.
     """
     _check_batch(x)
     _check_clip(clip)
