@@ -110,9 +110,10 @@ def _random_points(x: torch.Tensor, n: int, clip: tuple[float, float] | None, ge
     shape = (n, *x.shape[1:])
     if clip is not None:
         return (clip[0] + (clip[1] - clip[0]) * torch.rand(shape, generator=gen, dtype=x.dtype)).to(x.device)
-    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True) if x.shape[0] > 1 else torch.ones_like(x[:1])
-    return mean + std.clamp_min(1e-3 * float(std.max().clamp_min(1e-12))) * torch.randn(
-        shape, generator=gen, dtype=x.dtype).to(x.device)
+    mean = x.mean(0, keepdim=True)
+    std = x.std(0, keepdim=True) if x.shape[0] > 1 else torch.ones_like(x[:1])
+    std = std.clamp_min(1e-3 * float(std.max().clamp_min(1e-12)))  # constant coordinates still move a little
+    return mean + std * torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device)
 
 
 # ------------------------------------------------------------------------------ Jacobian search
