@@ -33,8 +33,8 @@ def main() -> dict:
     torch.manual_seed(0)
     model = create_model(args.model, in_channels=1).eval()
     x = torch.rand(args.batch, 1, 8, 8)
-    jacobian_norm_lower(model, x[:2], n_iter=2)  # warm-up (torch.func first-call costs)
-    jacobian_norm_lower(model, x[:2], n_iter=2, jvp="double_vjp")
+    jacobian_norm_lower(model, x[:2], n_iter=2, method="vmap")  # warm-up (torch.func first-call costs)
+    jacobian_norm_lower(model, x[:2], n_iter=2, method="vmap", jvp="double_vjp")
     keys = [(m, j) for j in ("forward", "double_vjp") for m in ("vmap", "loop")]
     runs = {f"{m}/{j}": [] for m, j in keys}
     values = {}

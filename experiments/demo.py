@@ -26,10 +26,13 @@ DEMO_RECIPES: tuple[str, ...] = ("digits-pgdat-tiny", "digits-pgdat-tiny-r")
 #: Settings of the full demo and of ``--quick`` (the test suite's reduced setting).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "eval_n": None, "attacks": ["pgd20"], "rtol": 0.02, "lower_points": 256,
-             "lower_iters": 50, "attack_ratio_steps": 20},
+             "lower_iters": 50, "attack_ratio_steps": 20, "search_steps": 60, "node_lower_points": 32,
+             "node_lower": {"steps": 10}},
     "quick": {"overrides": ["run.epochs=2", "data.train_limit=512", "attack.steps=3", "selection.pgd_steps=3",
                             "run.progress=false"], "eval_n": 64,
-              "attacks": ["pgd10"], "rtol": 0.1, "lower_points": 16, "lower_iters": 10, "attack_ratio_steps": 3},
+              "attacks": ["pgd10"], "rtol": 0.1, "lower_points": 16, "lower_iters": 10, "attack_ratio_steps": 3,
+              "search_steps": 3, "node_lower_points": 4,
+              "node_lower": {"steps": 1, "n_random": 2, "attack_points": 1, "attack_steps": 2, "per_source": 1}},
 }
 
 
@@ -113,19 +116,21 @@ def _read_network_bound(full: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def data_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float, seed: int = 0,
-                      n_iter: int = 50, attack_steps: int = 20) -> dict[str, Any]:
+                      n_iter: int = 50, attack_steps: int = 20, search_steps: int = 0) -> dict[str, Any]:
     """Lower bounds of the l2 Lipschitz constant from data, plus the paper code's local Lipschitz metric.
 
-    ``empirical_lipschitz``: max per-sample Jacobian spectral norm (LOWER); ``attack_lipschitz``: max observed
-    ||f(x1)-f(x2)||_2/||x1-x2||_2 in l2 balls of radius ``eps`` (LOWER); ``local_lipschitz`` and ``stable_acc``:
-    Yang et al. 2020 (ESTIMATE, linf ball of radius ``eps``).
+    ``empirical_lipschitz``: max per-sample Jacobian spectral norm (LOWER; exact Jacobians for a classifier's
+    logits); ``attack_lipschitz``: max observed ||f(x1)-f(x2)||_2/||x1-x2||_2 in l2 balls of radius ``eps``
+    (LOWER); ``local_lipschitz`` and ``stable_acc``: Yang et al. 2020 (ESTIMATE, linf ball of radius ``eps``).
+    With ``search_steps > 0`` also ``searched_lipschitz``: ``lipschitz.search.lower_bound_search`` over the
+    input box [0, 1] (LOWER), and how it was found.
     """
     from lipschitz.lower import attack_ratio_lower, jacobian_norm_lower, local_lipschitz_metric
 
     jac = jacobian_norm_lower(model, x, n_iter=n_iter, seed=seed)
     ratio = attack_ratio_lower(model, x, eps=eps, norm="l2", steps=attack_steps, seed=seed)
     local = local_lipschitz_metric(model, x, eps, y=y, seed=seed)
-    return {
+    out = {
         "empirical_lipschitz": jac.value,
         "attack_lipschitz": ratio.value,
         "local_lipschitz": local.value.value,
@@ -134,6 +139,25 @@ def data_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
         "lower_methods": {"empirical_lipschitz": jac.method, "attack_lipschitz": ratio.method,
                           "local_lipschitz": local.value.method},
     }
+    if search_steps > 0:
+        from lipschitz.search import lower_bound_search
+
+        search = lower_bound_search(model, x, seed=seed, jacobian={"steps": search_steps})
+        out["searched_lipschitz"] = search.value
+        out["searched_found_by"] = f"{search.best.value.method}: {search.best.found_by} (from {search.best.start})"
+        out["lower_methods"]["searched_lipschitz"] = search.best.value.method
+    return out
+
+
+def node_lower_summary(model: nn.Module, x: torch.Tensor, names: Sequence[str], *, seed: int = 0,
+                       **search: Any) -> dict[str, Any]:
+    """``node_lower``: {node name: LOWER bound of that node's own Lipschitz constant} from
+    ``lipschitz.search.node_lower_bounds`` (Jacobian ascent from the inputs that reach the node on ``x``;
+    ``search``: its options, e.g. ``steps``)."""
+    from lipschitz.search import node_lower_bounds
+
+    found = node_lower_bounds(model, x, names=list(names), seed=seed, **search)
+    return {"node_lower": {name: res.value.value for name, res in found.items()}}
 
 
 #: Weight model of the headline theory prediction: iid weights of a fixed standard deviation (the regime in
@@ -196,6 +220,7 @@ def _step(record: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], v
 def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_test: torch.Tensor,
                   y_test: torch.Tensor, eps: float, attacks: Sequence[str] = ("pgd20",), eval_n: int | None = None,
                   rtol: float = 0.02, lower_points: int = 256, lower_iters: int = 50, attack_ratio_steps: int = 20,
+                  search_steps: int = 0, node_lower_points: int = 0, node_lower: Mapping[str, Any] | None = None,
                   num_classes: int = 10, seed: int = 0, out_dir: Path | None = None, verbose: bool = True,
                   steps: Sequence[str] = ("eval", "spectral", "bound", "lower", "theory")) -> dict[str, Any]:
     """Everything archlip measures about one trained model, as a flat record (see experiments/report.py)."""
@@ -216,13 +241,20 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         _say(verbose, f"  [{name}] data lower bounds on {min(lower_points, x_test.shape[0])} test points")
         xs, ys = x_test[:lower_points].to(device), y_test[:lower_points].to(device)
         _step(record, "lower", lambda: data_lower_bounds(model, xs, ys, eps=eps, seed=seed, n_iter=lower_iters,
-                                                         attack_steps=attack_ratio_steps), verbose)
+                                                         attack_steps=attack_ratio_steps, search_steps=search_steps),
+              verbose)
+        names = [*(record.get("stage_bounds") or {}), *(record.get("block_bounds") or {})]
+        if node_lower_points > 0 and names:
+            _say(verbose, f"  [{name}] per-block lower bounds (own Jacobians, searched) on {node_lower_points} points")
+            _step(record, "node_lower", lambda: node_lower_summary(model, x_test[:node_lower_points].to(device), names,
+                                                                   seed=seed, **(node_lower or {})), verbose)
     if "theory" in steps and record.get("depths") and record.get("widths"):
         _say(verbose, f"  [{name}] the theory's prediction")
         _step(record, "theory", lambda: theory_prediction(record["depths"], record["widths"], num_classes=num_classes,
                                                           in_channels=int(input_shape[0]), input_size=int(input_shape[-1])), verbose)
     record["guarantees"] = {"certified_lipschitz": "certified_upper", "certified_lipschitz_product": "certified_upper",
-                            "empirical_lipschitz": "lower", "attack_lipschitz": "lower",
+                            "empirical_lipschitz": "lower", "attack_lipschitz": "lower", "searched_lipschitz": "lower",
+                            "node_lower": "lower",
                             "local_lipschitz": "estimate", "theory_prediction": "estimate"}
     return record
 
@@ -370,7 +402,9 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
             model, name=config.model.name, input_shape=tuple(x_test.shape[1:]), x_test=x_test, y_test=y_test,
             eps=float(config.attack.eps), attacks=settings["attacks"], eval_n=settings["eval_n"], rtol=settings["rtol"],
             lower_points=settings["lower_points"], lower_iters=settings["lower_iters"],
-            attack_ratio_steps=settings["attack_ratio_steps"], seed=seed, out_dir=model_dir, verbose=verbose,
+            attack_ratio_steps=settings["attack_ratio_steps"], search_steps=settings["search_steps"],
+            node_lower_points=settings["node_lower_points"], node_lower=settings["node_lower"],
+            seed=seed, out_dir=model_dir, verbose=verbose,
         )
         record["recipe"] = recipe
         record["train_seconds"] = round(train_seconds, 2)

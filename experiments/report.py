@@ -6,8 +6,10 @@ A run directory holds ``results.json`` (written by ``archlip demo`` and ``archli
     name, depths, widths, params, clean_acc, robust_acc, robust_attack, eps,
     certified_lipschitz (best certified l2 upper bound), certified_lipschitz_product,
     empirical_lipschitz (max per-sample Jacobian norm: a lower bound), attack_lipschitz (lower bound),
+    searched_lipschitz (lipschitz.search over the input box: a lower bound),
     local_lipschitz (Yang et al. 2020 metric: an estimate), stable_acc, theory_prediction,
-    stage_bounds {stage: value}, layers [per-layer rows of spectral.analyze], guarantees {key: label}
+    stage_bounds {stage: value}, block_bounds {block: value}, node_lower {stage/block: lower bound of its own map},
+    layers [per-layer rows of spectral.analyze], guarantees {key: label}
 
 ``write_report(run_dir)`` renders ``report.md`` plus PNG figures next to it. Each figure's caption
 says the one command that regenerates it. Runs that only have ``spectral.json`` or ``bound.json``
@@ -31,6 +33,7 @@ COLUMN_GUARANTEES: dict[str, str] = {
     "certified_lipschitz_product": "certified_upper",
     "empirical_lipschitz": "lower",
     "attack_lipschitz": "lower",
+    "searched_lipschitz": "lower",
     "local_lipschitz": "estimate",
     "theory_prediction": "estimate",
 }
@@ -39,7 +42,7 @@ COLUMN_GUARANTEES: dict[str, str] = {
 TABLE_COLUMNS: tuple[str, ...] = (
     "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
     "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
-    "local_lipschitz", "stable_acc", "theory_prediction",
+    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction",
 )
 
 
@@ -569,6 +572,32 @@ _CAPTIONS = {
 }
 
 
+def block_tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    """Per-block tightness: each stage's and block's certified bound next to the lower bound of its own map."""
+    lines: list[str] = []
+    for m in models:
+        lower = m.get("node_lower") or {}
+        certified = {**(m.get("stage_bounds") or {}), **(m.get("block_bounds") or {})}
+        names = [n for n in certified if _finite(_value(certified[n])) and _finite(lower.get(n))]
+        if not names:
+            continue
+        if not lines:
+            lines += ["## Per-block tightness", "",
+                      "Each stage's and block's certified bound (certified_upper) beside a lower bound of the Lipschitz "
+                      "constant of that node's own map (lower: Jacobian norms searched from the inputs that reach it); "
+                      "the network row compares the network's certified bound with its largest lower bound. Where "
+                      "every node is tight but the network is not, the loss is in the composition.", ""]
+        lines += [f"**{m.get('name', '')}**", "", "| node | certified_upper | lower | certified / lower |", "|---|---|---|---|"]
+        net_lower = max((m[k] for k in ("empirical_lipschitz", "attack_lipschitz", "searched_lipschitz") if _finite(m.get(k))),
+                        default=None)
+        rows = [("network", m.get("certified_lipschitz"), net_lower)] + [(n, _value(certified[n]), lower[n]) for n in names]
+        for name, up, low in rows:
+            ratio = f"{up / low:.3g}" if _finite(up) and _finite(low) and low > 0 else "-"
+            lines.append(f"| {name} | {_fmt(up)} | {_fmt(low)} | {ratio} |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_dir: Path, regenerate: str) -> str:
     """The report text: summary table, stage bounds, correlations, figures with captions, provenance."""
     models = results.get("models", [])
@@ -617,6 +646,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
                   "| model | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
         lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
         lines.append("")
+
+    lines += block_tightness_lines(models)
 
     if len(models) >= 2 and any(_finite(m.get("theory_prediction")) for m in models):
         lines += ["## Theory vs measurement", "",

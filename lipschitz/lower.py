@@ -1,9 +1,11 @@
 """Data-driven lower bounds and estimates of a network's Lipschitz constant.
 
-- ``jacobian_norm_lower``: max over samples of the per-sample Jacobian spectral norm, by power
-  iteration with jvp/vjp under ``torch.func.vmap`` (no Jacobian is ever formed). Each reported value is
-  ``||J(x) v||`` for a unit ``v``, hence a true lower bound of ``||J(x)||`` and of the global l2
-  Lipschitz constant (at points of differentiability, which is almost every point for ReLU nets).
+- ``jacobian_norm_lower``: max over samples of the per-sample Jacobian spectral norm. Small maps (a
+  classifier's logits: ``min(out, in) <= EXACT_MAX_PRODUCTS``) form each Jacobian exactly
+  (``vmap`` over ``jacrev``/``jacfwd``) and take its top singular value; larger ones run power iteration
+  with jvp/vjp under ``torch.func.vmap`` (no Jacobian formed). The reported value is ``||J(x*) v||`` for a
+  unit ``v`` at the best (randomly perturbed) point, recomputed in float64: a true lower bound of
+  ``||J(x*)||`` and of the global l2 Lipschitz constant.
 - ``attack_ratio_lower``: max of ``||f(x1) - f(x2)||_2 / ||x1 - x2||_p`` over pairs optimised inside an
   eps-ball (projected ascent on both points). Every observed ratio is a lower bound of the
   (l_p -> l2) Lipschitz constant.
@@ -12,7 +14,9 @@
   step rule is a named variant, reported with the value), plus the stable accuracy (fraction whose
   prediction does not change). An estimate.
 
-All functions evaluate the model in eval mode and restore every submodule's mode afterwards.
+Searches over the whole input domain (ascent from data, random and attack points) live in
+``lipschitz.search``. All functions evaluate the model in eval mode and restore every submodule's mode
+afterwards.
 References: Yang et al. 2020, "A Closer Look at Accuracy vs. Robustness" (NeurIPS);
 Scaman & Virmaux 2018, "Lipschitz regularity of deep neural networks" (power iteration on Jacobians).
 """
@@ -106,10 +110,141 @@ def _power(block, xb: torch.Tensor, v: torch.Tensor, n_iter: int, n_steps: int, 
     return best, best_v, done
 
 
-def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, n_iter: int = 100, tol: float = 1e-6,
-                        batch_size: int = 64, method: str = "vmap", jvp: str = "forward", check_every: int = 10,
-                        perturb: float = 1e-6, seed: int = 0, progress: bool = False) -> NormValue:
-    """Max over the samples of ``||J_f(x_i)||_2`` by power iteration on J^T J (jvp + vjp, no Jacobian formed).
+JACOBIAN_METHODS = ("auto", "exact", "vmap", "loop")
+# "auto" forms the exact Jacobian when it needs at most this many vjps (or jvps) per sample
+EXACT_MAX_PRODUCTS = 64
+# the exact path evaluates about this many Jacobian rows (samples x products) at a time (bounds its memory)
+EXACT_CHUNK_ROWS = 1024
+# relative round-off allowance of a float64 Jacobian-vector product, subtracted from a reported ||J v||
+JACOBIAN_ROUNDOFF = 2.0**-36
+
+
+@dataclass(frozen=True)
+class PowerOptions:
+    """Settings of the power iteration on J^T J (see ``jacobian_norm_lower``)."""
+
+    n_iter: int = 100
+    tol: float = 1e-6
+    batch_size: int = 64
+    jvp: str = "forward"
+    check_every: int = 10
+    loop: bool = False
+
+
+@dataclass
+class JacobianSigmas:
+    """Per-point ``||J(x_i) v_i||`` for unit ``v_i`` (model precision) and the ``v_i`` attaining them."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    iterations: int = 0
+
+
+def _sample_fn(model: nn.Module):
+    return lambda xi: model(xi.unsqueeze(0)).squeeze(0)
+
+
+def jacobian_path(model: nn.Module, x: torch.Tensor, method: str = "auto",
+                  exact_max: int = EXACT_MAX_PRODUCTS) -> str:
+    """"exact_jacrev" (output the smaller side), "exact_jacfwd" or "power" for ``method`` on this model."""
+    if method in ("vmap", "loop"):
+        return "power"
+    with torch.no_grad():
+        m = model(x[:1]).numel()
+    n = x[0].numel()
+    if method == "auto" and min(m, n) > exact_max:
+        return "power"
+    return "exact_jacrev" if m <= n else "exact_jacfwd"
+
+
+def exact_jacobians(model: nn.Module, xb: torch.Tensor, path: str = "exact_jacrev") -> torch.Tensor:
+    """Per-sample Jacobians (B, out, in) by ``vmap`` of ``jacrev`` ("exact_jacrev") or ``jacfwd``."""
+    from torch.func import jacfwd, jacrev, vmap
+
+    jac = jacrev(_sample_fn(model)) if path == "exact_jacrev" else jacfwd(_sample_fn(model))
+    return vmap(jac)(xb).reshape(xb.shape[0], -1, xb[0].numel())
+
+
+def _top_singular(j: torch.Tensor, in_shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top singular values (B,) and right singular vectors (B, *in_shape) of a batch of matrices."""
+    _, s, vh = torch.linalg.svd(j, full_matrices=False)
+    return s[:, 0], vh[:, 0, :].reshape(j.shape[0], *in_shape)
+
+
+def jacobian_sigmas(model: nn.Module, points: torch.Tensor, *, path: str, power: PowerOptions = PowerOptions(),
+                    v0: torch.Tensor | None = None, gen: torch.Generator | None = None,
+                    progress: bool = False) -> JacobianSigmas:
+    """``||J(x_i)||_2`` at each point (the caller puts the model in eval mode and picks ``path``).
+
+    Exact paths: top singular value of the formed Jacobian. "power": best ``||J v||`` of a power iteration on
+    J^T J started from ``v0`` (warm start) or random unit vectors from ``gen``.
+    """
+    values, vectors, iters = [], [], 0
+    in_shape = tuple(points.shape[1:])
+    if path != "power":
+        with torch.no_grad():
+            m = model(points[:1]).numel()
+        chunk = max(1, EXACT_CHUNK_ROWS // min(m, points[0].numel()))
+        for s in tqdm(range(0, points.shape[0], chunk), desc="exact jacobians", disable=not progress):
+            with torch.no_grad():
+                sig, vec = _top_singular(exact_jacobians(model, points[s:s + chunk], path), in_shape)
+            values.append(sig)
+            vectors.append(vec)
+        return JacobianSigmas(torch.cat(values), torch.cat(vectors), 1)
+    gen = gen if gen is not None else torch.Generator(device="cpu").manual_seed(0)
+    steps = min(power.check_every, power.n_iter)
+    block = _power_block(_sample_fn(model), power.jvp, steps)
+    with torch.no_grad():
+        for s in tqdm(range(0, points.shape[0], power.batch_size), desc="jacobian power iteration",
+                      disable=not progress):
+            xb = points[s:s + power.batch_size]
+            v = v0[s:s + power.batch_size] if v0 is not None else \
+                torch.randn(xb.shape, generator=gen, dtype=xb.dtype).to(xb.device)
+            v = v / _flat_norm(v, 2).clamp_min(1e-30).view(-1, *([1] * (xb.dim() - 1)))
+            best, best_v, it = _power(block, xb, v, power.n_iter, steps, power.tol, not power.loop)
+            values.append(best)
+            vectors.append(best_v)
+            iters = max(iters, it)
+    return JacobianSigmas(torch.cat(values), torch.cat(vectors), iters)
+
+
+def float64_jacobian_value(model: nn.Module, point: torch.Tensor, vector: torch.Tensor, *,
+                           path: str) -> tuple[float, torch.Tensor]:
+    """``||J(point) v|| (1 - JACOBIAN_ROUNDOFF)`` in float64 for a unit ``v``, and that ``v`` (float64).
+
+    A float64 copy of a lower-precision model evaluates it (the point converts exactly). Exact paths take
+    ``v`` as the float64 Jacobian's top right singular vector; "power" refines the given ``vector`` by a
+    float64 power iteration (at least its own value). A LOWER bound of ``||J(point)||``.
+    """
+    twin = _float64_twin(model)
+    p = point.detach().to(torch.float64).unsqueeze(0)
+    with eval_mode(twin):
+        if path != "power":
+            with torch.no_grad():
+                j = exact_jacobians(twin, p, path)
+            _, vec = _top_singular(j, tuple(point.shape))
+            v = vec[0] / torch.linalg.vector_norm(vec[0])
+            value = torch.linalg.vector_norm(j[0] @ v.reshape(-1))
+        else:
+            v = vector.detach().to(device=p.device, dtype=torch.float64).unsqueeze(0)
+            sig = jacobian_sigmas(twin, p, path="power", power=PowerOptions(n_iter=20, tol=1e-12), v0=v)
+            value, v = sig.values[0], sig.vectors[0]
+    return float(value) * (1.0 - JACOBIAN_ROUNDOFF), v.detach().cpu()
+
+
+def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, method: str = "auto", n_iter: int = 100,
+                        tol: float = 1e-6, batch_size: int = 64, jvp: str = "forward", check_every: int = 10,
+                        perturb: float = 1e-6, exact_max: int = EXACT_MAX_PRODUCTS, seed: int = 0,
+                        progress: bool = False) -> NormValue:
+    """Max over the samples of ``||J_f(x_i)||_2``: exact Jacobians + SVD for small maps, else power iteration.
+
+    ``method``: "exact" forms each per-sample Jacobian (``vmap`` of ``jacrev`` when the output is the smaller
+    side, ``jacfwd`` otherwise; ``min(out, in)`` products per sample, in chunks of about ``EXACT_CHUNK_ROWS``
+    rows) and takes its top singular value; "vmap" / "loop" run power iteration on J^T J (jvp + vjp, no
+    Jacobian formed; samples batched with torch.func.vmap, or one at a time), ``check_every`` steps per
+    linearisation, until no sample improves by more than ``tol`` (relative) or ``n_iter`` steps;
+    "auto" (default) is "exact" when ``min(out, in) <= exact_max`` (a 10-logit classifier) and "vmap"
+    otherwise. ``jvp``: "forward" (torch.func.jvp) or "double_vjp" (J v as the vjp of u -> J^T u).
 
     The Jacobians are taken at ``x_i + r_i`` with ``r_i`` uniform in the l_inf ball of radius
     ``perturb * max(1, ||x_i||_inf)`` (seeded): at a kink of an activation (e.g. ReLU at 0) autograd returns
@@ -117,52 +252,41 @@ def jacobian_norm_lower(model: nn.Module, x: torch.Tensor, *, n_iter: int = 100,
     autograd says -1 at 0); a random point is almost surely a point of differentiability where autograd is
     right. ``perturb=0`` evaluates exactly at ``x`` and labels the value ESTIMATE for that reason.
 
-    ``method``: "vmap" (samples batched with torch.func.vmap) or "loop" (one sample at a time, the baseline).
-    ``jvp``: "forward" (torch.func.jvp) or "double_vjp" (J v as the vjp of u -> J^T u). One linearisation
-    per sample serves ``check_every`` steps; iteration stops when no sample's value improves by more than
-    ``tol`` (relative) over a block, or after ``n_iter`` steps (rounded up to a multiple of check_every).
-    Every value is ``||J v||`` for a unit ``v``: a true lower bound of ``||J(x_i + r_i)||`` and so of the l2
-    Lipschitz constant. Returns NormValue(LOWER) with ``details``: ``per_sample``, ``argmax``, ``vector``,
-    ``perturb``.
+    The reported value is ``||J(x*) v||`` for a unit ``v`` at the best point ``x*``, re-evaluated in float64
+    (a float64 copy for a lower-precision model; the point converts exactly) and reduced by
+    ``JACOBIAN_ROUNDOFF`` (relative): a LOWER bound of ``||J(x*)||`` and so of the l2 Lipschitz constant.
+    ``details``: ``per_sample`` (model precision, used to pick ``x*``), ``argmax``, ``point`` (x*),
+    ``vector`` (v), ``perturb``, ``path`` ("exact_jacrev", "exact_jacfwd" or "power").
     References: Scaman & Virmaux 2018 (power iteration on the Jacobian).
     """
     _check_batch(x)
     if not perturb >= 0:
         raise ValueError(f"perturb must be >= 0, got {perturb}")
-    if method not in ("vmap", "loop"):
-        raise ValueError(f"unknown method {method!r}; valid: vmap, loop")
+    if method not in JACOBIAN_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(JACOBIAN_METHODS)}")
     if jvp not in ("double_vjp", "forward"):
         raise ValueError(f"unknown jvp mode {jvp!r}; valid: forward, double_vjp")
-    if n_iter < 1 or batch_size < 1 or check_every < 1:
-        raise ValueError(f"n_iter, batch_size and check_every must be >= 1, got {n_iter}, {batch_size}, {check_every}")
+    if n_iter < 1 or batch_size < 1 or check_every < 1 or exact_max < 1:
+        raise ValueError(f"n_iter, batch_size, check_every and exact_max must be >= 1, got {n_iter}, {batch_size}, "
+                         f"{check_every}, {exact_max}")
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    values, vectors, iters = [], [], 0
-
-    def fn(xi: torch.Tensor) -> torch.Tensor:
-        return model(xi.unsqueeze(0)).squeeze(0)
-
-    block = _power_block(fn, jvp, min(check_every, n_iter))
-    x = _perturbed(x, perturb, gen)
-    with eval_mode(model), torch.no_grad():
-        starts = range(0, x.shape[0], batch_size)
-        for s in tqdm(starts, desc="jacobian power iteration", disable=not progress):
-            xb = x[s:s + batch_size]
-            v = torch.randn(xb.shape, generator=gen, dtype=xb.dtype).to(xb.device)
-            v = v / _flat_norm(v, 2).view(-1, *([1] * (xb.dim() - 1)))
-            best, best_v, it = _power(block, xb, v, n_iter, min(check_every, n_iter), tol, method == "vmap")
-            values.append(best)
-            vectors.append(best_v)
-            iters = max(iters, it)
-    per_sample = torch.cat(values)
-    idx = int(torch.argmax(per_sample))
-    details = {"per_sample": per_sample.tolist(), "argmax": idx, "vector": torch.cat(vectors)[idx].detach().cpu(),
-               "n_samples": int(x.shape[0]), "perturb": perturb}
+    points = _perturbed(x, perturb, gen)
+    opts = PowerOptions(n_iter=n_iter, tol=tol, batch_size=batch_size, jvp=jvp, check_every=check_every,
+                        loop=method == "loop")
+    with eval_mode(model):
+        path = jacobian_path(model, x, method, exact_max)
+        sig = jacobian_sigmas(model, points, path=path, power=opts, gen=gen, progress=progress)
+        idx = int(torch.argmax(sig.values))
+        value, vector = float64_jacobian_value(model, points[idx], sig.vectors[idx], path=path)
+    details = {"per_sample": sig.values.tolist(), "argmax": idx, "point": points[idx].detach().cpu(),
+               "vector": vector, "n_samples": int(x.shape[0]), "perturb": perturb, "path": path,
+               "jacobian_roundoff": JACOBIAN_ROUNDOFF}
     if perturb == 0:
         details["note"] = "evaluated exactly at x: at a kink autograd's one-sided derivative is not a Jacobian"
-    return NormValue(float(per_sample[idx]), Guarantee.LOWER if perturb > 0 else Guarantee.ESTIMATE,
-                     f"jacobian_power_{method}_{jvp}", iterations=iters, seconds=time.perf_counter() - t0,
-                     details=details)
+    name = f"jacobian_{path}" if path != "power" else f"jacobian_power_{'loop' if opts.loop else 'vmap'}_{jvp}"
+    return NormValue(value, Guarantee.LOWER if perturb > 0 else Guarantee.ESTIMATE, name,
+                     iterations=sig.iterations, seconds=time.perf_counter() - t0, details=details)
 
 
 def _perturbed(x: torch.Tensor, perturb: float, gen: torch.Generator) -> torch.Tensor:
@@ -218,13 +342,28 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
     _check_norm(norm)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    p = 2.0 if norm == "l2" else math.inf
     step_size = eps / 4 if step_size is None else step_size
     min_sep = eps / 10 if min_separation is None else min_separation
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    best, x1, x2 = attack_pairs(model, x, eps=eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
+                                min_separation=min_sep, clip=clip, gen=gen)
+    idx = int(torch.argmax(best))
+    return NormValue(float(best[idx]), Guarantee.LOWER, f"attack_ratio_{norm}", iterations=steps * restarts,
+                     seconds=time.perf_counter() - t0,
+                     details={"input_norm": norm, "output_norm": "l2", "eps": eps, "argmax": idx,
+                              "per_sample": best.tolist(), "min_separation": min_sep,
+                              "pair": (x1[idx].cpu(), x2[idx].cpu()), "difference_roundoff": DIFFERENCE_ROUNDOFF})
+
+
+def attack_pairs(model: nn.Module, x: torch.Tensor, *, eps: float, norm: str, steps: int, step_size: float,
+                 restarts: int, min_separation: float, clip: tuple[float, float] | None,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ascent of ``attack_ratio_lower``: per sample, the best float64 ratio (round-off allowance
+    subtracted, 0 if no pair was ``min_separation`` apart) and the pair (x1, x2) attaining it."""
+    p = 2.0 if norm == "l2" else math.inf
     twin = _float64_twin(model)
-    pairs = _PairTracker(x, twin, twin is model, p, min_sep)
+    pairs = _PairTracker(x, twin, twin is model, p, min_separation)
 
     def clipped(t: torch.Tensor) -> torch.Tensor:
         return t if clip is None else t.clamp(*clip)
@@ -248,12 +387,7 @@ def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: s
                 d2 = _project(clipped(x2.detach() + step_size * _ascent_direction(g2, norm)) - x, eps, norm)
                 d1, d2 = d1.detach(), d2.detach()
         best = pairs.result()
-    idx = int(torch.argmax(best))
-    return NormValue(float(best[idx]), Guarantee.LOWER, f"attack_ratio_{norm}", iterations=steps * restarts,
-                     seconds=time.perf_counter() - t0,
-                     details={"input_norm": norm, "output_norm": "l2", "eps": eps, "argmax": idx,
-                              "per_sample": best.tolist(), "min_separation": min_sep,
-                              "difference_roundoff": DIFFERENCE_ROUNDOFF})
+    return best, pairs.x1, pairs.x2
 
 
 # relative round-off allowance of a float64 forward, subtracted from ||f(x1) - f(x2)|| (times the output norms)
@@ -269,8 +403,8 @@ def _float64_twin(model: nn.Module) -> nn.Module:
 
 
 class _PairTracker:
-    """Per-sample best ratio in float64: directly for a float64 model, else from the best pair (by the model's
-    own ratio) re-evaluated by the float64 twin in ``result()``."""
+    """Per-sample best ratio in float64 and its pair (x1, x2): directly for a float64 model, else from the best
+    pair (by the model's own ratio) re-evaluated by the float64 twin in ``result()``."""
 
     def __init__(self, x: torch.Tensor, twin: nn.Module, twin_is_model: bool, p: float, min_sep: float) -> None:
         self.twin, self.twin_is_model, self.p, self.min_sep = twin, twin_is_model, p, min_sep
@@ -282,7 +416,10 @@ class _PairTracker:
     def update(self, x1, x2, out1, out2, num, den) -> None:
         if self.twin_is_model and out1.dtype == torch.float64:
             outs = (out1.detach(), out2.detach())
-            self.best = torch.maximum(self.best, _recorded_ratio(self.twin, x1, x2, self.p, self.min_sep, outs))
+            ratio = _recorded_ratio(self.twin, x1, x2, self.p, self.min_sep, outs)
+            better = ratio > self.best
+            self.best = torch.where(better, ratio, self.best)
+            self.x1[better], self.x2[better] = x1.detach()[better], x2.detach()[better]
             return
         ratio = torch.where(den >= self.min_sep, num / den.clamp_min(1e-30), torch.full_like(num, -1.0)).detach()
         better = ratio > self.cand

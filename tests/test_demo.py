@@ -18,7 +18,8 @@ def _records():
         {"name": "wrn-tiny", "depths": [1, 1, 1], "widths": [8, 16, 32, 64], "params": 120000, "clean_acc": 0.9,
          "robust_acc": 0.5, "certified_lipschitz": 300.0, "certified_lipschitz_product": 3000.0,
          "empirical_lipschitz": 8.0, "attack_lipschitz": 6.0, "theory_prediction": 50.0, "layers": layers,
-         "stage_bounds": {"stage1": 3.0, "stage2": 4.0, "stage3": 5.0}, "eps": 0.1, "robust_attack": "pgd20"},
+         "stage_bounds": {"stage1": 3.0, "stage2": 4.0, "stage3": 5.0}, "eps": 0.1, "robust_attack": "pgd20",
+         "searched_lipschitz": 12.0, "node_lower": {"stage1": 2.0, "stage2": 1.0, "stage3": 2.5}},
         {"name": "wrn-tiny-r", "depths": [1, 1, 1], "widths": [8, 16, 32, 32], "params": 60000, "clean_acc": 0.88,
          "robust_acc": 0.55, "certified_lipschitz": 200.0, "certified_lipschitz_product": 2000.0,
          "empirical_lipschitz": 6.0, "attack_lipschitz": 5.0, "theory_prediction": 40.0, "layers": layers,
@@ -36,6 +37,7 @@ def test_report_from_known_records(tmp_path):
     assert text.count("Regenerate: `archlip report") == 3
     assert "certified_lipschitz (certified_upper)" in text and "empirical_lipschitz (lower)" in text
     assert "| wrn-tiny-r |" in text and "stage3" in text
+    assert "## Per-block tightness" in text and "| network | 300 | 12 | 25 |" in text and "| stage2 | 4 | 1 | 4 |" in text
     assert "theory's predicted bound (estimate), lowest first: wrn-tiny-r (40) < wrn-tiny (50)" in text
     assert "robust accuracy, highest first: wrn-tiny-r (0.55) > wrn-tiny (0.5)" in text
     assert report.ranking([{"name": "a", "x": 1.0}, {"name": "b", "x": 1.0}, {"name": "c"}], "x") == "a (1) = b (1)"
@@ -80,12 +82,17 @@ def test_quick_demo_end_to_end(tmp_path):
         # the truth lies between the data lower bounds and the certified upper bounds
         assert 0 < m["empirical_lipschitz"] <= m["certified_lipschitz"] <= m["certified_lipschitz_product"] * (1 + 1e-9)
         assert 0 < m["attack_lipschitz"] <= m["certified_lipschitz"]
+        assert m["empirical_lipschitz"] <= m["searched_lipschitz"] * (1 + 1e-6) <= m["certified_lipschitz"] * (1 + 1e-6)
+        certified = {**m["stage_bounds"], **m["block_bounds"]}
+        assert m["node_lower"] and set(m["node_lower"]) == set(certified)
+        assert all(0 < low <= certified[name] for name, low in m["node_lower"].items())
         assert m["stage_bounds"] and m["theory_prediction"] > 0
     for name in ("digits-pgdat-tiny", "digits-pgdat-tiny-r"):
         assert (tmp_path / name / "resolved_config.yaml").is_file()
     text = Path(result["report"]).read_text()
     for png in ("layer_norms.png", "certified_vs_empirical.png", "robustness_vs_last_width.png"):
         assert (tmp_path / png).stat().st_size > 5000 and png in text
+    assert "## Per-block tightness" in text
 
 
 def _rows(layers):

@@ -147,3 +147,88 @@ def test_jacobian_lower_at_a_kink_is_a_jacobian_of_the_function():
     assert exact_point.guarantee is Guarantee.ESTIMATE and "kink" in exact_point.details["note"]
     with pytest.raises(ValueError, match="perturb"):
         jacobian_norm_lower(Zero(), torch.zeros(1, 4), perturb=-1.0)
+
+
+# ------------------------------------------------------------------ exact per-sample Jacobians (small maps)
+
+def _dense_norm_at(model, point: torch.Tensor) -> float:
+    """||J(point)||_2 of a float64 copy of the model, by jacrev and a dense SVD (the reference)."""
+    twin = model if next(model.parameters()).dtype == torch.float64 else __import__("copy").deepcopy(model).double()
+    with eval_mode(twin):
+        p = point.detach().double()
+        j = jacrev(lambda t: twin(t[None])[0])(p).detach()
+    return float(torch.linalg.matrix_norm(j.reshape(-1, p.numel()), ord=2))
+
+
+@pytest.mark.parametrize("method", ["auto", "exact"])
+def test_exact_jacobian_matches_jacrev_per_sample(method):
+    model = _small_net()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    res = jacobian_norm_lower(model, x, method=method)
+    assert res.details["path"] == "exact_jacrev" and res.method == "jacobian_exact_jacrev"
+    # per-sample values are the dense norms at the perturbed points (perturbation 1e-6: same linear region)
+    dense = _dense_jacobian_norms(model, x)
+    for got, ref in zip(res.details["per_sample"], dense):
+        assert got == pytest.approx(ref, rel=1e-9)
+    # the headline is ||J v|| at the reported point, below the dense norm there by at most the allowance
+    at_point = _dense_norm_at(model, res.details["point"])
+    assert res.value <= at_point and res.value == pytest.approx(at_point, rel=1e-10)
+    assert res.guarantee is Guarantee.LOWER
+
+
+def test_exact_jacobian_forward_mode_when_output_is_larger():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 30)).double()
+    x = torch.rand(5, 3, dtype=torch.float64)
+    res = jacobian_norm_lower(model, x, method="exact")
+    assert res.details["path"] == "exact_jacfwd"
+    assert res.value == pytest.approx(max(_dense_norm_at(model, p) for p in x), rel=1e-6)
+
+
+def test_auto_uses_power_iteration_for_large_maps():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(80, 80), nn.ReLU(), nn.Linear(80, 70)).double()
+    x = torch.rand(3, 80, dtype=torch.float64)
+    res = jacobian_norm_lower(model, x, n_iter=200, tol=1e-12)
+    assert res.details["path"] == "power" and res.method.startswith("jacobian_power")
+    exact = jacobian_norm_lower(model, x, method="exact")
+    assert res.value == pytest.approx(exact.value, rel=1e-6)
+    assert jacobian_norm_lower(model, x, exact_max=80).details["path"] == "exact_jacrev"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_jacobian_of_linear_model_is_the_weight_norm(dtype):
+    """For f(x) = W x + b the Jacobian is W everywhere: the value is ||W||_2 (float64 of the stored W)."""
+    torch.manual_seed(5)
+    lin = nn.Linear(12, 7).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(100.0)
+        lin.bias.fill_(1000.0)
+    w_norm = float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2))
+    res = jacobian_norm_lower(lin, torch.rand(4, 12, dtype=dtype))
+    assert res.details["path"] == "exact_jacrev"
+    assert res.value <= w_norm and res.value == pytest.approx(w_norm, rel=1e-9)
+    assert next(lin.parameters()).dtype == dtype  # a float32 model stays float32 (a float64 copy evaluates)
+
+
+def test_float32_model_value_is_recomputed_in_float64():
+    model = _small_net().float()
+    x = torch.rand(5, 1, 4, 4)
+    for method in ("exact", "vmap"):
+        res = jacobian_norm_lower(model, x, method=method, n_iter=100, tol=1e-9)
+        at_point = _dense_norm_at(model, res.details["point"])
+        assert res.value <= at_point and res.value == pytest.approx(at_point, rel=1e-6)
+        assert res.details["vector"].dtype == torch.float64
+        assert res.details["point"].dtype == torch.float32
+
+
+def test_attack_ratio_reports_its_pair():
+    model = _small_net()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    res = attack_ratio_lower(model, x, eps=0.2, steps=5)
+    x1, x2 = res.details["pair"]
+    with eval_mode(model), torch.no_grad():
+        ratio = float(torch.linalg.vector_norm(model(x1[None]) - model(x2[None])) / torch.linalg.vector_norm(x1 - x2))
+    assert res.value <= ratio and res.value == pytest.approx(ratio, rel=1e-9)

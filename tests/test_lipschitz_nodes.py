@@ -11,6 +11,7 @@ from torch.func import jacrev
 from lipschitz import graph as G
 from lipschitz.bounds import METHODS, graph_from_module, interpret, network_bound
 from lipschitz.lower import attack_ratio_lower, eval_mode
+from lipschitz.search import NodeMap, node_inputs
 
 
 def _spread_bn(model: nn.Module, seed: int) -> nn.Module:
@@ -28,31 +29,6 @@ def _spread_bn(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def _node_inputs(node: G.Node, x: torch.Tensor, out: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``interpret(node, x)``, storing the input batch of every composite node in ``out[id(node)]``."""
-    if isinstance(node, (G.Sequential, G.Residual)):
-        out.setdefault(id(node), x)
-    if isinstance(node, G.Sequential):
-        for child in node.children:
-            x = _node_inputs(child, x, out)
-        return x
-    if isinstance(node, G.Residual):
-        y = _node_inputs(node.branch, x, out)
-        return y + (x if node.shortcut is None else _node_inputs(node.shortcut, x, out))
-    return interpret(node, x)
-
-
-class _NodeMap(nn.Module):
-    """The sub-map of one graph node as a module (for the attack-ratio ascent)."""
-
-    def __init__(self, node: G.Node, holder: nn.Module) -> None:
-        super().__init__()
-        self.node, self.holder = node, holder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return interpret(self.node, x)
-
-
 def _own_lipschitz_lower(node: G.Node, holder: nn.Module, inputs: torch.Tensor, seed: int) -> float:
     """max of the jacrev Jacobian norm of ``node`` alone at its network inputs, perturbed and random points,
     and of the attack ratio ascended from those inputs: every one is a lower bound of L(node)."""
@@ -64,7 +40,7 @@ def _own_lipschitz_lower(node: G.Node, holder: nn.Module, inputs: torch.Tensor, 
     for x in points:
         j = jacrev(lambda t: interpret(node, t[None])[0])(x).detach()
         best = max(best, float(torch.linalg.matrix_norm(j.reshape(-1, x.numel()), ord=2)))
-    ratio = attack_ratio_lower(_NodeMap(node, holder), inputs, eps=scale, steps=8, clip=None, seed=seed)
+    ratio = attack_ratio_lower(NodeMap(node, holder), inputs, eps=scale, steps=8, clip=None, seed=seed)
     return max(best, ratio.value)
 
 
@@ -77,7 +53,7 @@ def _check_every_node(model: nn.Module, shape: tuple, seed: int) -> int:
     g = torch.Generator().manual_seed(seed)
     checked = 0
     with eval_mode(model), torch.no_grad():
-        _node_inputs(root, torch.rand((2,) + shape, generator=g, dtype=torch.float64), inputs)
+        node_inputs(root, torch.rand((2,) + shape, generator=g, dtype=torch.float64), inputs)
     with eval_mode(model):
         for rec in nb.nodes:
             node = by_name[rec["name"]]
