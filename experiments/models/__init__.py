@@ -1,6 +1,6 @@
 """Models: pre-activation WideResNet with per-stage depth/width, CIFAR ResNet-18 / PreActResNet-18, a
 name-keyed registry and per-stage parameter/MAC descriptions. All models take inputs in [0, 1], return
-logits and describe themselves with ``lipschitz_graph()``."""
+logits; their Lipschitz graphs come from tracing (``lipschitz.graph_from_module``)."""
 from experiments.models.describe import ModelDescription, describe
 from experiments.models.layers import ACTIVATIONS, InputNormalization
 from experiments.models.registry import (
