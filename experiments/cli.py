@@ -250,12 +250,60 @@ def dataset_info(name: str) -> dict[str, Any]:
     return DATASETS[name]
 
 
-def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None):
+def build_user_model(spec: str, kwargs_json: str | None = None):
+    """``package.module:Class`` (importable, or from the working directory) or ``path/to/file.py:Class``, built
+    with the keyword arguments of the JSON object ``kwargs_json``."""
+    import importlib
+    import importlib.util
+
+    from torch import nn
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--model must look like package.module:Class or path/to/file.py:Class, got {spec!r}")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"depth\": 28}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json}")
+    if module_name.endswith(".py"):
+        file = Path(module_name).expanduser()
+        if not file.is_file():
+            raise UserError(f"--model file {file} not found")
+        module_spec = importlib.util.spec_from_file_location(f"archlip_user_model_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise UserError(f"--model: cannot import {module_name!r} ({exc}); run from the folder that holds it, "
+                            f"set PYTHONPATH, or pass path/to/file.py:{attr}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"--model: {module_name} has no {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        model = obj(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"--model: cannot build {spec} with --model-kwargs {kwargs}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model: {spec}(...) returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None,
+                model_spec: str | None = None, model_kwargs: str | None = None):
     """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``.
 
     Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
     and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
-    built with random weights drawn under ``seed``.
+    built with random weights drawn under ``seed``. ``model_spec`` (``package.module:Class``): build that
+    class with ``model_kwargs`` (JSON) and load the checkpoint strictly into it, as it is.
     """
     import torch
 
@@ -263,14 +311,21 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
 
     if data is not None:
         dataset_info(data)
+    if model_kwargs is not None and model_spec is None:
+        raise UserError("--model-kwargs needs --model package.module:Class")
     path = Path(target)
+    if model_spec is not None and not path.exists():
+        raise FileNotFoundError(f"checkpoint {target!r} not found; --model loads a checkpoint file into your class")
     if path.exists():
         if path.is_dir():
             path = _checkpoint_in_dir(path)
-        from experiments.checkpoints import load_checkpoint
+        from experiments.checkpoints import load_checkpoint, load_checkpoint_into
 
         _check_checkpoint_format(path)
-        loaded = load_checkpoint(path)
+        if model_spec is None:
+            loaded = load_checkpoint(path)
+        else:
+            loaded = load_checkpoint_into(path, build_user_model(model_spec, model_kwargs))
         model, metadata = _unpack_loaded_checkpoint(loaded)
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
         if data is not None and recorded is not None and data != recorded:
@@ -278,6 +333,8 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         data = data or recorded or "cifar10"
         shape = input_shape or _metadata_input_shape(metadata) or DATASETS[data]["input_shape"]
         result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape), "metadata": metadata}
+        if model_spec is not None:
+            result["model_class"] = model_spec
     else:
         presets = list(model_zoo.list_models())
         if target not in presets:
@@ -426,7 +483,8 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
+                              model_spec=args.model, model_kwargs=args.model_kwargs)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=args.rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
@@ -452,7 +510,8 @@ def cmd_bound(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
+                              model_spec=args.model, model_kwargs=args.model_kwargs)
     summary = bound_summary(model, info["input_shape"], rtol=args.rtol)
     payload: dict[str, Any] = {"target": info["name"], "input_shape": info["input_shape"], **summary}
     if args.n < 0:
@@ -573,7 +632,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     attacks = parse_attacks(args.attacks)
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed,
+                              model_spec=args.model, model_kwargs=args.model_kwargs)
     eps = _eps(args, info)
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     out = _out_dir(args, default="runs/eval")
@@ -673,6 +733,14 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "directory for resu
     group.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="PKG.MODULE:CLASS",
+                        help="build your own model class (package.module:Class or path/to/file.py:Class) and load "
+                             "CKPT strictly into it, instead of an archlip architecture")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='keyword arguments for --model as a JSON object, e.g. \'{"depth": 28, "width": 10}\'')
+
+
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, choices=tuple(DATASETS),
                         help="dataset (default: the checkpoint's own, else cifar10)")
@@ -688,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spectral", help="per-layer certified spectral-norm sandwich of a checkpoint or preset")
     p.add_argument("target", metavar="CKPT|PRESET")
+    _model_args(p)
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1 (default 0.02)")
@@ -696,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bound", help="certified network/stage/block Lipschitz bounds and data lower bounds")
     p.add_argument("target", metavar="CKPT|PRESET")
+    _model_args(p)
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--n", type=int, default=128, help="data points for the lower bounds (0 to skip; default 128)")
@@ -737,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", default=None, help="perturbation radius, e.g. 8/255 (default: the checkpoint's training eps, else 8/255)")
     p.add_argument("--n", type=int, default=None, help="number of test points (default all)")
     p.add_argument("--subset", default="first", choices=("first", "random"), help="first n points in order (default) or a seeded subset")
+    _model_args(p)
     _data_args(p)
     _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval)")
     p.set_defaults(func=cmd_eval)

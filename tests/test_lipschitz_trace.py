@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jacrev
+from hypothesis import given, settings, strategies as st
 
 from lipschitz import GraphExtractionError, graph_from_module, network_bound, register_leaf, unregister_leaf
 from lipschitz import graph as G
 from lipschitz.bounds import METHODS, interpret
 from lipschitz.lower import attack_ratio_lower, eval_mode
 from spectral.guarantee import Guarantee
+from tests.reference import handwritten_graph
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -372,6 +375,57 @@ class _Lambda(nn.Module):
         return self.fn(x)
 
 
+FUNCTIONAL_ACTS = {
+    "relu": F.relu, "leaky": lambda t: F.leaky_relu(t, 0.2), "silu": F.silu, "swish": lambda t: t * torch.sigmoid(t),
+    "gelu": lambda t: F.gelu(t, approximate="tanh"), "tanh": torch.tanh, "softplus": lambda t: F.softplus(t, beta=3.0),
+}
+
+
+class RandomFunctionalNet(nn.Module):
+    """A random small net in functional style: an optional normalisation, a residual sum or a concatenation
+    (or neither) around conv-BN-activation-conv, a pooling function and a flattening view."""
+
+    def __init__(self, act: str, join: str, pool: str, normalise: bool, c: int):
+        super().__init__()
+        self.act, self.join, self.pool, self.normalise = FUNCTIONAL_ACTS[act], join, pool, normalise
+        self.register_buffer("mean", torch.rand(1, 1, 1, 1))
+        self.register_buffer("std", torch.rand(1, 1, 1, 1) + 0.2)
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        if self.normalise:
+            x = (x - self.mean) / self.std
+        x = self.stem(x)
+        y = self.conv2(self.act(self.bn2(self.conv1(self.act(self.bn1(x))))))
+        x = x + y if self.join == "add" else torch.cat([x, y], 1) if self.join == "cat" else y
+        x = self.act(x)
+        if self.pool == "avg":
+            x = F.avg_pool2d(x, 2)
+        elif self.pool == "max":
+            x = F.max_pool2d(x, 2, 1)
+        elif self.pool == "mean":
+            x = x.mean((2, 3), keepdim=True)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10**6), act=st.sampled_from(sorted(FUNCTIONAL_ACTS)),
+       join=st.sampled_from(["add", "cat", "none"]), pool=st.sampled_from(["avg", "max", "mean", "none"]),
+       normalise=st.booleans(), c=st.integers(1, 3))
+def test_property_random_functional_nets(seed, act, join, pool, normalise, c):
+    torch.manual_seed(seed)
+    model = RandomFunctionalNet(act, join, pool, normalise, c).double()
+    model(torch.zeros(1, 1, 4, 4, dtype=torch.float64))  # materialise the lazy layer
+    model = _randomise_bn(model, seed=seed)
+    nb = network_bound(model, (1, 4, 4))
+    lower = _jacobian_lower(model, (1, 4, 4), n_random=3, n_ascent=1, steps=3, seed=seed)
+    for meth in METHODS:
+        assert nb.comparison[meth] >= lower * (1 - 1e-9), (meth, nb.comparison[meth], lower)
+
+
 # ---------------------------------------------------------------- linear models: exact
 
 class LinearFunctional(nn.Module):
@@ -437,58 +491,6 @@ def test_linear_residual_and_concat_with_identity_bound_the_dense_svd():
 
 # ---------------------------------------------------------------- archlip's own models: same bounds as their old graphs
 
-def _reference_graph(model: nn.Module) -> G.Node:
-    """The hand-written graphs archlip's models exported before tracing (the reference for the traced ones)."""
-    from experiments.models import WideResNet
-
-    def act(name):
-        return G.Activation(model.activation, name=name)
-
-    def preact(block, name, bn1, inner, shortcut):
-        pre = [G.BatchNorm(bn1, name=f"{name}.bn1"), act(f"{name}.act1")]
-        if shortcut is None:
-            return G.Residual(G.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
-        res = G.Residual(G.Sequential(inner, name=f"{name}.branch"), G.Layer(shortcut, name=f"{name}.shortcut"),
-                         name=f"{name}.residual")
-        return G.Sequential(pre + [res], name=name, role="block")
-
-    children = []
-    if model.normalize is not None:
-        children.append(G.Normalize(model.normalize.mean.flatten(), model.normalize.std.flatten(), name="normalize"))
-    if isinstance(model, WideResNet):
-        children.append(G.Sequential([G.Layer(model.stem_conv, name="stem_conv")], name="stem", role="stem"))
-        for i, stage in enumerate(model.blocks):
-            blocks = []
-            for j, b in enumerate(stage.layer):
-                n = f"blocks.{i}.layer.{j}"
-                inner = [G.Layer(b.conv1), G.BatchNorm(b.bn2), act(f"{n}.act2"), G.Layer(b.conv2)]
-                blocks.append(preact(b, n, b.bn1, inner, b.convShortcut))
-            children.append(G.Sequential(blocks, name=f"stage{i + 1}", role="stage"))
-        head = [G.BatchNorm(model.bn1), act("act"), G.Pool(model.global_pooling), G.Flatten(), G.Layer(model.fc)]
-    else:
-        stem = [G.Layer(model.conv1)] + ([] if model.preact else [G.BatchNorm(model.bn1), act("act")])
-        children.append(G.Sequential(stem, name="stem", role="stem"))
-        for k, stage in enumerate(model.stages()):
-            blocks = []
-            for j, b in enumerate(stage):
-                n = f"layer{k + 1}.{j}"
-                if model.preact:
-                    inner = [G.Layer(b.conv1), G.BatchNorm(b.bn2), act(f"{n}.act2"), G.Layer(b.conv2)]
-                    blocks.append(preact(b, n, b.bn1, inner, None if b.shortcut is None else b.shortcut[0]))
-                    continue
-                branch = G.Sequential([G.Layer(b.conv1), G.BatchNorm(b.bn1), act("a"), G.Layer(b.conv2),
-                                       G.BatchNorm(b.bn2)], name=f"{n}.branch")
-                short = None if len(b.shortcut) == 0 else G.Sequential(
-                    [G.Layer(b.shortcut[0]), G.BatchNorm(b.shortcut[1])], name=f"{n}.shortcut")
-                blocks.append(G.Sequential([G.Residual(branch, short, name=f"{n}.residual"), act(f"{n}.act2")],
-                                           name=n, role="block"))
-            children.append(G.Sequential(blocks, name=f"stage{k + 1}", role="stage"))
-        head = ([G.BatchNorm(model.bn), act("act")] if model.preact else []) + [
-            G.Pool(model.global_pooling), G.Flatten(), G.Layer(model.linear)]
-    children.append(G.Sequential(head, name="head", role="head"))
-    return G.Sequential(children, name="reference")
-
-
 @pytest.mark.parametrize("name,overrides", [
     ("wrn-tiny", {"activation": "gelu", "normalize": ((0.5,), (0.25,)), "dropout": 0.3}),
     ("wrn-tiny", {"depths": (2, 1, 1), "widths": (4, 4, 8, 8), "strides": (1, 1, 2)}),
@@ -502,7 +504,7 @@ def test_archlip_models_traced_bounds_equal_their_former_handwritten_graphs(name
     model = _randomise_bn(create_model(name, num_classes=5, in_channels=1, **overrides).double(), seed=10)
     shape = (1, 6, 6)
     x = torch.rand(2, *shape, dtype=torch.float64)
-    ref_graph = _reference_graph(model)
+    ref_graph = handwritten_graph(model)
     with torch.no_grad():
         torch.testing.assert_close(interpret(ref_graph, x), model(x), rtol=0, atol=1e-12)
     traced, ref = network_bound(model, shape), network_bound(ref_graph, shape)
@@ -707,3 +709,91 @@ def test_training_mode_and_leaf_modules_are_left_as_they_were():
     model = KLResNet().train()
     graph_from_module(model, (1, 6, 6))
     assert all(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------- archlip spectral|bound|eval CKPT --model pkg.mod:Class
+
+USER_MODULE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += x
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self, width=4, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.blocks = nn.Sequential(Block(width), Block(width))
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.blocks(self.conv(x))))
+        out = F.avg_pool2d(out, 8)
+        return self.fc(out.view(out.size(0), -1))
+'''
+
+
+@pytest.fixture
+def user_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "usernets.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    net = importlib.import_module("usernets").Net(width=3)
+    _randomise_bn(net, seed=11)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "net.pt")
+    yield tmp_path / "net.pt", net
+    sys.modules.pop("usernets", None)
+
+
+def test_cli_bound_and_spectral_of_a_user_class(user_checkpoint, capsys):
+    from tests.test_cli import run_cli
+
+    ckpt, net = user_checkpoint
+    code, out, err = run_cli(capsys, "bound", str(ckpt), "--model", "usernets:Net", "--model-kwargs", '{"width": 3}',
+                             "--data", "digits", "--n", "8", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    expected = network_bound(net, (1, 8, 8))
+    assert payload["certified_lipschitz"] == pytest.approx(min(expected.comparison.values()), rel=1e-6)
+    assert list(payload["stage_bounds"]) == ["stage1"] and len(payload["block_bounds"]) == 2
+    assert 0 < payload["lower"]["empirical_lipschitz"] <= payload["certified_lipschitz"]
+    code, out, err = run_cli(capsys, "spectral", str(ckpt), "--model", f"{ckpt.parent / 'usernets.py'}:Net",
+                             "--model-kwargs", '{"width": 3}', "--data", "digits", "--rtol", "0.1", "--json")
+    assert code == 0, err
+    assert {row["name"] for row in json.loads(out)["layers"]} >= {"conv", "blocks.0.conv1", "fc"}
+
+
+def test_cli_model_option_errors_are_one_line(user_checkpoint, capsys):
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    ckpt, _ = user_checkpoint
+    cases = [
+        (["--model", "usernets:Net"], ["does not match Net", "missing"]),  # width 4 by default: wrong shapes
+        (["--model", "usernets:Nope"], ["has no 'Nope'"]),
+        (["--model", "nosuchpackage.mod:Net"], ["cannot import 'nosuchpackage.mod'"]),
+        (["--model", "usernets.Net"], ["package.module:Class"]),
+        (["--model", "usernets:Net", "--model-kwargs", "{width: 3}"], ["not valid JSON"]),
+        (["--model", "usernets:Net", "--model-kwargs", '{"depth": 3}'], ["cannot build usernets:Net"]),
+        (["--model-kwargs", '{"width": 3}'], ["--model-kwargs needs --model"]),
+    ]
+    for extra, needles in cases:
+        code, _, err = run_cli(capsys, "bound", str(ckpt), *extra, "--data", "digits", "--n", "0")
+        assert_one_line_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "eval", "missing.pt", "--model", "usernets:Net", "--data", "digits")
+    assert_one_line_error(code, err, "not found")
