@@ -1,4 +1,4 @@
-"""P5: network_bound on a traced graph vs the former hand-written graph (WRN-34-10, random weights, 32x32).
+"""P6: network_bound on a traced graph vs the former hand-written graph (WRN-34-10, random weights, 32x32).
 
 ``network_bound(model, shape)`` now traces the model with torch.fx (``lipschitz.graph_from_module``: trace, one
 recorded run, the check against ``model(x)``) before composing the bounds. The baseline, measured in the same
@@ -71,7 +71,7 @@ def main() -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     verdict = "met" if result["goal_met"] else "NOT met"
-    print(f"P5 {args.model} {args.size}x{args.size}: traced {traced_wall:.1f} s wall / {traced_cpu:.1f} s cpu, "
+    print(f"P6 {args.model} {args.size}x{args.size}: traced {traced_wall:.1f} s wall / {traced_cpu:.1f} s cpu, "
           f"hand-written graph {base_wall:.1f} / {base_cpu:.1f} s, ratio {ratio_wall:.3f} wall / {ratio_cpu:.3f} cpu "
           f"(graph_from_module alone {trace_wall:.2f} s wall / {trace_cpu:.2f} s cpu); same bounds: {same}; "
           f"goal <= 1.10: {verdict}")

@@ -16,8 +16,8 @@ every tensor's shape and every constant's value, and rewrites the data flow as a
 Ops with a rule: conv/linear, batch norm, activations as modules or functions (``F.relu``, ``F.leaky_relu``,
 ``F.silu``, ``F.gelu``, ``torch.tanh``, ``F.softplus``, ``x * torch.sigmoid(x)``), pooling modules and
 functions (``F.avg_pool2d``, ``F.adaptive_avg_pool2d``, ``F.max_pool2d``, ``x.mean((2, 3))``), dropout in
-eval mode, flatten/view/reshape to ``(B, -1)``, per-channel affine maps with constant operands
-(``(x - mean) / std``), and leaves registered with :func:`register_leaf`. A parameter-free module that fx
+eval mode, flatten/view/reshape to ``(B, -1)``, constant padding (1-Lipschitz), per-channel affine maps
+with constant operands (``(x - mean) / std``), and leaves registered with :func:`register_leaf`. A parameter-free module that fx
 cannot trace, or whose ops have no rule, is compared with the known activations on a dense grid of inputs
 and taken as the one it equals (to 1e-6; a note says so). Anything else raises a one-line
 :class:`GraphExtractionError` naming the node, its source line, and how to register a rule. The graph is

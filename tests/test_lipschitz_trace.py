@@ -19,23 +19,11 @@ from hypothesis import given, settings, strategies as st
 
 from lipschitz import GraphExtractionError, graph_from_module, network_bound, register_leaf, unregister_leaf
 from lipschitz import graph as G
-from lipschitz.bounds import METHODS, interpret
+from lipschitz.bounds import METHODS, NetworkBound, interpret
 from lipschitz.lower import attack_ratio_lower, eval_mode
 from spectral.guarantee import Guarantee
 from tests.reference import handwritten_graph
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.weight.copy_(torch.randn(c, generator=g))
-                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
+from tests.test_lipschitz_bounds import _randomise_bn
 
 
 def _jac_norm(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +36,6 @@ def _jacobian_lower(model: nn.Module, shape, n_random: int = 4, n_ascent: int = 
     """max ||J(x)||_2 over random inputs and over inputs optimised by gradient ascent on ||J(x)||_2, and the
     l2 attack ratio (pairs optimised in l2 balls): all are lower bounds of the Lipschitz constant."""
     g = torch.Generator().manual_seed(seed)
-    best = 0.0
     with eval_mode(model):
         xs = [torch.rand(shape, generator=g, dtype=torch.float64) for _ in range(n_random)]
         best = max(float(_jac_norm(model, x).detach()) for x in xs)
@@ -62,7 +49,7 @@ def _jacobian_lower(model: nn.Module, shape, n_random: int = 4, n_ascent: int = 
     return max(best, ratio.value)
 
 
-def _check_dominates(model: nn.Module, shape, **kw) -> "NetworkBound":  # noqa: F821
+def _check_dominates(model: nn.Module, shape, **kw) -> NetworkBound:
     nb = network_bound(model, shape)
     lower = _jacobian_lower(model, shape, **kw)
     for meth in METHODS:
