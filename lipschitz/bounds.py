@@ -38,7 +38,6 @@ METHODS = ("product", "folded", "folded+liplt")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-
 def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = None) -> torch.Tensor:
     """Evaluate a graph on a batch; record each node's (input shape, output shape) without batch in ``shapes``."""
     in_shape = tuple(x.shape[1:])
