@@ -543,6 +543,25 @@ def load_checkpoint(path: str | Path, model: nn.Module | str | None = None) -> L
     return LoadedCheckpoint(model.eval(), metadata, source_format, layout, notes)
 
 
+def load_checkpoint_into(path: str | Path, model: nn.Module) -> LoadedCheckpoint:
+    """Load a checkpoint strictly into a model the caller built (e.g. ``archlip ... --model pkg.mod:Class``).
+
+    No layout mapping and no architecture inference: the keys must match the model's as saved, or after
+    removing a wrapper prefix (``module.``, ``model.``, ``_orig_mod.``) shared by every key.
+    """
+    path = Path(path).expanduser()
+    raw, metadata, source_format = read_checkpoint(path)
+    check_finite(raw, str(path))
+    notes: list[str] = []
+    for state in (raw, strip_prefixes(raw)):
+        if state_dict_diff(model, state) is None:
+            if state is not raw:
+                notes.append("removed a wrapper prefix shared by every key")
+            model.load_state_dict(state, strict=True)
+            return LoadedCheckpoint(model.eval(), metadata, source_format, "user-model", notes)
+    raise CheckpointMismatchError(f"{path}: {state_dict_diff(model, strip_prefixes(raw))}")
+
+
 # ------------------------------------------------------------------------------------------------ writing
 
 

@@ -277,14 +277,62 @@ def dataset_info(name: str) -> dict[str, Any]:
     return DATASETS[name]
 
 
+def build_user_model(spec: str, kwargs_json: str | None = None):
+    """``package.module:Class`` (importable, or from the working directory) or ``path/to/file.py:Class``, built
+    with the keyword arguments of the JSON object ``kwargs_json``."""
+    import importlib
+    import importlib.util
+
+    from torch import nn
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--model must look like package.module:Class or path/to/file.py:Class, got {spec!r}")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"depth\": 28}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json}")
+    if module_name.endswith(".py"):
+        file = Path(module_name).expanduser()
+        if not file.is_file():
+            raise UserError(f"--model file {file} not found")
+        module_spec = importlib.util.spec_from_file_location(f"archlip_user_model_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise UserError(f"--model: cannot import {module_name!r} ({exc}); run from the folder that holds it, "
+                            f"set PYTHONPATH, or pass path/to/file.py:{attr}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"--model: {module_name} has no {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        model = obj(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"--model: cannot build {spec} with --model-kwargs {kwargs}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model: {spec}(...) returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None,
-                model_name: str | None = None):
-    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model_name`` names the registry architecture
-    a checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation).
+                model: str | None = None, model_kwargs: str | None = None):
+    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model`` is either a registry name for the
+    architecture a checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation)
+    or a user class ``package.module:Class`` (built with ``model_kwargs``, JSON).
 
     Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
     and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
-    built with random weights drawn under ``seed``.
+    built with random weights drawn under ``seed``. A ``model`` of the form ``package.module:Class``: build that
+    class with ``model_kwargs`` (JSON) and load the checkpoint strictly into it, as it is.
     """
     import torch
 
@@ -292,14 +340,23 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
 
     if data is not None:
         dataset_info(data)
+    model_spec = model if model is not None and ":" in model else None
+    model_name = model if model is not None and ":" not in model else None
+    if model_kwargs is not None and model_spec is None:
+        raise UserError("--model-kwargs needs --model package.module:Class")
     path = Path(target)
+    if model_spec is not None and not path.exists():
+        raise FileNotFoundError(f"checkpoint {target!r} not found; --model loads a checkpoint file into your class")
     if path.exists():
         if path.is_dir():
             path = _checkpoint_in_dir(path)
-        from experiments.checkpoints import load_checkpoint
+        from experiments.checkpoints import load_checkpoint, load_checkpoint_into
 
         _check_checkpoint_format(path)
-        loaded = load_checkpoint(path, model=model_name)
+        if model_spec is None:
+            loaded = load_checkpoint(path, model=model_name)
+        else:
+            loaded = load_checkpoint_into(path, build_user_model(model_spec, model_kwargs))
         model, metadata = _unpack_loaded_checkpoint(loaded)
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
         if data is not None and recorded is not None and data != recorded:
@@ -308,6 +365,8 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         shape = input_shape or _metadata_input_shape(metadata) or DATASETS[data]["input_shape"]
         result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape),
                   "metadata": metadata, "weights": "trained (checkpoint)"}
+        if model_spec is not None:
+            result["model_class"] = model_spec
     else:
         presets = list(model_zoo.list_models())
         if target not in presets:
@@ -497,7 +556,7 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
-                              model_name=args.model)
+                              model=args.model, model_kwargs=args.model_kwargs)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
@@ -529,7 +588,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     out = _out_dir(args)  # a bad --out fails now, not after the analysis
     device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
-                              model_name=args.model)
+                              model=args.model, model_kwargs=args.model_kwargs)
     eps = _eps(eps_given, info)
     x = y = None
     if args.n > 0:  # the data is found (or not) before the bound is computed
@@ -712,7 +771,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         _out_dir(args)
     device = resolve_device(args.device)
-    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model_name=args.model)
+    model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, model=args.model,
+                              model_kwargs=args.model_kwargs)
     eps = _eps(eps_given, info)
     out = _out_dir(args, default=str(default_eval_dir(info, attacks, args, eps_given)))
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
@@ -905,9 +965,12 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "directory for resu
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, metavar="NAME",
-                        help="registry architecture for a checkpoint whose keys cannot settle it (e.g. "
-                             "preact-resnet-18-input-shortcut, dm-wrn-28-10-silu); sizes still come from the keys")
+    parser.add_argument("--model", default=None, metavar="NAME|PKG.MODULE:CLASS",
+                        help="the architecture of CKPT: a registry name its keys cannot settle (e.g. "
+                             "preact-resnet-18-input-shortcut, dm-wrn-28-10-silu; sizes still come from the keys), or "
+                             "your own class (package.module:Class or path/to/file.py:Class), built and loaded strictly")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='keyword arguments for --model PKG.MODULE:CLASS as a JSON object, e.g. \'{"depth": 28}\'')
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
@@ -1055,7 +1118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of a run folder: the model selected on validation (default) or the final one")
     p.add_argument("--eval", default=None, metavar="SUMMARY.json", help="an archlip eval summary for the card's accuracies")
     p.add_argument("--name", default=None, help="file name stem (default: the run folder's name)")
-    _model_arg(p)
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="registry architecture for a checkpoint whose keys cannot settle it (e.g. "
+                        "preact-resnet-18-input-shortcut)")
     _common(p, "directory for NAME.pt and NAME.json (default runs/export)")
     p.set_defaults(func=cmd_export)
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lipschitz import graph as G
+from lipschitz.trace import graph_from_module
 from experiments.report import spearman
 
 BASE_DEPTHS = (2, 2, 2)
@@ -148,7 +149,7 @@ def evaluate_config(multipliers: tuple[float, ...], regime: str, *, input_size: 
     input_shape = (3, input_size, input_size)
     shapes = _layer_input_shapes(model, input_shape)
     layers = _layer_rows(model, shapes)
-    root = model.lipschitz_graph()
+    root = graph_from_module(model, input_shape)
     pred_parts: dict[str, float] = {}
     meas_parts: dict[str, float] = {}
     predicted = compose_bound(root, lambda m: layers[id(m)]["predicted"], shapes, pred_parts)

@@ -26,68 +26,16 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lipschitz import graph as G
 from lipschitz.liplt import conv_spec, fold_weight, liplt_bound
-from lipschitz.rules import (absolute_value_split, activation_from_module, activation_slope, batchnorm_scale,
-                             normalize_scale, pool_is_linear, pool_lipschitz)
+from lipschitz.rules import (absolute_value_split, activation_slope, batchnorm_scale, normalize_scale, pool_is_linear,
+                             pool_lipschitz)
+from lipschitz.trace import graph_from_module
 from spectral.guarantee import Guarantee, NormValue, json_safe
 
 METHODS = ("product", "folded", "folded+liplt")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.MaxPool1d, nn.MaxPool2d,
-               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-
-
-# ------------------------------------------------------------------------------ graph construction
-
-def graph_from_module(module: nn.Module, name: str = "") -> G.Node:
-    """A lipschitz graph for a module: its own ``lipschitz_graph()``, or a converted ``nn.Sequential``.
-
-    Supported leaves: Conv1d/Conv2d/Linear, BatchNorm1d/2d, ReLU/LeakyReLU/SiLU/GELU/Softplus/Tanh,
-    pooling, Flatten, Dropout/Identity. Anything else raises a ValueError naming it.
-    """
-    if hasattr(module, "lipschitz_graph"):
-        return module.lipschitz_graph()
-    if isinstance(module, nn.Sequential):
-        return G.Sequential([graph_from_module(m, f"{name}.{k}" if name else str(k))
-                             for k, m in module.named_children()], name=name)
-    if isinstance(module, _LAYER_TYPES):
-        return G.Layer(module, name=name)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return G.BatchNorm(module, name=name)
-    act = activation_from_module(module)
-    if act is not None:
-        return G.Activation(act[0], act[1], name=name)
-    if isinstance(module, _POOL_TYPES):
-        return G.Pool(module, name=name)
-    if isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise ValueError(f"{name or 'Flatten'}: only Flatten(start_dim=1, end_dim=-1) is supported")
-        return G.Flatten(name=name)
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        return G.Identity(name=name)
-    raise ValueError(f"unsupported module {type(module).__name__} at {name or '<root>'}: network_bound supports "
-                     "Conv1d/Conv2d/Linear, BatchNorm, ReLU/LeakyReLU/SiLU/GELU/Softplus/Tanh, pooling, Flatten, "
-                     "Dropout/Identity and nn.Sequential; give the model a lipschitz_graph() for anything else")
-
-
-def _activation_fn(node: G.Activation, x: torch.Tensor) -> torch.Tensor:
-    p = node.params
-    if node.kind == "relu":
-        return F.relu(x)
-    if node.kind == "leaky_relu":
-        return F.leaky_relu(x, p.get("negative_slope", 0.01))
-    if node.kind == "silu":
-        return F.silu(x)
-    if node.kind == "gelu":
-        return F.gelu(x, approximate=p.get("approximate", "none"))
-    if node.kind == "softplus":
-        return F.softplus(x, beta=p.get("beta", 1.0), threshold=p.get("threshold", 20.0))
-    if node.kind == "tanh":
-        return torch.tanh(x)
-    return x
 
 
 def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = None) -> torch.Tensor:
@@ -96,7 +44,11 @@ def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = N
     if isinstance(node, (G.Layer, G.BatchNorm, G.Pool)):
         y = node.module(x)
     elif isinstance(node, G.Activation):
-        y = _activation_fn(node, x)
+        y = G.activation_fn(node.kind, node.params, x)
+    elif isinstance(node, G.Leaf):
+        y = node.module(x)
+    elif isinstance(node, G.Concat):
+        y = torch.cat([interpret(part, x, shapes) for part in node.parts], dim=node.dim)
     elif isinstance(node, G.Flatten):
         y = x.flatten(1)
     elif isinstance(node, G.Identity):
@@ -119,7 +71,7 @@ def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = N
 
 
 def _modules_of(node: G.Node) -> list[nn.Module]:
-    return [n.module for n in G.iter_nodes(node) if isinstance(n, (G.Layer, G.BatchNorm, G.Pool))]
+    return [n.module for n in G.iter_nodes(node) if isinstance(n, (G.Layer, G.BatchNorm, G.Pool, G.Leaf))]
 
 
 # ------------------------------------------------------------------------------------- results
@@ -143,6 +95,7 @@ class NetworkBound:
     layers: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[dict[str, Any]]:
@@ -155,7 +108,7 @@ class NetworkBound:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
                            "comparison": self.comparison, "layers": self.layers, "nodes": self.nodes,
-                           "seconds": self.seconds})
+                           "seconds": self.seconds, "notes": self.notes})
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -459,15 +412,18 @@ class _Engine:
                     seg.ops.append(("flatten", child))
             elif isinstance(child, G.Identity):
                 continue
-            elif isinstance(child, (G.Sequential, G.Residual)):
+            elif isinstance(child, G.Leaf):  # opaque: a registered constant, nothing folds through it
+                flush()
+                factors.append(_Factor("value", child.constant(self.shapes[id(child)][0]), False))
+            elif isinstance(child, (G.Sequential, G.Residual, G.Concat)):
                 push = None
                 if folding and seg_pure_diag() and not any(o[0] in ("pool", "flatten") for o in seg.ops):
                     push = self._diag_product(seg.ops)
                     seg = _Seg()
                 else:
                     flush()
-                if isinstance(child, G.Residual):
-                    v, ex = self._residual(child, push)
+                if isinstance(child, (G.Residual, G.Concat)):
+                    v, ex = self._residual(child, push) if isinstance(child, G.Residual) else self._concat(child, push)
                     factors.append(_Factor("value", v, ex))
                     self._record(child, v, ex, None, push)
                 else:
@@ -546,6 +502,15 @@ class _Engine:
                 return merged, False
         return value, False
 
+    def _concat(self, node: G.Concat, pending: torch.Tensor | None) -> tuple[float, bool]:
+        """cat(p_1(x), ..., p_k(x)): ||y - y'||^2 = sum_i ||p_i(x) - p_i(x')||^2, so L <= sqrt(sum L_i^2)."""
+        total = 0.0
+        for part in node.parts:
+            v, _, out = self.evaluate(part, pending)
+            v = _mul_up(v, _diag_norm(out)) if out is not None else v
+            total = math.nextafter(total + _mul_up(v, v), math.inf)  # float64 sum of squares rounded up
+        return math.nextafter(math.sqrt(total), math.inf), False
+
     def _merged_residual(self, node: G.Residual, pending) -> float | None:
         """||B + a A2 A1|| + b ||A2|| ||A1|| when the branch is exactly conv-act-conv and B sees the same input."""
         children = node.branch.children if isinstance(node.branch, G.Sequential) else [node.branch]
@@ -578,10 +543,11 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
                   sandwich_kwargs: dict | None = None) -> NetworkBound:
     """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
 
-    ``model_or_graph``: a module with ``lipschitz_graph()``, an ``nn.Sequential`` (converted), or a graph.
+    ``model_or_graph``: any fx-traceable module (its graph from ``lipschitz.trace.graph_from_module``), or a
+    ``lipschitz.graph`` tree built by hand.
     ``input_shape`` excludes the batch, e.g. (3, 32, 32). ``method`` in METHODS; with ``compare=True``
-    every method is evaluated and reported in ``comparison``. ``check_graph``: verify that the graph
-    reproduces ``model(x)`` on a random input (refuses a graph that does not describe the model).
+    every method is evaluated and reported in ``comparison``. The traced graph of a module is always checked
+    against ``model(x)`` on a random input (``check_graph`` repeats that check on ``example_input``).
     Batch norms use their running statistics (eval mode); the model's modes are restored afterwards.
     References: Fazlyab et al. 2023 (LipLT); Gouk et al. 2021 (layer-wise product bounds).
     """
@@ -593,9 +559,8 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
     input_shape = tuple(int(s) for s in input_shape)
     if isinstance(model_or_graph, nn.Module):
         model = model_or_graph
-        root = graph_from_module(model)
-    elif isinstance(model_or_graph, (G.Sequential, G.Residual, G.Layer, G.BatchNorm, G.Pool, G.Activation,
-                                     G.Flatten, G.Identity, G.Normalize)):
+        root = graph_from_module(model, input_shape)
+    elif isinstance(model_or_graph, G.NODE_TYPES):
         model, root = None, model_or_graph
         check_graph = False
     else:
@@ -620,8 +585,8 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
             ref = model(x)
             if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-4, atol=1e-5):
                 diff = (ref - y).abs().max().item() if ref.shape == y.shape else "shape mismatch"
-                raise ValueError(f"lipschitz_graph() does not reproduce the model's forward (max diff {diff}); "
-                                 "fix the model's graph description")
+                raise ValueError(f"the traced graph does not reproduce the model's forward (max diff {diff}); the "
+                                 "forward depends on something fx cannot see (randomness, batch-dependent Python code)")
         layer_rows: dict[int, dict] = {}
         for n in G.iter_nodes(root):
             if isinstance(n, G.Layer):
@@ -642,7 +607,7 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
             node_values[meth] = eng.node_values
     nodes = []
     for n in G.iter_nodes(root):
-        if isinstance(n, (G.Sequential, G.Residual)) and (n.name or getattr(n, "role", None)) and n is not root:
+        if isinstance(n, (G.Sequential, G.Residual, G.Concat)) and (n.name or getattr(n, "role", None)) and n is not root:
             rec = {"name": n.name, "role": n.role, "in_shape": list(shapes[id(n)][0]),
                    "out_shape": list(shapes[id(n)][1])}
             labels = {}
@@ -656,5 +621,6 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
     v, exact = results[method]
     value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",
                       seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
+    notes = [n.note for n in G.iter_nodes(root) if getattr(n, "note", "")]
     return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
-                        list(layer_rows.values()), nodes, time.perf_counter() - t0)
+                        list(layer_rows.values()), nodes, time.perf_counter() - t0, notes)

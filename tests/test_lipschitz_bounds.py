@@ -44,7 +44,7 @@ def _max_jacobian_norm(model: nn.Module, shape, n_points: int = 8, seed: int = 0
 
 
 class PreActNet(nn.Module):
-    """A tiny hand-built pre-activation residual net with its own lipschitz_graph()."""
+    """A tiny pre-activation residual net written in one forward (traced), with a hand-built graph below."""
 
     def __init__(self, act=nn.ReLU, c=3):
         super().__init__()
@@ -64,24 +64,27 @@ class PreActNet(nn.Module):
         x = self.short(a) + self.conv4(self.act(self.bn4(self.conv3(a))))
         return self.fc(self.pool(self.act(self.bn5(x))).flatten(1))
 
-    def lipschitz_graph(self):
-        kind, params = activation_from_module(self.act)
-        A = lambda: G.Activation(kind, params)  # noqa: E731
-        block1 = G.Residual(G.Sequential([G.BatchNorm(self.bn1), A(), G.Layer(self.conv1), G.BatchNorm(self.bn2),
-                                          A(), G.Layer(self.conv2)]), None, name="block1", role="block")
-        block2 = G.Sequential([G.BatchNorm(self.bn3), A(), G.Residual(
-            G.Sequential([G.Layer(self.conv3), G.BatchNorm(self.bn4), A(), G.Layer(self.conv4)]),
-            G.Layer(self.short))], name="block2", role="block")
-        head = G.Sequential([G.BatchNorm(self.bn5), A(), G.Pool(self.pool), G.Flatten(), G.Layer(self.fc)],
-                            name="head", role="head")
-        return G.Sequential([G.Layer(self.stem), G.Sequential([block1, block2], name="stage1", role="stage"), head])
+
+
+def _preact_graph(net: PreActNet) -> G.Node:
+    """A hand-built graph of PreActNet (graphs built by hand are still accepted by network_bound)."""
+    kind, params = activation_from_module(net.act)
+    A = lambda: G.Activation(kind, params)  # noqa: E731
+    block1 = G.Residual(G.Sequential([G.BatchNorm(net.bn1), A(), G.Layer(net.conv1), G.BatchNorm(net.bn2),
+                                      A(), G.Layer(net.conv2)]), None, name="block1", role="block")
+    block2 = G.Sequential([G.BatchNorm(net.bn3), A(), G.Residual(
+        G.Sequential([G.Layer(net.conv3), G.BatchNorm(net.bn4), A(), G.Layer(net.conv4)]),
+        G.Layer(net.short))], name="block2", role="block")
+    head = G.Sequential([G.BatchNorm(net.bn5), A(), G.Pool(net.pool), G.Flatten(), G.Layer(net.fc)],
+                        name="head", role="head")
+    return G.Sequential([G.Layer(net.stem), G.Sequential([block1, block2], name="stage1", role="stage"), head])
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
 def test_handbuilt_preact_net_bounds_dominate_jacobians(act):
     torch.manual_seed(0)
     model = _randomise_bn(PreActNet(act).double())
-    nb = network_bound(model, (1, 6, 6))
+    nb = network_bound(_preact_graph(model), (1, 6, 6))
     jac = _max_jacobian_norm(model, (1, 6, 6))
     for meth in METHODS:
         assert nb.comparison[meth] >= jac
@@ -182,11 +185,6 @@ def test_post_activation_block_merged_liplt_dominates_jacobian():
         def forward(self, x):
             return torch.relu(x + self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))))
 
-        def lipschitz_graph(self):
-            br = G.Sequential([G.Layer(self.c1), G.BatchNorm(self.bn1), G.Activation("relu"), G.Layer(self.c2),
-                               G.BatchNorm(self.bn2)])
-            return G.Sequential([G.Residual(br, None, name="res", role="block"), G.Activation("relu")])
-
     model = _randomise_bn(Block().double(), seed=8)
     nb = network_bound(model, (2, 5, 5))
     assert nb.comparison["folded+liplt"] < nb.comparison["folded"]
@@ -237,19 +235,18 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="method"):
         network_bound(nn.Sequential(nn.Linear(3, 2)), (3,), method="best")
 
-    class Wrong(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
-
+    class DoubledReLU(nn.Module):  # registered as a plain ReLU, which it is not
         def forward(self, x):
-            return 2 * self.fc(x)
+            return 2 * torch.relu(x)
 
-        def lipschitz_graph(self):
-            return G.Sequential([G.Layer(self.fc)])
+    from lipschitz.trace import register_leaf, unregister_leaf
 
-    with pytest.raises(ValueError, match="does not reproduce"):
-        network_bound(Wrong(), (3,))
+    register_leaf(DoubledReLU, activation="relu")
+    try:
+        with pytest.raises(ValueError, match="does not reproduce"):
+            network_bound(nn.Sequential(nn.Linear(3, 2), DoubledReLU()), (3,))
+    finally:
+        unregister_leaf(DoubledReLU)
     with pytest.raises(ValueError, match="shape"):
         network_bound(nn.Sequential(nn.Linear(3, 2)), (4,))
 

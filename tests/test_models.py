@@ -19,6 +19,7 @@ from experiments.models import (
     model_from_config,
 )
 from lipschitz import graph
+from lipschitz.trace import graph_from_module
 from tests.reference import read_reference
 
 TINY = ["wrn-tiny", "wrn-tiny-r", "resnet-tiny", "preact-resnet-tiny"]
@@ -150,17 +151,17 @@ GRAPH_CASES = [
 
 
 @pytest.mark.parametrize("name,overrides", GRAPH_CASES)
-def test_lipschitz_graph_reproduces_forward(name, overrides):
+def test_traced_graph_reproduces_forward(name, overrides):
     model = randomize_bn(create_model(name, num_classes=7, in_channels=1, **overrides))
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(run_graph(model.lipschitz_graph(), x), model(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(run_graph(graph_from_module(model, (1, 8, 8)), x), model(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", TINY + ["wrn-34-r"])
 def test_graph_roles_and_coverage(name):
     model = meta_model(name)
-    root = model.lipschitz_graph()
+    root = graph_from_module(model, (3, 32, 32))
     roles = [c.role for c in root.children]
     assert roles[0] == "stem" and roles[-1] == "head" and set(roles[1:-1]) == {"stage"}
     for stage in root.children[1:-1]:

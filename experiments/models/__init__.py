@@ -1,6 +1,7 @@
 """Models: pre-activation WideResNet with per-stage depth/width, CIFAR ResNet-18 / PreActResNet-18 (both
 shortcut variants), the DeepMind-style WideResNet / PreActResNet with in-model normalisation, a name-keyed
-registry and per-stage parameter/MAC descriptions. All models take inputs in [0, 1] and return logits."""
+registry and per-stage parameter/MAC descriptions. All models take inputs in [0, 1] and return logits;
+their Lipschitz graphs come from tracing (``lipschitz.graph_from_module``)."""
 from experiments.models.describe import ModelDescription, describe
 from experiments.models.dm import DMPreActResNet, DMWideResNet
 from experiments.models.layers import ACTIVATIONS, InputNormalization

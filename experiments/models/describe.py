@@ -1,4 +1,4 @@
-"""Parameter counts and multiply-accumulates per stage, read from a model's ``lipschitz_graph()``."""
+"""Parameter counts and multiply-accumulates per stage, read from a model's traced Lipschitz graph."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lipschitz import graph
+from lipschitz.trace import graph_from_module
 
 
 @dataclass
@@ -65,10 +66,8 @@ def describe(model: nn.Module, input_shape: Sequence[int]) -> ModelDescription:
     ``input_shape`` excludes the batch dimension, e.g. ``(3, 32, 32)``. Parameters of modules that the
     graph does not reach are reported in a part named ``"other"`` so that the parts always sum to the total.
     """
-    if not hasattr(model, "lipschitz_graph"):
-        raise TypeError(f"{type(model).__name__} has no lipschitz_graph(); describe() needs an archlip model")
     input_shape = [int(s) for s in input_shape]
-    root = model.lipschitz_graph()
+    root = graph_from_module(model, input_shape)
     parts_nodes = root.children if isinstance(root, graph.Sequential) else [root]
     groups = [(getattr(n, "name", "") or type(n).__name__, getattr(n, "role", None), _node_modules(n))
               for n in parts_nodes]

@@ -6,8 +6,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lipschitz import graph
-
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
@@ -21,11 +19,6 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
-
-
-def activation_node(name: str, node_name: str = "") -> graph.Activation:
-    """The graph node for an activation created by :func:`make_activation` (default parameters)."""
-    return graph.Activation(name, name=node_name)
 
 
 class InputNormalization(nn.Module):
@@ -48,9 +41,6 @@ class InputNormalization(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-    def graph_node(self, name: str = "normalize") -> graph.Normalize:
-        return graph.Normalize(self.mean.flatten(), self.std.flatten(), name=name)
 
 
 def make_normalization(

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from experiments.models.layers import activation_node, conv1x1, conv3x3, make_activation, make_normalization
-from lipschitz import graph
+from experiments.models.layers import conv1x1, conv3x3, make_activation, make_normalization
 
 
 class BasicBlock(nn.Module):
@@ -39,27 +38,6 @@ class BasicBlock(nn.Module):
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act2(out + self.shortcut(x))
-
-    def graph_node(self, name: str) -> graph.Node:
-        branch = graph.Sequential(
-            [
-                graph.Layer(self.conv1, name=f"{name}.conv1"),
-                graph.BatchNorm(self.bn1, name=f"{name}.bn1"),
-                activation_node(self.activation, f"{name}.act1"),
-                graph.Layer(self.conv2, name=f"{name}.conv2"),
-                graph.BatchNorm(self.bn2, name=f"{name}.bn2"),
-            ],
-            name=f"{name}.branch",
-        )
-        shortcut = None
-        if len(self.shortcut) > 0:
-            shortcut = graph.Sequential(
-                [graph.Layer(self.shortcut[0], name=f"{name}.shortcut.0"),
-                 graph.BatchNorm(self.shortcut[1], name=f"{name}.shortcut.1")],
-                name=f"{name}.shortcut",
-            )
-        residual = graph.Residual(branch, shortcut, name=f"{name}.residual")
-        return graph.Sequential([residual, activation_node(self.activation, f"{name}.act2")], name=name, role="block")
 
 
 PREACT_SHORTCUTS = ("preact", "input")
@@ -95,22 +73,6 @@ class PreActBlock(nn.Module):
         if self.shortcut is None:
             return out + x
         return out + self.shortcut(a if self.shortcut_input == "preact" else x)
-
-    def graph_node(self, name: str) -> graph.Node:
-        pre = [graph.BatchNorm(self.bn1, name=f"{name}.bn1"), activation_node(self.activation, f"{name}.act1")]
-        inner = [
-            graph.Layer(self.conv1, name=f"{name}.conv1"),
-            graph.BatchNorm(self.bn2, name=f"{name}.bn2"),
-            activation_node(self.activation, f"{name}.act2"),
-            graph.Layer(self.conv2, name=f"{name}.conv2"),
-        ]
-        if self.shortcut is None:
-            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
-        conv = graph.Layer(self.shortcut[0], name=f"{name}.shortcut.0")
-        if self.shortcut_input == "input":
-            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), conv, name=name, role="block")
-        residual = graph.Residual(graph.Sequential(inner, name=f"{name}.branch"), conv, name=f"{name}.residual")
-        return graph.Sequential(pre + [residual], name=name, role="block")
 
 
 class _CifarResNet(nn.Module):
@@ -182,33 +144,6 @@ class _CifarResNet(nn.Module):
             "in_channels": self.in_channels,
             "normalize": None if norm is None else [norm.mean.flatten().tolist(), norm.std.flatten().tolist()],
         }
-
-    def lipschitz_graph(self) -> graph.Node:
-        children: list[graph.Node] = []
-        if self.normalize is not None:
-            children.append(self.normalize.graph_node("normalize"))
-        stem: list[graph.Node] = [graph.Layer(self.conv1, name="conv1")]
-        if not self.preact:
-            stem += [graph.BatchNorm(self.bn1, name="bn1"), activation_node(self.activation, "act")]
-        children.append(graph.Sequential(stem, name="stem", role="stem"))
-        for k, stage in enumerate(self.stages()):
-            children.append(
-                graph.Sequential(
-                    [block.graph_node(f"layer{k + 1}.{j}") for j, block in enumerate(stage)],
-                    name=f"stage{k + 1}",
-                    role="stage",
-                )
-            )
-        head: list[graph.Node] = []
-        if self.preact:
-            head += [graph.BatchNorm(self.bn, name="bn"), activation_node(self.activation, "act")]
-        head += [
-            graph.Pool(self.global_pooling, name="global_pooling"),
-            graph.Flatten(name="flatten"),
-            graph.Layer(self.linear, name="linear"),
-        ]
-        children.append(graph.Sequential(head, name="head", role="head"))
-        return graph.Sequential(children, name=self.arch_config()["family"])
 
 
 class ResNet(_CifarResNet):

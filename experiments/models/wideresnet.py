@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.models.layers import activation_node, conv1x1, conv3x3, make_activation, make_normalization
-from lipschitz import graph
+from experiments.models.layers import conv1x1, conv3x3, make_activation, make_normalization
 
 
 SHORTCUT_INPUTS = ("input", "preact")
@@ -59,28 +58,6 @@ class WideBasicBlock(nn.Module):
         if self.convShortcut is None:
             return x + out
         return self.convShortcut(a if self.shortcut_on_preact else x) + out
-
-    def graph_node(self, name: str) -> graph.Node:
-        inner = [
-            graph.Layer(self.conv1, name=f"{name}.conv1"),
-            graph.BatchNorm(self.bn2, name=f"{name}.bn2"),
-            activation_node(self.activation, f"{name}.act2"),
-        ]
-        if self.dropout > 0:
-            inner.append(graph.Identity(name=f"{name}.dropout"))
-        inner.append(graph.Layer(self.conv2, name=f"{name}.conv2"))
-        pre = [graph.BatchNorm(self.bn1, name=f"{name}.bn1"), activation_node(self.activation, f"{name}.act1")]
-        if self.convShortcut is None:
-            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
-        if not self.shortcut_on_preact:
-            return graph.Residual(graph.Sequential(pre + inner, name=f"{name}.branch"),
-                                  graph.Layer(self.convShortcut, name=f"{name}.convShortcut"), name=name, role="block")
-        residual = graph.Residual(
-            graph.Sequential(inner, name=f"{name}.branch"),
-            graph.Layer(self.convShortcut, name=f"{name}.convShortcut"),
-            name=f"{name}.residual",
-        )
-        return graph.Sequential(pre + [residual], name=name, role="block")
 
 
 class WideStage(nn.Module):
@@ -197,31 +174,3 @@ class WideResNet(nn.Module):
             "dropout": self.dropout,
             "equal_width_shortcut": self.equal_width_shortcut,
         }
-
-    def lipschitz_graph(self) -> graph.Node:
-        children: list[graph.Node] = []
-        if self.normalize is not None:
-            children.append(self.normalize.graph_node("normalize"))
-        children.append(graph.Sequential([graph.Layer(self.stem_conv, name="stem_conv")], name="stem", role="stem"))
-        for i, stage in enumerate(self.blocks):
-            children.append(
-                graph.Sequential(
-                    [block.graph_node(f"blocks.{i}.layer.{j}") for j, block in enumerate(stage.layer)],
-                    name=f"stage{i + 1}",
-                    role="stage",
-                )
-            )
-        children.append(
-            graph.Sequential(
-                [
-                    graph.BatchNorm(self.bn1, name="bn1"),
-                    activation_node(self.activation, "act"),
-                    graph.Pool(self.global_pooling, name="global_pooling"),
-                    graph.Flatten(name="flatten"),
-                    graph.Layer(self.fc, name="fc"),
-                ],
-                name="head",
-                role="head",
-            )
-        )
-        return graph.Sequential(children, name="wideresnet")
