@@ -364,10 +364,10 @@ def node_lower_bounds(model: nn.Module, x: torch.Tensor, *, names: list[str] | N
     the network runs on ``x``, random points with their spread and attack points. ``names``: only these.
     A node that is a sequence of one child computes the same map as that child and shares its result."""
     from lipschitz import graph as G
-    from lipschitz.bounds import graph_from_module
+    from lipschitz.trace import graph_from_module
 
     _check_batch(x)
-    root = graph_from_module(model)
+    root = graph_from_module(model, tuple(x.shape[1:]))
     inputs: dict[int, torch.Tensor] = {}
     with eval_mode(model), torch.no_grad():
         node_inputs(root, x, inputs)

@@ -9,7 +9,8 @@ from torch import nn
 from torch.func import jacrev
 
 from lipschitz import graph as G
-from lipschitz.bounds import METHODS, graph_from_module, interpret, network_bound
+from lipschitz.bounds import METHODS, interpret, network_bound
+from lipschitz.trace import graph_from_module
 from lipschitz.lower import attack_ratio_lower, eval_mode
 from lipschitz.search import NodeMap, node_inputs
 
@@ -47,7 +48,7 @@ def _own_lipschitz_lower(node: G.Node, holder: nn.Module, inputs: torch.Tensor, 
 def _check_every_node(model: nn.Module, shape: tuple, seed: int) -> int:
     """Every named node's value (each method) >= the largest observed Jacobian norm / ratio of its own map."""
     nb = network_bound(model, shape)
-    root = model.lipschitz_graph() if hasattr(model, "lipschitz_graph") else graph_from_module(model)
+    root = graph_from_module(model, shape)
     by_name = {n.name: n for n in G.iter_nodes(root) if isinstance(n, (G.Sequential, G.Residual)) and n.name}
     inputs: dict[int, torch.Tensor] = {}
     g = torch.Generator().manual_seed(seed)
