@@ -342,6 +342,9 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
         dataset_info(data)
     model_spec = model if model is not None and ":" in model else None
     model_name = model if model is not None and ":" not in model else None
+    if model_name is not None and model_name not in model_zoo.list_models():
+        raise UserError(f"--model {model_name!r} is neither an archlip architecture (archlip list presets) nor a "
+                        "class given as package.module:Class or path/to/file.py:Class")
     if model_kwargs is not None and model_spec is None:
         raise UserError("--model-kwargs needs --model package.module:Class")
     path = Path(target)

@@ -35,10 +35,11 @@ def handwritten_graph(model: nn.Module) -> G.Node:
     def act(name):
         return G.Activation(model.activation, name=name)
 
-    def preact(name, bn1, inner, shortcut):
+    def preact(name, bn1, inner, shortcut, on_preact=True):
         pre = [G.BatchNorm(bn1, name=f"{name}.bn1"), act(f"{name}.act1")]
-        if shortcut is None:
-            return G.Residual(G.Sequential(pre + inner, name=f"{name}.branch"), None, name=name, role="block")
+        if shortcut is None or not on_preact:  # the shortcut (if any) reads the block's raw input
+            short = None if shortcut is None else G.Layer(shortcut, name=f"{name}.shortcut")
+            return G.Residual(G.Sequential(pre + inner, name=f"{name}.branch"), short, name=name, role="block")
         res = G.Residual(G.Sequential(inner, name=f"{name}.branch"), G.Layer(shortcut, name=f"{name}.shortcut"),
                          name=f"{name}.residual")
         return G.Sequential(pre + [res], name=name, role="block")
@@ -53,7 +54,7 @@ def handwritten_graph(model: nn.Module) -> G.Node:
             for j, b in enumerate(stage.layer):
                 n = f"blocks.{i}.layer.{j}"
                 inner = [G.Layer(b.conv1), G.BatchNorm(b.bn2), act(f"{n}.act2"), G.Layer(b.conv2)]
-                blocks.append(preact(n, b.bn1, inner, b.convShortcut))
+                blocks.append(preact(n, b.bn1, inner, b.convShortcut, b.shortcut_on_preact))
             children.append(G.Sequential(blocks, name=f"stage{i + 1}", role="stage"))
         head = [G.BatchNorm(model.bn1), act("act"), G.Pool(model.global_pooling), G.Flatten(), G.Layer(model.fc)]
     else:
@@ -65,7 +66,8 @@ def handwritten_graph(model: nn.Module) -> G.Node:
                 n = f"layer{k + 1}.{j}"
                 if model.preact:
                     inner = [G.Layer(b.conv1), G.BatchNorm(b.bn2), act(f"{n}.act2"), G.Layer(b.conv2)]
-                    blocks.append(preact(n, b.bn1, inner, None if b.shortcut is None else b.shortcut[0]))
+                    blocks.append(preact(n, b.bn1, inner, None if b.shortcut is None else b.shortcut[0],
+                                          b.shortcut_input == "preact"))
                     continue
                 branch = G.Sequential([G.Layer(b.conv1), G.BatchNorm(b.bn1), act("a"), G.Layer(b.conv2),
                                        G.BatchNorm(b.bn2)], name=f"{n}.branch")
