@@ -34,7 +34,7 @@ from lipschitz.rules import (absolute_value_split, activation_from_module, activ
                              normalize_scale, pool_is_linear, pool_lipschitz)
 from spectral.guarantee import Guarantee, NormValue, json_safe
 
-METHODS = ("product", "folded", "folded+liplt")
+METHODS = ("product", "folded", "folded+liplt", "lipsdp")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.MaxPool1d, nn.MaxPool2d,
                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
@@ -572,10 +572,34 @@ class _Engine:
 
 # ----------------------------------------------------------------------------------------- API
 
+def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, rtol, dense_max_entries, layer_rows, cache):
+    """The "lipsdp" method: every node's folded+liplt value or its LipSDP chain bound, whichever is smaller."""
+    from lipschitz.sdp import SdpComposer
+
+    sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18)}
+
+    def own(node):
+        if id(node) in folded_nodes:
+            return folded_nodes[id(node)]
+        if node is root:
+            return folded_result
+        eng = _Engine(shapes, "folded+liplt", rtol, dense_max_entries, sw_kw, layer_rows, cache)
+        eng.record_nodes = False
+        v, exact, out = eng.evaluate(node)
+        return (_mul_up(v, _diag_norm(out)), False) if out is not None else (v, exact)
+
+    comp = SdpComposer(shapes, own, options)
+    values = {}
+    for n in G.iter_nodes(root):
+        if isinstance(n, (G.Sequential, G.Residual)) and (n.name or getattr(n, "role", None)) and n is not root:
+            values[id(n)] = comp.best(n)
+    return comp.best(root, top=True), values
+
+
 def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int], method: str = "folded+liplt", *,
                   compare: bool = True, rtol: float = 0.02, dense_max_entries: int = 2**21,
                   example_input: torch.Tensor | None = None, check_graph: bool = True,
-                  sandwich_kwargs: dict | None = None) -> NetworkBound:
+                  sandwich_kwargs: dict | None = None, sdp_options: "SdpOptions | None" = None) -> NetworkBound:
     """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
 
     ``model_or_graph``: a module with ``lipschitz_graph()``, an ``nn.Sequential`` (converted), or a graph.
@@ -629,9 +653,14 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
                                      "weight_shape": list(n.module.weight.shape),
                                      "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
         cache: dict = {}
-        methods = METHODS if compare else (method,)
+        methods = METHODS if compare else (method,) if method != "lipsdp" else ("folded+liplt", "lipsdp")
         results, node_values = {}, {}
         for meth in methods:
+            if meth == "lipsdp":
+                results[meth], node_values[meth] = _lipsdp_pass(root, shapes, node_values["folded+liplt"],
+                                                                results["folded+liplt"], sdp_options, rtol,
+                                                                dense_max_entries, layer_rows, cache)
+                continue
             sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
             eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
             v, exact, out = eng.evaluate(root)
