@@ -215,6 +215,34 @@ def _prepare(model_or_graph, input_shape):
     return root
 
 
+@dataclass
+class LocalContext:
+    """A float64 copy of the graph with, per activation, certified global Lipschitz constants of each
+    pre-activation neuron (from the verified global LipSDP chain), reused for every ball."""
+
+    root: Any
+    neuron_lipschitz: dict  # id(activation node) -> (n,) tensor, |z_i(x1) - z_i(x2)| <= L_i |x1 - x2|_2
+
+
+def prepare_local(model_or_graph, input_shape, max_state: int = 4096) -> LocalContext:
+    """Build the ``LocalContext`` of a network (one global chain; falls back to no enclosure if too large)."""
+    from lipschitz.bounds import interpret
+
+    root = _prepare(model_or_graph, tuple(input_shape))
+    shapes: dict = {}
+    with torch.no_grad():
+        interpret(root, torch.zeros((1,) + tuple(input_shape), dtype=torch.float64), shapes)
+    radii = {id(n): torch.full((math.prod(shapes[id(n)][0]),), math.inf, dtype=torch.float64)
+             for n in G.iter_nodes(root) if isinstance(n, G.Activation)}
+    try:
+        prog = lower(root, shapes)
+        if prog.max_state() <= max_state and prog.steps:
+            _refine(prog, chain_bound(prog, iters=0).lams, radii, 1.0)
+    except (NotDense, ValueError):
+        pass
+    return LocalContext(root, radii)
+
+
 def _ball(x: torch.Tensor, eps: float, norm: str, domain):
     lo, hi = x - eps, x + eps
     if domain is not None:
@@ -229,7 +257,7 @@ def _ball(x: torch.Tensor, eps: float, norm: str, domain):
 
 def local_bound(model_or_graph, x: torch.Tensor, eps: float, norm: str = "l2", *, rows: torch.Tensor | None = None,
                 domain: tuple[float, float] | None = (0.0, 1.0), passes: int = 2, iters: int = 0,
-                max_state: int = 4096, _root=None) -> LocalBound:
+                max_state: int = 4096, context: LocalContext | None = None) -> LocalBound:
     """Certified l2 Lipschitz constant of the network on B(x, eps) (see module docstring).
 
     ``x``: one input without batch dimension. ``rows``: optional (r, n_out) functionals (e.g. e_c - e_j)
@@ -240,7 +268,8 @@ def local_bound(model_or_graph, x: torch.Tensor, eps: float, norm: str = "l2", *
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     t0 = time.perf_counter()
-    root = _root if _root is not None else _prepare(model_or_graph, tuple(x.shape))
+    context = context if context is not None else prepare_local(model_or_graph, tuple(x.shape), max_state)
+    root = context.root
     from lipschitz.bounds import interpret
 
     x64 = x.detach().to(torch.float64)[None]
@@ -250,7 +279,10 @@ def local_bound(model_or_graph, x: torch.Tensor, eps: float, norm: str = "l2", *
         c, r, reach = _ball(x64, eps, norm, domain)
         acts: dict = {}
         _interval(root, c, r, acts)
-    refined = {k: torch.full((v[0].numel(),), math.inf, dtype=torch.float64) for k, v in acts.items()}
+    refined = {}
+    for k in acts:
+        lip = context.neuron_lipschitz[k]
+        refined[k] = torch.where(torch.isfinite(lip), lip * reach, torch.full_like(lip, math.inf))
     result = None
     for p in range(max(1, passes)):
         slopes = _slopes(acts, root, refined)
@@ -273,9 +305,9 @@ def _pair_rows(n_out: int, label: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _certified_at(root, x, margins, rows, r, norm, domain, passes, max_state) -> tuple[bool, float | None, LocalBound | None]:
+def _certified_at(ctx, x, margins, rows, r, norm, domain, passes, max_state) -> tuple[bool, float | None, LocalBound | None]:
     try:
-        lb = local_bound(None, x, r, norm, rows=rows, domain=domain, passes=passes, max_state=max_state, _root=root)
+        lb = local_bound(None, x, r, norm, rows=rows, domain=domain, passes=passes, max_state=max_state, context=ctx)
     except (ValueError, NotDense):
         return False, None, None
     lips = torch.tensor(lb.rows, dtype=torch.float64)
@@ -284,7 +316,8 @@ def _certified_at(root, x, margins, rows, r, norm, domain, passes, max_state) ->
 
 def certified_radius(model_or_graph, x: torch.Tensor, label: int, norm: str = "l2", *, eps_max: float = 1.0,
                      steps: int = 6, global_bound: float | None = None, domain=(0.0, 1.0), passes: int = 2,
-                     max_state: int = 4096, index: int = 0, probe: tuple[float, ...] = ()) -> RadiusResult:
+                     max_state: int = 4096, index: int = 0, probe: tuple[float, ...] = (),
+                     context: LocalContext | None = None) -> RadiusResult:
     """Largest r (bisection on [r_global, eps_max], ``steps`` halvings) with a pairwise-margin certificate on B(x, r).
 
     ``global_bound``: a certified global l2 constant of the whole output; then r_global = min_j m_j /
@@ -293,7 +326,8 @@ def certified_radius(model_or_graph, x: torch.Tensor, label: int, norm: str = "l
     relative for round-off. Misclassified inputs get radius 0.
     """
     t0 = time.perf_counter()
-    root = _prepare(model_or_graph, tuple(x.shape))
+    ctx = context if context is not None else prepare_local(model_or_graph, tuple(x.shape), max_state)
+    root = ctx.root
     from lipschitz.bounds import interpret
 
     with torch.no_grad():
@@ -316,7 +350,7 @@ def certified_radius(model_or_graph, x: torch.Tensor, label: int, norm: str = "l
     for r in sorted(probe):
         if r <= lo or r > hi:
             continue
-        ok, lip, lb = _certified_at(root, x, margins, rows, r, norm, domain, passes, max_state)
+        ok, lip, lb = _certified_at(ctx, x, margins, rows, r, norm, domain, passes, max_state)
         if ok:
             lo, lo_lip, lo_unstable = r, lip, lb.unstable / max(lb.neurons, 1)
         else:
@@ -326,9 +360,23 @@ def certified_radius(model_or_graph, x: torch.Tensor, label: int, norm: str = "l
         if hi - lo <= 1e-3 * hi:
             break
         mid = (lo + hi) / 2 if lo > 0 else hi / 2
-        ok, lip, lb = _certified_at(root, x, margins, rows, mid, norm, domain, passes, max_state)
+        ok, lip, lb = _certified_at(ctx, x, margins, rows, mid, norm, domain, passes, max_state)
         if ok:
             lo, lo_lip, lo_unstable = mid, lip, lb.unstable / max(lb.neurons, 1)
         else:
             hi = mid
     return RadiusResult(index, label, pred, m, norm, lo, lo, lo_lip, r_glob, lo_unstable, time.perf_counter() - t0)
+
+
+def certify_examples(model_or_graph, x: torch.Tensor, y: torch.Tensor, norm: str = "l2", *, eps_max: float = 1.0,
+                     steps: int = 6, global_bound: float | None = None, probe: tuple[float, ...] = (),
+                     progress: bool = True, **kw) -> list[RadiusResult]:
+    """``certified_radius`` for each example of a batch (with a tqdm progress bar)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    ctx = kw.pop("context", None) or prepare_local(model_or_graph, tuple(x.shape[1:]), kw.get("max_state", 4096))
+    for i in tqdm(range(len(x)), desc=f"certified radii ({norm})", disable=not progress):
+        out.append(certified_radius(None, x[i], int(y[i]), norm, eps_max=eps_max, steps=steps, context=ctx,
+                                    global_bound=global_bound, probe=probe, index=i, **kw))
+    return out

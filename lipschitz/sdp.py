@@ -99,30 +99,31 @@ class _Chain:
                             for v in state], 1)
         self.F_err = math.sqrt(sum(out[v].err ** 2 for v in out if v in state))
 
-    def greedy_scales(self) -> list[float]:
-        """ECLipsE-Fast rule: lambda_k = 1 / (2 m^2 lambda_max(A Q^-1 A^T)) with the resulting Q, per step."""
-        Q = torch.eye(self.prog.sizes[0], dtype=torch.float64)
-        scales = []
+    @staticmethod
+    def greedy_lam(Q: torch.Tensor, A: torch.Tensor, st, keep, drop):
+        """ECLipsE-Fast rule: lambda = 1 / (2 m^2 lambda_max(A Q^-1 A^T)), halved until the step stays definite."""
+        m = float(((st.alpha + st.beta) / 2).abs().max())
+        L, info = torch.linalg.cholesky_ex(Q)
+        if int(info) != 0:
+            raise _Infeasible("state matrix lost positive definiteness")
+        Y = torch.linalg.solve_triangular(L, A.T, upper=False)
+        gram = Y.T @ Y if Y.shape[1] <= Y.shape[0] else Y @ Y.T
+        mu = float(torch.linalg.eigvalsh(gram)[-1])
+        scale = 1.0 / (2 * m * m * mu) if m > 0 and mu > 0 else 1.0
+        for _ in range(40):
+            lam = torch.full((len(st.alpha),), scale, dtype=torch.float64)
+            Qn = _schur(_step_matrix(Q, A, lam, st.alpha, st.beta), keep, drop)
+            if Qn is not None and int(torch.linalg.cholesky_ex(Qn)[1]) == 0:
+                return lam
+            scale /= 2
+        raise _Infeasible("no multiplier keeps the chain positive definite")
+
+    def greedy_lams(self) -> list[torch.Tensor]:
+        Q, lams = torch.eye(self.prog.sizes[0], dtype=torch.float64), []
         for (A, _, keep, drop, _), st in zip(self.plan, self.prog.steps):
-            m = float(((st.alpha + st.beta) / 2).abs().max())
-            L, info = torch.linalg.cholesky_ex(Q)
-            if int(info) != 0:
-                raise _Infeasible("state matrix lost positive definiteness")
-            Y = torch.linalg.solve_triangular(L, A.T, upper=False)
-            gram = Y.T @ Y if Y.shape[1] <= Y.shape[0] else Y @ Y.T
-            mu = float(torch.linalg.eigvalsh(gram)[-1])
-            scale = 1.0 / (2 * m * m * mu) if m > 0 and mu > 0 else 1.0
-            for _ in range(40):
-                lam = torch.full((len(st.alpha),), scale, dtype=torch.float64)
-                Qn = _schur(_step_matrix(Q, A, lam, st.alpha, st.beta), keep, drop)
-                if Qn is not None and int(torch.linalg.cholesky_ex(Qn)[1]) == 0:
-                    break
-                scale /= 2
-            else:
-                raise _Infeasible("no multiplier keeps the chain positive definite")
-            Q = Qn
-            scales.append(scale)
-        return scales
+            lams.append(self.greedy_lam(Q, A, st, keep, drop))
+            Q = _schur(_step_matrix(Q, A, lams[-1], st.alpha, st.beta), keep, drop)
+        return lams
 
     def run(self, lams: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
         """rho^2 = lambda_max(F Q^-1 F^T) (or the per-row values F_i Q^-1 F_i^T); inf if infeasible. Differentiable."""
@@ -177,15 +178,21 @@ def _step_extra(Q, A, A_err, lam, st, R, Qn) -> float:
     return forming + model
 
 
-def _verified_chain(ch: _Chain, lams: list[torch.Tensor], states: list | None = None):
+def _verified_chain(ch: _Chain, lams: list[torch.Tensor] | None, states: list | None = None):
     """Re-run the chain leaving slack and verify every step; returns (Q_final or None, details).
 
+    ``lams=None``: the ECLipsE-Fast rule at each step (the list is filled in ``details["lams"]``).
     ``states`` (optional list) receives the verified state matrix before each step."""
     Q = torch.eye(ch.prog.sizes[0], dtype=torch.float64)
-    worst = 0.0
-    for (A, A_err, keep, drop, _), st, lam in zip(ch.plan, ch.prog.steps, lams):
+    worst, used = 0.0, []
+    for k, ((A, A_err, keep, drop, _), st) in enumerate(zip(ch.plan, ch.prog.steps)):
         if states is not None:
             states.append(Q)
+        try:
+            lam = ch.greedy_lam(Q, A, st, keep, drop) if lams is None else lams[k]
+        except _Infeasible as err:
+            return None, {"failed": str(err)}
+        used.append(lam)
         R = _step_matrix(Q, A, lam, st.alpha, st.beta)
         Qs = _schur(R, keep, drop)
         if Qs is None:
@@ -202,7 +209,7 @@ def _verified_chain(ch: _Chain, lams: list[torch.Tensor], states: list | None = 
         if not ok:
             return None, {"failed": "step verification"}
         Q = Qn
-    return Q, {"shrink": worst}
+    return Q, {"shrink": worst, "lams": used}
 
 
 def _certify_rows(Q: torch.Tensor, F: torch.Tensor, F_err: float, estimates: torch.Tensor) -> torch.Tensor | None:
@@ -229,9 +236,8 @@ def _certify_rows(Q: torch.Tensor, F: torch.Tensor, F_err: float, estimates: tor
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _optimise(ch: _Chain, lams: list[torch.Tensor], iters: int, lr: float, time_limit: float):
+def _optimise(ch: _Chain, lams: list[torch.Tensor], best_val: float, iters: int, lr: float, time_limit: float):
     thetas = [torch.zeros_like(l, requires_grad=True) for l in lams]
-    best_val = float(ch.run(lams))
     best = [l.clone() for l in lams]
     if iters <= 0 or not math.isfinite(best_val):
         return best, best_val
@@ -272,26 +278,26 @@ def chain_bound(prog: Program, *, iters: int = 60, lr: float = 0.1, time_limit: 
     """
     t0 = time.perf_counter()
     ch = _Chain(prog)
-    if not prog.steps:  # a linear map: Q = I, L = ||F||
-        lams = []
-    elif lams is None:
-        try:
-            lams = [torch.full((len(st.alpha),), s, dtype=torch.float64)
-                    for s, st in zip(ch.greedy_scales(), prog.steps)]
-        except _Infeasible as err:
-            raise ValueError(f"LipSDP chain: {err}") from None
+    greedy = est = None
+    if prog.steps and iters > 0:
+        with torch.no_grad():
+            try:
+                lams = ch.greedy_lams() if lams is None else lams
+            except _Infeasible as err:
+                raise ValueError(f"LipSDP chain: {err}") from None
+            greedy = float(ch.run(lams))
+        lams, est = _optimise(ch, lams, greedy, iters, lr, time_limit)
     with torch.no_grad():
-        greedy = float(ch.run(lams))
-    best, est = _optimise(ch, lams, iters, lr, time_limit) if prog.steps else (lams, greedy)
-    with torch.no_grad():
-        Q, info = _verified_chain(ch, best)
+        Q, info = _verified_chain(ch, lams if prog.steps else [])
         if Q is None:
             raise ValueError(f"LipSDP chain could not be verified ({info['failed']})")
+        best = info.pop("lams")
         L, _ = torch.linalg.cholesky_ex(Q)
         Y = torch.linalg.solve_triangular(L, ch.F.T, upper=False)
         G = Y.T @ Y
         lam_max = float(torch.linalg.eigvalsh((G + G.T) / 2)[-1])
-        F_rows = ch.F if rows is None else torch.cat([ch.F, rows @ ch.F], 0)
+        greedy = lam_max if greedy is None else greedy
+        est = lam_max if est is None else est
         F_err = ch.F_err if rows is None else ch.F_err * (1 + float(torch.linalg.matrix_norm(rows, ord=2)))
         # the whole map: Q >= F^T F / rho^2 checked as a matrix inequality (rank <= n_out)
         value = _certify_matrix(Q, ch.F, ch.F_err, lam_max)
@@ -335,7 +341,7 @@ class SdpOptions:
     iters: int = 20  # Adam steps for the network's own windows (named sub-nodes use the ECLipsE-Fast rule)
     node_iters: int = 0
     lr: float = 0.2
-    time_limit: float = 30.0
+    time_limit: float = 5.0  # seconds of Adam per window (checked after each step)
 
 
 class SdpComposer:
@@ -369,6 +375,10 @@ class SdpComposer:
         return self._progs[key]
 
     def chain(self, nodes: list, top: bool = False) -> float | None:
+        from lipschitz import graph as G
+
+        while len(nodes) == 1 and isinstance(nodes[0], G.Sequential) and len(nodes[0].children) == 1:
+            nodes = list(nodes[0].children)  # a stage of one block is that block
         key = tuple(id(n) for n in nodes)
         if key not in self._values:
             prog, value = self.program(nodes), None

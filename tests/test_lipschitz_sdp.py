@@ -52,6 +52,8 @@ def test_greedy_chain_is_eclipse_fast_and_optimisation_only_improves(depth):
     ws = [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
     res = chain_bound(_program(model, (12,)), iters=25)
     assert res.greedy == pytest.approx(_eclipse_fast(ws), rel=1e-9)
+    fast_only = chain_bound(_program(model, (12,)), iters=0)
+    assert fast_only.value == pytest.approx(_eclipse_fast(ws), rel=1e-5)
     assert res.value <= res.greedy * (1 + 1e-5)
     assert res.value >= res.estimate
     assert res.value >= _max_jacobian_norm(model, (12,), n_points=16) * (1 - 1e-12)
