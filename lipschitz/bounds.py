@@ -526,7 +526,8 @@ class _Engine:
             if isinstance(shortcut, _Factor):
                 n3 = shortcut.info["layer"]
                 sc = conv_spec(n3.module, self.shapes[id(n3)][0], shortcut.info["in_scale"], shortcut.info["out_scale"])
-            nv = liplt_bound(s1, s2, split, f1.value, f2.value, in_shape, sc, self.dense_max_entries)
+            nv = liplt_bound(s1, s2, split, f1.value, f2.value, in_shape, sc, self.dense_max_entries,
+                             cache=self.cache.setdefault("circular_norms", {}))
         except ValueError:
             return None
         return nv.value

@@ -146,3 +146,30 @@ def test_certified_radius_survives_a_pgd_attack():
                       step_size=res.certified_radius / 8, generator=torch.Generator().manual_seed(i))
             assert int(model(adv).argmax(1)) == int(labels[i])
     assert certified_radius(model, xs[0], (int(labels[0]) + 1) % 3).certified_radius == 0.0
+
+
+@pytest.mark.parametrize("shape", [(40, 6, 5), (200, 16, 24), (3, 9, 9)])
+def test_certified_max_singular_value_matches_eigvalsh(shape):
+    from lipschitz.liplt import _max_sv
+
+    g = torch.Generator().manual_seed(sum(shape))
+    blocks = torch.complex(torch.randn(shape, generator=g, dtype=torch.float64),
+                           torch.randn(shape, generator=g, dtype=torch.float64))
+    blocks[7 % shape[0]] *= 1.0 + 1e-7  # a near-tie between blocks
+    exact = float(torch.linalg.matrix_norm(blocks, ord=2).max())
+    got = _max_sv(blocks)
+    assert exact * (1 - 1e-12) <= got <= exact * (1 + 1e-8)  # callers add ROUNDOFF_MARGIN (1e-9)
+
+
+def test_circular_norm_cache_gives_the_same_terms():
+    from lipschitz.liplt import circular_liplt_terms, conv_spec
+
+    torch.manual_seed(0)
+    c1, c2, sc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+    s1, s2, s3 = conv_spec(c1, (3, 6, 6)), conv_spec(c2, (4, 6, 6)), conv_spec(sc, (3, 6, 6))
+    cache: dict = {}
+    for shortcut in (None, s3, None, s3):
+        with_cache = circular_liplt_terms(s1, s2, 0.5, shortcut, cache=cache)
+        plain = circular_liplt_terms(s1, s2, 0.5, shortcut)
+        assert with_cache["bound"] == plain["bound"] and with_cache["c1"] == plain["c1"]
+    assert len(cache) == 2
