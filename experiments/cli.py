@@ -487,6 +487,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     if out is not None:
         lines.append(f"wrote {out / 'bound.json'}" + (f" and {out / 'local.csv'}" if args.local else ""))
     _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
 
 
 def _local_certificates(args: argparse.Namespace, model, info, global_bound, out) -> dict[str, Any]:
@@ -526,7 +527,6 @@ def _local_certificates(args: argparse.Namespace, model, info, global_bound, out
             "median_certified": cert[len(cert) // 2], "median_attack": att[len(att) // 2],
             "guarantee": "certified radius (lower bound of the true robust radius); attack radius: upper bound "
                          "on a grid of eps_max/20 steps (inf: no attack succeeded up to eps_max)"}
-    return EXIT_OK
 
 
 def cmd_theory(args: argparse.Namespace) -> int:
