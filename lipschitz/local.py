@@ -95,12 +95,13 @@ def _interval(node, c: torch.Tensor, r: torch.Tensor, acts: dict) -> tuple[torch
     if isinstance(node, G.Layer):
         m = node.module
         w = m.weight.abs()
+        rr = r + WIDEN * c.abs()  # the dot products' round-off is relative to |W| |c|, not to |W c|
         if isinstance(m, nn.Linear):
-            return m(c), _widen(m(c), F.linear(r, w))
+            return m(c), _widen(m(c), F.linear(rr, w))
         conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
         if m.padding_mode != "zeros":
             raise NotDense(f"local intervals support zero padding only, got {m.padding_mode!r}")
-        return m(c), _widen(m(c), conv(r, w, None, m.stride, m.padding, m.dilation, m.groups))
+        return m(c), _widen(m(c), conv(rr, w, None, m.stride, m.padding, m.dilation, m.groups))
     if isinstance(node, G.BatchNorm):
         d = batchnorm_scale(node.module).abs().view((1, -1) + (1,) * (c.dim() - 2))
         return node.module(c), _widen(node.module(c), r * d)
@@ -110,7 +111,7 @@ def _interval(node, c: torch.Tensor, r: torch.Tensor, acts: dict) -> tuple[torch
         return (c - torch.as_tensor(node.mean, dtype=c.dtype).view(view)) / std, _widen(c, r / std)
     if isinstance(node, G.Pool):
         if pool_is_linear(node.module):
-            return node.module(c), _widen(node.module(c), node.module(r))
+            return node.module(c), _widen(node.module(c), node.module(r + WIDEN * c.abs()))
         lo, hi = node.module(c - r), node.module(c + r)
         return (lo + hi) / 2, _widen(lo + hi, (hi - lo) / 2)
     if isinstance(node, G.Flatten):
@@ -128,17 +129,22 @@ def _interval(node, c: torch.Tensor, r: torch.Tensor, acts: dict) -> tuple[torch
     raise NotDense(f"local intervals: unsupported node {type(node).__name__}")
 
 
-def _slopes(acts: dict, root, refined: dict) -> dict:
-    """Per-neuron exact slopes where a piecewise-linear activation's interval excludes its kink."""
+def _slopes(acts: dict, at_x: dict, root, refined: dict) -> dict:
+    """Per-neuron exact slopes where a piecewise-linear activation's interval excludes its kink.
+
+    The range of a pre-activation over the ball is the intersection of the IBP interval ``acts`` and
+    z(x) +- (refined radius + the round-off allowance of z(x) itself, ``at_x`` from a zero-width IBP pass)."""
     out = {}
     for node in G.iter_nodes(root):
         if not isinstance(node, G.Activation) or id(node) not in acts:
             continue
         c, r = acts[id(node)]
         c, r = c.flatten(), r.flatten()
-        if id(node) in refined:
-            r = torch.minimum(r, refined[id(node)])
         lo, hi = c - r, c + r
+        if id(node) in refined and id(node) in at_x:
+            z, slack = at_x[id(node)]
+            rho = refined[id(node)] + slack.flatten()
+            lo, hi = torch.maximum(lo, z.flatten() - rho), torch.minimum(hi, z.flatten() + rho)
         if node.kind == "relu":
             s_neg, s_pos = 0.0, 1.0
         elif node.kind == "leaky_relu" and 0 <= node.params.get("negative_slope", 0.01) <= 1:
@@ -279,13 +285,15 @@ def local_bound(model_or_graph, x: torch.Tensor, eps: float, norm: str = "l2", *
         c, r, reach = _ball(x64, eps, norm, domain)
         acts: dict = {}
         _interval(root, c, r, acts)
+        at_x: dict = {}
+        _interval(root, x64, torch.zeros_like(x64), at_x)  # z(x) with its own round-off allowance
     refined = {}
     for k in acts:
         lip = context.neuron_lipschitz[k]
         refined[k] = torch.where(torch.isfinite(lip), lip * reach, torch.full_like(lip, math.inf))
     result = None
     for p in range(max(1, passes)):
-        slopes = _slopes(acts, root, refined)
+        slopes = _slopes(acts, at_x, root, refined)
         prog = lower(root, shapes, slopes=slopes)
         if prog.max_state() > max_state:
             raise NotDense(f"local program state {prog.max_state()} exceeds max_state={max_state}")
