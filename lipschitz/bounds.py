@@ -11,9 +11,13 @@
   normalisation into the first layer. Linear chains without nonlinearity are composed exactly when small.
 - "folded+liplt": additionally bounds each conv-activation-conv piece by LipLT,
   ``||B + a A2 A1|| + b ||A2|| ||A1||`` (sigma = a z + b |z|), merging a shortcut B that sees the same input.
+- "lipsdp": the smaller of "folded+liplt" and LipSDP-Neuron of the whole node (any residual graph) by chain
+  elimination on dense matrices (``lipschitz.sdp``), or of greedy windows of consecutive children where the
+  node is too large; verified a posteriori by Cholesky (``sdp_options`` sets the limits and the optimiser).
 
 Every rule is proved in docs/network-bounds.md. An unsupported node or module raises a ValueError naming it.
-References: Fazlyab et al. 2023 (LipLT); Sedghi et al. 2019; Gouk et al. 2021 (layer-wise products).
+References: Fazlyab et al. 2023 (LipLT); Sedghi et al. 2019; Gouk et al. 2021 (layer-wise products); Fazlyab et
+al. 2019 (LipSDP); Xu & Sivaranjani 2024 (ECLipsE).
 """
 from __future__ import annotations
 
@@ -573,17 +577,18 @@ class _Engine:
 
 # ----------------------------------------------------------------------------------------- API
 
-def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, rtol, dense_max_entries, layer_rows, cache):
-    """The "lipsdp" method: every node's folded+liplt value or its LipSDP chain bound, whichever is smaller."""
-    from lipschitz.sdp import SdpComposer
+def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args: tuple):
+    """The "lipsdp" method: every node's folded+liplt value or its LipSDP chain bound, whichever is smaller.
 
-    sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18)}
+    ``engine_args``: (rtol, dense_max_entries, sandwich kwargs, layer rows, cache) of the folded+liplt engine."""
+    from lipschitz.sdp import SdpComposer
 
     def own(node):
         if id(node) in folded_nodes:
             return folded_nodes[id(node)]
         if node is root:
             return folded_result
+        rtol, dense_max_entries, sw_kw, layer_rows, cache = engine_args
         eng = _Engine(shapes, "folded+liplt", rtol, dense_max_entries, sw_kw, layer_rows, cache)
         eng.record_nodes = False
         v, exact, out = eng.evaluate(node)
@@ -657,12 +662,12 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
         methods = METHODS if compare else (method,) if method != "lipsdp" else ("folded+liplt", "lipsdp")
         results, node_values = {}, {}
         for meth in methods:
-            if meth == "lipsdp":
-                results[meth], node_values[meth] = _lipsdp_pass(root, shapes, node_values["folded+liplt"],
-                                                                results["folded+liplt"], sdp_options, rtol,
-                                                                dense_max_entries, layer_rows, cache)
-                continue
             sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
+            if meth == "lipsdp":
+                results[meth], node_values[meth] = _lipsdp_pass(
+                    root, shapes, node_values["folded+liplt"], results["folded+liplt"], sdp_options,
+                    (rtol, dense_max_entries, sw_kw, layer_rows, cache))
+                continue
             eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
             v, exact, out = eng.evaluate(root)
             if out is not None:
