@@ -585,6 +585,10 @@ def cmd_bound(args: argparse.Namespace) -> int:
     from experiments.demo import bound_summary, data_lower_bounds
 
     _positive(args.n, "--n", allow_zero=True)  # 0 skips the data lower bounds
+    if args.local:
+        _positive(args.local_n, "--local-n")
+        if not 0 < args.local_eps_max <= 1e3:
+            raise UserError(f"--local-eps-max must be a positive radius, got {args.local_eps_max}")
     rtol = parse_rtol(args.rtol)
     eps_given = parse_eps(args.eps) if args.eps is not None else None
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
@@ -601,6 +605,8 @@ def cmd_bound(args: argparse.Namespace) -> int:
                                **summary}
     if x is not None:
         payload["lower"] = data_lower_bounds(model, x.to(device), y.to(device), eps=eps, seed=args.seed)
+    if args.local:
+        payload["local"] = _local_certificates(args, model, info, payload.get("certified_lipschitz"), out)
     if out is not None:
         write_json(out / "bound.json", payload)
     lines = [f"l2 Lipschitz constant of the logits of {_described(info)} at input "
@@ -619,10 +625,53 @@ def cmd_bound(args: argparse.Namespace) -> int:
     for label, value, guarantee in rows:
         if value is not None:
             lines.append(f"  {label:44s} {value:12.6g}  {guarantee}")
+    if args.local:
+        loc = payload["local"]
+        lines.append(f"  certified {loc['norm']} radii on {loc['n']} points: median {loc['median_certified']:.4g}, "
+                     f"median attack radius {loc['median_attack']:.4g}")
     if out is not None:
-        lines.append(f"wrote {out / 'bound.json'}")
+        lines.append(f"wrote {out / 'bound.json'}" + (f" and {out / 'local.csv'}" if args.local else ""))
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
+
+
+def _local_certificates(args: argparse.Namespace, model, info, global_bound, out) -> dict[str, Any]:
+    """Certified radius per example (lipschitz.local) beside the smallest PGD radius on a grid that breaks it."""
+    import csv
+
+    import torch
+
+    from experiments.attacks import pgd
+    from lipschitz.local import certify_examples
+
+    if args.local_n < 1:
+        raise UserError(f"--local-n must be >= 1, got {args.local_n}")
+    x, y = load_eval_data(info["dataset"], root=args.data_root, n=args.local_n, seed=args.seed, download=args.download)
+    res = certify_examples(model.cpu(), x, y, args.local_norm, eps_max=args.local_eps_max, global_bound=global_bound)
+    grid = [args.local_eps_max * k / 20 for k in range(1, 21)]
+    attack = torch.full((len(x),), float("inf"))
+    for r in grid:
+        open_ = torch.isinf(attack)
+        if not bool(open_.any()):
+            break
+        adv = pgd(model, x[open_], y[open_], eps=r, norm=args.local_norm, steps=20, step_size=r / 4,
+                  generator=torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            broken = model(adv).argmax(1) != y[open_]
+        idx = torch.nonzero(open_).flatten()[broken]
+        attack[idx] = r
+    rows = [{**r.to_dict(), "attack_radius": float(attack[r.index])} for r in res]
+    if out is not None:
+        with open(out / "local.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    cert = sorted(r["certified_radius"] for r in rows)
+    att = sorted(r["attack_radius"] for r in rows)
+    return {"norm": args.local_norm, "n": len(rows), "eps_max": args.local_eps_max, "rows": rows,
+            "median_certified": cert[len(cert) // 2], "median_attack": att[len(att) // 2],
+            "guarantee": "certified radius (lower bound of the true robust radius); attack radius: upper bound "
+                         "on a grid of eps_max/20 steps (inf: no attack succeeded up to eps_max)"}
 
 
 def cmd_theory(args: argparse.Namespace) -> int:
@@ -1044,6 +1093,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "checkpoint's training eps, else 8/255)")
     p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance, in (0, 1] (default 0.02)")
     _model_arg(p)
+                   "certificates), beside the PGD attack radius; writes local.csv")
+    p.add_argument("--local-n", type=int, default=32, help="examples for --local (default 32)")
+    p.add_argument("--local-norm", choices=("l2", "linf"), default="l2", help="ball of --local (default l2)")
+    p.add_argument("--local-eps-max", type=float, default=1.0, help="largest radius searched by --local (default 1)")
     _common(p, "directory for bound.json")
     p.set_defaults(func=cmd_bound)
 

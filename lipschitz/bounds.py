@@ -11,9 +11,13 @@
   normalisation into the first layer. Linear chains without nonlinearity are composed exactly when small.
 - "folded+liplt": additionally bounds each conv-activation-conv piece by LipLT,
   ``||B + a A2 A1|| + b ||A2|| ||A1||`` (sigma = a z + b |z|), merging a shortcut B that sees the same input.
+- "lipsdp": the smaller of "folded+liplt" and LipSDP-Neuron of the whole node (any residual graph) by chain
+  elimination on dense matrices (``lipschitz.sdp``), or of greedy windows of consecutive children where the
+  node is too large; verified a posteriori by Cholesky (``sdp_options`` sets the limits and the optimiser).
 
 Every rule is proved in docs/network-bounds.md. An unsupported node or module raises a ValueError naming it.
-References: Fazlyab et al. 2023 (LipLT); Sedghi et al. 2019; Gouk et al. 2021 (layer-wise products).
+References: Fazlyab et al. 2023 (LipLT); Sedghi et al. 2019; Gouk et al. 2021 (layer-wise products); Fazlyab et
+al. 2019 (LipSDP); Xu & Sivaranjani 2024 (ECLipsE).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from lipschitz.rules import (absolute_value_split, activation_slope, batchnorm_s
 from lipschitz.trace import graph_from_module
 from spectral.guarantee import Guarantee, NormValue, json_safe
 
-METHODS = ("product", "folded", "folded+liplt")
+METHODS = ("product", "folded", "folded+liplt", "lipsdp")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
@@ -482,7 +486,8 @@ class _Engine:
             if isinstance(shortcut, _Factor):
                 n3 = shortcut.info["layer"]
                 sc = conv_spec(n3.module, self.shapes[id(n3)][0], shortcut.info["in_scale"], shortcut.info["out_scale"])
-            nv = liplt_bound(s1, s2, split, f1.value, f2.value, in_shape, sc, self.dense_max_entries)
+            nv = liplt_bound(s1, s2, split, f1.value, f2.value, in_shape, sc, self.dense_max_entries,
+                             cache=self.cache.setdefault("circular_norms", {}))
         except ValueError:
             return None
         return nv.value
@@ -537,10 +542,35 @@ class _Engine:
 
 # ----------------------------------------------------------------------------------------- API
 
+def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args: tuple):
+    """The "lipsdp" method: every node's folded+liplt value or its LipSDP chain bound, whichever is smaller.
+
+    ``engine_args``: (rtol, dense_max_entries, sandwich kwargs, layer rows, cache) of the folded+liplt engine."""
+    from lipschitz.sdp import SdpComposer
+
+    def own(node):
+        if id(node) in folded_nodes:
+            return folded_nodes[id(node)]
+        if node is root:
+            return folded_result
+        rtol, dense_max_entries, sw_kw, layer_rows, cache = engine_args
+        eng = _Engine(shapes, "folded+liplt", rtol, dense_max_entries, sw_kw, layer_rows, cache)
+        eng.record_nodes = False
+        v, exact, out = eng.evaluate(node)
+        return (_mul_up(v, _diag_norm(out)), False) if out is not None else (v, exact)
+
+    comp = SdpComposer(shapes, own, options)
+    values = {}
+    for n in G.iter_nodes(root):
+        if isinstance(n, (G.Sequential, G.Residual)) and (n.name or getattr(n, "role", None)) and n is not root:
+            values[id(n)] = comp.best(n)
+    return comp.best(root, top=True), values
+
+
 def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int], method: str = "folded+liplt", *,
                   compare: bool = True, rtol: float = 0.02, dense_max_entries: int = 2**21,
                   example_input: torch.Tensor | None = None, check_graph: bool = True,
-                  sandwich_kwargs: dict | None = None) -> NetworkBound:
+                  sandwich_kwargs: dict | None = None, sdp_options: "SdpOptions | None" = None) -> NetworkBound:
     """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
 
     ``model_or_graph``: any fx-traceable module (its graph from ``lipschitz.trace.graph_from_module``), or a
@@ -594,10 +624,15 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
                                      "weight_shape": list(n.module.weight.shape),
                                      "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
         cache: dict = {}
-        methods = METHODS if compare else (method,)
+        methods = METHODS if compare else (method,) if method != "lipsdp" else ("folded+liplt", "lipsdp")
         results, node_values = {}, {}
         for meth in methods:
             sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
+            if meth == "lipsdp":
+                results[meth], node_values[meth] = _lipsdp_pass(
+                    root, shapes, node_values["folded+liplt"], results["folded+liplt"], sdp_options,
+                    (rtol, dense_max_entries, sw_kw, layer_rows, cache))
+                continue
             eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
             v, exact, out = eng.evaluate(root)
             if out is not None:

@@ -100,6 +100,42 @@ def activation_slope(kind: str, params: dict | None = None) -> NormValue:
     raise ValueError(f"unknown activation {kind!r}; supported: relu, leaky_relu, silu, gelu, softplus, tanh, identity")
 
 
+@lru_cache(maxsize=None)
+def _smooth_slope_min(kind: str, approximate: str = "none") -> float:
+    """min sigma' of SiLU / GELU (negative; grid + bounded Brent on the negated slope)."""
+    fn = {"silu": _silu_slope, "gelu": _gelu_tanh_slope if approximate == "tanh" else _gelu_erf_slope}[kind]
+    shifted = lambda x: 2.0 - fn(x)  # noqa: E731  (positive, maximised where fn is smallest)
+    _, best = _maximise_abs_slope(shifted)
+    return 2.0 - best
+
+
+def activation_slope_range(kind: str, params: dict | None = None) -> tuple[float, float]:
+    """(alpha, beta) with alpha <= (sigma(a) - sigma(b)) / (a - b) <= beta for all a != b (slope restriction).
+
+    Exact for ReLU (0, 1), LeakyReLU(s) (min(s, 1), max(s, 1)), tanh and softplus (0, 1), identity (1, 1);
+    SiLU/GELU from the numerically maximised and minimised derivative with a 1e-9 margin outward
+    (mean value theorem: a difference quotient is a derivative at an intermediate point).
+    """
+    params = dict(params or {})
+    if kind == "relu":
+        return 0.0, 1.0
+    if kind == "identity":
+        return 1.0, 1.0
+    if kind == "leaky_relu":
+        s = float(params.get("negative_slope", 0.01))
+        return min(s, 1.0), max(s, 1.0)
+    if kind in ("tanh", "softplus"):
+        if kind == "softplus" and float(params.get("beta", 1.0)) <= 0:
+            raise ValueError(f"softplus beta must be > 0, got {params.get('beta')}")
+        return 0.0, 1.0
+    if kind in ("silu", "gelu"):
+        approximate = str(params.get("approximate", "none"))
+        hi = activation_slope(kind, params).value
+        lo = _smooth_slope_min(kind, approximate)
+        return lo - SLOPE_SAFETY * max(1.0, abs(lo)), hi
+    raise ValueError(f"unknown activation {kind!r}; supported: relu, leaky_relu, silu, gelu, softplus, tanh, identity")
+
+
 def activation_from_module(module: nn.Module) -> tuple[str, dict] | None:
     """(kind, params) for a torch activation module, or None if it is not one."""
     if isinstance(module, nn.ReLU):

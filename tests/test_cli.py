@@ -212,6 +212,19 @@ def test_bound_on_checkpoint_json(trained_ckpt, capsys, tmp_path):
     assert Path(json.loads(out)["report"]).is_file()
 
 
+def test_bound_local_writes_certified_radii_beside_attack_radii(trained_ckpt, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "bound", str(trained_ckpt), "--n", "0", "--local", "--local-n", "3",
+                             "--local-eps-max", "0.5", "--json", "--out", str(tmp_path))
+    assert code == 0, err
+    local = json.loads(out)["local"]
+    assert local["n"] == 3 and (tmp_path / "local.csv").is_file()
+    for row in local["rows"]:
+        assert row["certified_radius"] <= row["checked_eps"] + 1e-12
+        assert row["certified_radius"] <= row["attack_radius"]  # an attack cannot break a certified ball
+        if row["predicted"] != row["label"]:
+            assert row["certified_radius"] == 0.0
+
+
 def test_eval_on_checkpoint_json(trained_ckpt, capsys, tmp_path):
     code, out, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "pgd10,fgsm", "--n", "32", "--json",
                              "--out", str(tmp_path))
