@@ -1093,6 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "checkpoint's training eps, else 8/255)")
     p.add_argument("--rtol", type=float, default=0.02, help="per-layer sandwich tolerance, in (0, 1] (default 0.02)")
     _model_arg(p)
+    p.add_argument("--local", action="store_true", help="certified robust radius per example (local Lipschitz "
                    "certificates), beside the PGD attack radius; writes local.csv")
     p.add_argument("--local-n", type=int, default=32, help="examples for --local (default 32)")
     p.add_argument("--local-norm", choices=("l2", "linf"), default="l2", help="ball of --local (default l2)")
