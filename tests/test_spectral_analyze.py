@@ -66,7 +66,7 @@ def test_analyze_bounds_path_on_folded_layer():
     table = analyze(net, x, progress=False, dense_max_entries=0, fft_svd_max_flops=0)
     conv_bn = _jacobian_norm(lambda z: net[1](net[0](z.reshape(1, 2, 6, 6))), x.reshape(-1))
     row = table["0"]
-    assert row["upper_method"] == "fft_cholesky"
+    assert row["upper_method"] in ("fft_cholesky", "axis_cholesky", "banded_cholesky")
     assert row["lower"] <= conv_bn * (1 + 1e-9) <= row["upper"] * (1 + 2e-9)
 
 
