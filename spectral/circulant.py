@@ -174,6 +174,7 @@ def fourier_certificate(
     groups: int = 1,
     rho: float = 0.005,
     target: float | None = None,
+    accept: float | None = None,
     sample_blocks: int = 32,
     power_iters: int = 25,
     dtype: torch.dtype = torch.float64,
@@ -186,7 +187,9 @@ def fourier_certificate(
     block ``H(u)`` is then certified ``H(u) <= mu`` with ``mu = max(theta, target^2) (1 + rho)^2`` by a
     Cholesky factorisation of ``mu I - H(u)``. Blocks that fail get their own estimate (more power
     iterations) and a geometrically growing ``mu(u)`` until certified; later blocks are certified at the
-    highest level reached (the bound is the maximum anyway). The value is
+    highest level reached (the bound is the maximum anyway). With ``accept`` (a norm the caller is content
+    with), blocks are certified at ``accept`` instead of their inflated estimate where the estimate is below it.
+    The value is
     ``sqrt(max_u mu(u) + margin(u))`` with a rigorous floating-point margin. ``details``: circulant_lower
     (``sqrt(max theta)``, a lower bound on the circulant's norm), the best frequency/group and its top input
     vector (for warm starts), failed blocks, the margin.
@@ -231,6 +234,9 @@ def fourier_certificate(
     theta_s, vec_s = power_top(H, power_iters, gen)
     note(theta_s, vec_s, sample)
     mu0 = max(float(theta_s.max()), (target or 0.0) ** 2, 0.0) * (1 + rho) ** 2
+    cap = (accept ** 2) * (1 - 1e-6) if accept else math.inf
+    if float(theta_s.max()) * (1 + 1e-9) < cap < mu0:
+        mu0 = cap  # a level the caller is content with: certify there rather than at the inflated estimate
     # certify mu I - H >= 0 for every block
     u = unit_roundoff(dtype)
     gamma_chol = gamma(4 * (n + 1), u)
@@ -253,6 +259,7 @@ def fourier_certificate(
             theta_b, vec_b = power_top(H_bad, 3 * power_iters, gen)
             note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
             mu_b = torch.clamp(theta_b, min=mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + form_margin
+            mu_b = torch.where((theta_b * (1 + 1e-9) < cap) & (mu_b > cap), torch.full_like(mu_b, cap), mu_b)
             todo = torch.arange(bad.numel())
             for _ in range(400):
                 shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
