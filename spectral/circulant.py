@@ -211,10 +211,9 @@ def fourier_certificate(
     n = fg.size
     if fg.frobenius2 == 0.0:  # the zero operator: its norm is exactly 0 (no Cholesky of 0 I - 0)
         return NormValue(0.0, Guarantee.UPPER, "fft_cholesky", 0, time.perf_counter() - t0, {
-            "grid": list(grid), "blocks": fg.n_blocks, "block_size": n, "side": fg.side, "failed": 0, "rho": rho,
-            "circulant_lower": 0.0, "argmax_frequency": [0] * nd, "argmax_group": 0, "argmax_vector": None,
-            "coarse_grid": list(fg.coarse), "stride": list(strides), "dtype": str(dtype).replace("torch.", ""),
-            "max_roundoff_margin_rel": 0.0, "zero_operator": True})
+            **_summary(fg, grid, strides, dtype, rho), "failed": 0, "circulant_lower": 0.0,
+            "argmax_frequency": [0] * nd, "argmax_group": 0, "argmax_vector": None, "max_roundoff_margin_rel": 0.0,
+            "zero_operator": True})
     bytes_per = 16 if dtype == torch.float64 else 8
     chunk = max(1, int(max_memory_bytes // (bytes_per * 4 * n * n * groups)))
     n_freq = fg.freqs.shape[0]
@@ -238,11 +237,7 @@ def fourier_certificate(
     if float(theta_s.max()) * (1 + 1e-9) < cap < mu0:
         mu0 = cap  # a level the caller is content with: certify there rather than at the inflated estimate
     # certify mu I - H >= 0 for every block
-    u = unit_roundoff(dtype)
-    gamma_chol = gamma(4 * (n + 1), u)
-    inner = fg.c_in_g if fg.side == "out" else fg.c_out
-    gamma_form = gamma(4 * (inner + 2 * fg.taps_count + len(fg.deltas) + 4), u)
-    form_margin = gamma_form * fg.taps_count * fg.frobenius2 * 2
+    gamma_chol, form_margin = _margins(fg, dtype)
     eye = torch.eye(n, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
     best, failed, max_margin_rel, cholesky_calls = 0.0, 0, 0.0, 0
     for start in range(0, n_freq, chunk):
@@ -260,18 +255,7 @@ def fourier_certificate(
             note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
             mu_b = torch.clamp(theta_b, min=mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + form_margin
             mu_b = torch.where((theta_b * (1 + 1e-9) < cap) & (mu_b > cap), torch.full_like(mu_b, cap), mu_b)
-            todo = torch.arange(bad.numel())
-            for _ in range(400):
-                shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
-                _, info_b = torch.linalg.cholesky_ex(shift - H_bad[todo])
-                cholesky_calls += int(todo.numel())
-                still = info_b != 0
-                if not still.any():
-                    break
-                todo = todo[still]
-                mu_b[todo] = mu_b[todo] * (1 + rho)
-            else:  # pragma: no cover - pathological round-off
-                raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")
+            cholesky_calls += _recertify(H_bad, mu_b, rho, eye)
             mu[bad] = mu_b
             # the bound is a maximum: later blocks may as well be certified at the level reached
             mu0 = max(mu0, float(mu_b.max()))
@@ -282,24 +266,58 @@ def fourier_certificate(
         best = max(best, float((mu + margin).max()))
         max_margin_rel = max(max_margin_rel, float((margin / torch.clamp(mu, min=1e-300)).max()))
     f_star, g_star = best_at
-    in_vec = None
-    if best_vec is not None:
-        if fg.side == "out":
-            in_vec = fg.frequency_block(fg.freqs[f_star], g_star).mH @ best_vec.to(torch.complex128)
-        else:
-            in_vec = best_vec.to(torch.complex128)
-        nv = torch.linalg.vector_norm(in_vec)
-        in_vec = in_vec / nv if nv > 0 else in_vec
     return NormValue(
         math.sqrt(max(best, 0.0)), Guarantee.UPPER, "fft_cholesky", cholesky_calls, time.perf_counter() - t0,
         {
-            "grid": list(grid), "blocks": n_freq * groups, "block_size": n, "side": fg.side,
-            "failed": failed, "rho": rho, "circulant_lower": math.sqrt(max(best_theta, 0.0)),
+            **_summary(fg, grid, strides, dtype, rho), "failed": failed,
+            "circulant_lower": math.sqrt(max(best_theta, 0.0)),
             "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
-            "argmax_vector": in_vec, "coarse_grid": list(fg.coarse), "stride": list(strides),
-            "dtype": str(dtype).replace("torch.", ""), "max_roundoff_margin_rel": max_margin_rel,
+            "argmax_vector": _top_input_vector(fg, best_vec, f_star, g_star), "max_roundoff_margin_rel": max_margin_rel,
         },
     )
+
+
+def _summary(fg: _FourierGram, grid: Sequence[int], strides: Sequence[int], dtype: torch.dtype,
+             rho: float) -> dict[str, Any]:
+    return {"grid": list(grid), "blocks": fg.n_blocks, "block_size": fg.size, "side": fg.side, "rho": rho,
+            "coarse_grid": list(fg.coarse), "stride": list(strides), "dtype": str(dtype).replace("torch.", "")}
+
+
+def _margins(fg: _FourierGram, dtype: torch.dtype) -> tuple[float, float]:
+    """(Cholesky backward-error factor, bound on ``||H_computed - H||_2``) in the certificate's precision."""
+    u = unit_roundoff(dtype)
+    inner = fg.c_in_g if fg.side == "out" else fg.c_out
+    gamma_form = gamma(4 * (inner + 2 * fg.taps_count + len(fg.deltas) + 4), u)
+    return gamma(4 * (fg.size + 1), u), gamma_form * fg.taps_count * fg.frobenius2 * 2
+
+
+def _recertify(H_bad: torch.Tensor, mu_b: torch.Tensor, rho: float, eye: torch.Tensor) -> int:
+    """Cholesky of ``mu_b I - H`` for blocks that failed, raising ``mu_b`` (in place) by ``1 + rho`` until each
+    succeeds; returns the number of factorisations."""
+    todo = torch.arange(H_bad.shape[0])
+    calls = 0
+    for _ in range(400):
+        shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
+        _, info_b = torch.linalg.cholesky_ex(shift - H_bad[todo])
+        calls += int(todo.numel())
+        still = info_b != 0
+        if not still.any():
+            return calls
+        todo = todo[still]
+        mu_b[todo] = mu_b[todo] * (1 + rho)
+    raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")  # pragma: no cover
+
+
+def _top_input_vector(fg: _FourierGram, best_vec: torch.Tensor | None, f_star: int, g_star: int) -> torch.Tensor | None:
+    """The top right singular vector of the best block (a warm start), unit norm."""
+    if best_vec is None:
+        return None
+    if fg.side == "out":
+        in_vec = fg.frequency_block(fg.freqs[f_star], g_star).mH @ best_vec.to(torch.complex128)
+    else:
+        in_vec = best_vec.to(torch.complex128)
+    nv = torch.linalg.vector_norm(in_vec)
+    return in_vec / nv if nv > 0 else in_vec
 
 
 def plane_wave(

@@ -56,6 +56,10 @@ class Run:
     def seconds(self, flops: float) -> float:
         return flops / self.opts["assumed_flops_per_second"]
 
+    def accept(self, lower: float) -> float:
+        """The level a certificate may stop at: ``lower (1 + accept_fraction * rtol)``."""
+        return lower * (1 + self.opts["accept_fraction"] * self.rtol)
+
 
 @dataclass
 class Outcome:
@@ -306,7 +310,8 @@ def run_fft(run: Run, rho: float, accept: float | None = None) -> tuple[NormValu
     cert = fourier_certificate(op.weight, grid, stride=op.stride, dilation=op.dilation, groups=op.groups, rho=rho,
                                accept=None if accept is None else accept / factor, dtype=o["certificate_dtype"],
                                max_memory_bytes=o["max_memory_bytes"], seed=o["seed"])
-    run.steps.append({"step": "fft_cholesky" if accept is None else "fft_cholesky_at_rtol", "value": cert.value * factor, "failed_blocks": cert.details["failed"],
+    run.steps.append({"step": "fft_cholesky" if accept is None else "fft_cholesky_at_accept",
+                      "value": cert.value * factor, "failed_blocks": cert.details["failed"],
                       "circulant_lower": cert.details["circulant_lower"] * factor, "seconds": cert.seconds})
     details = {k: v for k, v in cert.details.items() if k != "argmax_vector"}
     details.update({"bound": kind, "padding_norm_factor": factor, "embedding_lower": details["circulant_lower"] * factor})
@@ -325,7 +330,7 @@ def run_banded(run: Run, method: str, target: float, rho: float) -> NormValue:
     assert view is not None
     op_z, factor = view
     mode = {v: k for k, v in BANDED_MODES.items()}[method]
-    accept = target * (1 + run.rtol) / factor  # a frequency whose circulant column is this good needs no LDL
+    accept = run.accept(target) / factor  # a frequency whose circulant column is this good needs no LDL
     cert = banded_certificate(op_z, mode=mode, target=target / factor, rho=rho, accept=accept, seed=run.opts["seed"])
     details = {**cert.details, "padding_norm_factor": factor, "embedding_lower": cert.details["block_lower"] * factor}
     run.steps.append({"step": method, "value": cert.value * factor, "embedding_lower": details["embedding_lower"],
@@ -450,9 +455,10 @@ def boundary_flow(run: Run) -> Outcome:
         low = _circulant_lower(run, upper, lower_bound(run, init))
     low = refine_lower(run, low, upper.value, _rounds(run, upper, low))
     emb = upper.details.get("embedding_lower", math.inf)
-    if upper.method == "fft_cholesky" and upper.value > low.value * (1 + run.rtol) > emb * (1 + 1e-4):
-        # the circulant itself is within rtol, only its rho-inflated certificate level is not: certify at rtol
-        upper = tighter(upper, run_fft(run, rho, accept=low.value * (1 + run.rtol))[0])
+    if upper.method == "fft_cholesky" and upper.value > low.value * (1 + run.rtol) and \
+            run.accept(low.value) > emb * (1 + 1e-4):
+        # the circulant itself is good enough, only its rho-inflated certificate level is not: certify there
+        upper = tighter(upper, run_fft(run, rho, accept=run.accept(low.value))[0])
     skipped = []
     for method in rungs[1:]:
         if upper.value <= low.value * (1 + run.rtol):

@@ -1,35 +1,24 @@
 """Sandwich one layer's operator norm between a certified lower and a certified upper bound.
 
-``sandwich(layer_or_weight, input_shape, rtol=0.02)`` picks methods from an up-front size/cost estimate:
+``sandwich(layer_or_weight, input_shape, rtol=0.02)`` returns exact values where they exist and otherwise
+``lower <= ||layer|| <= upper`` with ``upper / lower - 1 <= rtol`` when the budget allows:
 
-- linear layers: exact SVD of the weight;
-- circular padding that maps the ``n`` grid onto itself (``n % stride == 0``): the layer *is* a circular
-  convolution; exact FFT spectrum when cheap, else the Fourier certificate below (then a bound on the layer);
-- small operators: exact dense SVD;
-- zero padding: the layer is a compression (submatrix) of the circular convolution on the grid of
-  ``spectral.upper.zero_padding_grid`` (``n + p`` for "same" convs; a multiple of the stride), so any bound
-  on that circular operator bounds the layer;
-- reflect/replicate padding (and circular padding of other sizes): ``conv_valid o pad``: circular-grid
-  bound times ``||pad||`` (exact: ``sqrt(max copies of one pixel)``);
-- when the certificate's estimated time exceeds the budget: a cheap bound from ``spectral.upper``.
+- zero weights: 0, exactly; linear layers: float64 SVD of the weight;
+- convolutions (``spectral.ladder``): 1x1 kernels (any stride and padding), circular "same" layers (FFT),
+  small operators and small-per-group grouped/depthwise layers are exact; otherwise a ladder of certificates
+  chosen by up-front cost estimates: the circulant embedding (``spectral.circulant``, "fft_cholesky"), one axis
+  exact and one in a twisted circulant ("axis_cholesky") and the true zero-padded operator ("banded_cholesky",
+  ``spectral.toeplitz``), with copy padding through ``conv_valid o pad`` and the exact ``||pad||``;
+- the lower bound is a Lanczos (or power) Rayleigh quotient of the true layer, warm-started from the circulant's
+  top plane wave, refined while it moves, evaluated in float64.
 
-The Fourier certificate ("fft_cholesky"): each frequency block ``B(u)`` of the circular operator gives a
-Hermitian ``H(u) = B B^H`` (or ``B^H B``, the smaller side), assembled cheaply from the kernel's tap
-autocorrelations; ``||B(u)||^2 <= mu`` iff ``mu I - H(u)`` is positive semi-definite, which a Cholesky
-factorisation certifies at ``r^3/3`` per block (cheaper than an SVD or Gram iteration). ``mu`` comes from
-power-iteration estimates on a sample of blocks, inflated by ``(1 + rtol/4)^2``; blocks that fail get their
-own estimate and are re-certified. A rigorous floating-point margin (Cholesky backward error
-``gamma_{4(n+1)} tr(mu I - H)`` plus the error of forming ``H``) is added: negligible in float64, large in
-float32 (which is therefore not the default).
+When ``rtol`` is not reached the result says so (``converged``, ``reason``, ``suggestion``). Every certified
+value carries a rigorous floating-point margin (``spectral.roundoff``). ``strategy="circulant"`` reproduces the
+previous method (circulant certificate only) for comparisons.
 
-The lower bound is a Rayleigh quotient of the true layer (Lanczos or power iteration from ``spectral.lower``),
-warm-started from the plane wave of the top frequency block and refined (warm) while the gap exceeds ``rtol``
-and it still improves. For zero padding at small spatial sizes the circulant bound itself sits a few percent
-above the true norm (e.g. 8x8 inputs): the reported gap then exceeds ``rtol`` honestly.
-
-References: Sedghi, Gupta & Long (2019) (FFT block-diagonalisation); Senderovich et al. (2022) (polyphase
-strides); Demmel (1989) / Higham, "Accuracy and Stability of Numerical Algorithms", Thm 10.3 (Cholesky backward
-error, used for the floating-point margin); Golub & Van Loan (Lanczos).
+References: Sedghi, Gupta & Long (2019); Senderovich et al. (2022); Higham, "Accuracy and Stability of
+Numerical Algorithms", Thm 10.3; Delattre, Barthelemy & Allauzen (2024); Golub & Van Loan (Lanczos, banded
+Cholesky).
 """
 from __future__ import annotations
 
@@ -41,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from spectral.guarantee import Guarantee, NormValue, json_safe
+from spectral.guarantee import NormValue, json_safe
 from spectral.circulant import _FourierGram, fourier_certificate, plane_wave  # noqa: F401  (re-exported)
 from spectral.ladder import (  # noqa: F401  (re-exported)
     LADDER, Outcome, Run, _plan_cost, boundary_flow, certificate_grid, circulant_flow, circular_grid, exact_value,
@@ -181,6 +170,7 @@ def sandwich(
     upper_method: str = "auto",
     strategy: str = "boundary",
     rho_fraction: float = 0.1,
+    accept_fraction: float = 0.5,
     jump: float = 3.0,
     assumed_flops_per_second: float = 2e10,
     lower_iters: int = 12,
@@ -198,7 +188,8 @@ def sandwich(
     small-per-group operators), else certified bounds refined until ``upper/lower - 1 <= rtol`` or
     ``budget_seconds`` (``spectral.ladder``): ``strategy="boundary"`` climbs ``fft_cholesky -> axis_cholesky ->
     banded_cholesky`` by up-front cost estimates (``assumed_flops_per_second``; a rung is skipped when a tighter
-    one costs at most ``jump`` times as much), certificates at ``rho = rho_fraction * rtol`` above their target;
+    one costs at most ``jump`` times as much), certificates at ``rho = rho_fraction * rtol`` above their target,
+    or at ``lower (1 + accept_fraction * rtol)`` where that spares a factorisation;
     ``strategy="circulant"`` is the pre-boundary method (circulant certificate at ``rho = rtol/4`` or, over
     budget, Singla-Feizi), kept for comparisons. ``upper_method`` forces one certificate (a ladder name or any
     of ``spectral.upper.UPPER_METHODS``). ``max_memory_bytes`` bounds the blocks held at once;
@@ -209,22 +200,8 @@ def sandwich(
     References: Sedghi et al. (2019); Senderovich et al. (2022); Higham (2002); Delattre et al. (2024);
     Kuczynski & Wozniakowski (1992).
     """
-    from spectral.lower import LOWER_METHODS
-    from spectral.upper import UPPER_METHODS
-
-    if not rtol > 0:
-        raise ValueError(f"rtol must be > 0 (relative gap upper/lower - 1), got {rtol!r}")
-    valid_upper = ("auto", *LADDER, *UPPER_METHODS)
-    if upper_method not in valid_upper:
-        raise ValueError(f"unknown upper_method {upper_method!r}; valid: {', '.join(valid_upper)}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if lower_method not in LOWER_METHODS:
-        raise ValueError(f"unknown lower_method {lower_method!r}; valid: {', '.join(LOWER_METHODS)}")
-    if budget_seconds <= 0 or max_memory_bytes <= 0:
-        raise ValueError("budget_seconds and max_memory_bytes must be > 0")
-    if not 0 < rho_fraction < 1 or not jump >= 1:
-        raise ValueError(f"rho_fraction must be in (0, 1) and jump >= 1, got {rho_fraction!r}, {jump!r}")
+    _validate(rtol, upper_method, strategy, lower_method, budget_seconds, max_memory_bytes, rho_fraction,
+              accept_fraction, jump)
     t0 = time.perf_counter()
     op = _as_operator(layer_or_weight, input_shape, stride, padding, padding_mode, dilation, groups)
     if not torch.isfinite(op.weight).all():
@@ -234,7 +211,7 @@ def sandwich(
                 fft_svd_max_flops=fft_svd_max_flops, lower_method=lower_method, upper_method=upper_method,
                 assumed_flops_per_second=assumed_flops_per_second, lower_iters=lower_iters, max_refine=max_refine,
                 certificate_dtype=certificate_dtype, max_memory_bytes=max_memory_bytes, seed=seed,
-                rho_fraction=rho_fraction, jump=jump)
+                rho_fraction=rho_fraction, jump=jump, accept_fraction=accept_fraction)
     run = Run(op, rtol, budget_seconds, t0, opts)
     if not bool(op.weight.any()):  # the zero operator: norm exactly 0 (no certificate of 0 I - 0 can succeed)
         ex = exact_value(0.0, "zero_weight", 0.0, {"error_bound": 0.0})
@@ -255,6 +232,27 @@ def sandwich(
         run.steps.append({"step": "probabilistic_upper", "value": prob.value, "seconds": prob.seconds})
     return Sandwich(out.lower, out.upper, out.exact, prob, rtol, time.perf_counter() - t0, run.steps, layer,
                     out.reason, out.suggestion)
+
+
+def _validate(rtol: float, upper_method: str, strategy: str, lower_method: str, budget_seconds: float,
+              max_memory_bytes: int, rho_fraction: float, accept_fraction: float, jump: float) -> None:
+    from spectral.lower import LOWER_METHODS
+    from spectral.upper import UPPER_METHODS
+
+    if not rtol > 0:
+        raise ValueError(f"rtol must be > 0 (relative gap upper/lower - 1), got {rtol!r}")
+    valid_upper = ("auto", *LADDER, *UPPER_METHODS)
+    if upper_method not in valid_upper:
+        raise ValueError(f"unknown upper_method {upper_method!r}; valid: {', '.join(valid_upper)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if lower_method not in LOWER_METHODS:
+        raise ValueError(f"unknown lower_method {lower_method!r}; valid: {', '.join(LOWER_METHODS)}")
+    if budget_seconds <= 0 or max_memory_bytes <= 0:
+        raise ValueError("budget_seconds and max_memory_bytes must be > 0")
+    if not 0 < rho_fraction < 1 or not jump >= 1 or not rho_fraction <= accept_fraction <= 1:
+        raise ValueError(f"need 0 < rho_fraction < 1, rho_fraction <= accept_fraction <= 1 and jump >= 1, got "
+                         f"{rho_fraction!r}, {accept_fraction!r}, {jump!r}")
 
 
 def _layer_record(op: Any) -> dict[str, Any]:
