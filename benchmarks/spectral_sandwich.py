@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time per-frequency SVD on the circulant grid (slow)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N layers (quick check)")
     parser.add_argument("--rtol", type=float, default=0.02, help="rtol of the new (boundary) strategy")
-    parser.add_argument("--rho-fraction", type=float, default=0.025,
+    parser.add_argument("--rho-fraction", type=float, default=0.01,
                         help="certificate level above the target, as a fraction of rtol (new strategy)")
     parser.add_argument("--old-rtol", type=float, default=0.02, help="rtol of today's method (strategy circulant)")
     parser.add_argument("--strategies", default="circulant,boundary")

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from spectral.guarantee import Guarantee, NormValue
+from spectral.lower import batched_lanczos
 from spectral.roundoff import gamma, unit_roundoff
 
 __all__ = ["fourier_certificate", "plane_wave", "power_top"]
@@ -151,7 +152,8 @@ class _FourierGram:
 
 
 def power_top(H: torch.Tensor, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched power iteration on Hermitian PSD blocks: (Rayleigh quotients, unit vectors)."""
+    """Batched power iteration on Hermitian PSD blocks: (Rayleigh quotients, unit vectors); the Rayleigh
+    quotient is raised to a batched Lanczos estimate (``iters`` steps) when that is larger."""
     shape = H.shape[:-1]
     x = torch.complex(torch.randn(shape, generator=generator, dtype=torch.float64),
                       torch.randn(shape, generator=generator, dtype=torch.float64)).to(H.dtype)
@@ -161,8 +163,11 @@ def power_top(H: torch.Tensor, iters: int, generator: torch.Generator) -> tuple[
         norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
         # a zero block (e.g. a frequency where the symbol vanishes) keeps its vector: no 0/0, in any dtype
         x = torch.where(norm > 0, y / torch.where(norm > 0, norm, torch.ones_like(norm)), x)
-    theta = torch.einsum("...i,...i->...", x.conj(), (H @ x.unsqueeze(-1)).squeeze(-1)).real
-    return theta.to(torch.float64), x
+    theta = torch.einsum("...i,...i->...", x.conj(), (H @ x.unsqueeze(-1)).squeeze(-1)).real.to(torch.float64)
+    flat = H.reshape(-1, *H.shape[-2:])
+    ritz = batched_lanczos(lambda v: (flat @ v.unsqueeze(-1)).squeeze(-1), flat.shape[-1], flat.shape[0], H.dtype,
+                           steps=min(iters, flat.shape[-1]), seed=int(torch.randint(2**31, (1,), generator=generator)))
+    return torch.maximum(theta, ritz.reshape(theta.shape)), x
 
 
 def fourier_certificate(
@@ -292,11 +297,11 @@ def _margins(fg: _FourierGram, dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _recertify(H_bad: torch.Tensor, mu_b: torch.Tensor, rho: float, eye: torch.Tensor) -> int:
-    """Cholesky of ``mu_b I - H`` for blocks that failed, raising ``mu_b`` (in place) by ``1 + rho`` until each
-    succeeds; returns the number of factorisations."""
+    """Cholesky of ``mu_b I - H`` for blocks that failed, raising ``mu_b`` (in place) by ``1 + rho 2^k`` at the
+    k-th retry until each succeeds; returns the number of factorisations."""
     todo = torch.arange(H_bad.shape[0])
     calls = 0
-    for _ in range(400):
+    for k in range(400):
         shift = mu_b[todo].to(eye.real.dtype)[:, None, None] * eye
         _, info_b = torch.linalg.cholesky_ex(shift - H_bad[todo])
         calls += int(todo.numel())
@@ -304,7 +309,7 @@ def _recertify(H_bad: torch.Tensor, mu_b: torch.Tensor, rho: float, eye: torch.T
         if not still.any():
             return calls
         todo = todo[still]
-        mu_b[todo] = mu_b[todo] * (1 + rho)
+        mu_b[todo] = mu_b[todo] * (1 + rho * 2.0 ** min(k, 20))  # geometric steps: few retries for tiny rho
     raise RuntimeError("Cholesky certificate did not succeed; the weights may contain NaN/Inf")  # pragma: no cover
 
 

@@ -171,7 +171,7 @@ def sandwich(
     strategy: str = "boundary",
     rho_fraction: float = 0.1,
     accept_fraction: float = 0.5,
-    jump: float = 3.0,
+    jump: float = 1.0,
     assumed_flops_per_second: float = 2e10,
     lower_iters: int = 12,
     max_refine: int = 4,

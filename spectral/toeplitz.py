@@ -33,9 +33,10 @@ from typing import Any, Callable
 import torch
 
 from spectral.guarantee import Guarantee, NormValue
+from spectral.lower import batched_lanczos
 from spectral.roundoff import cholesky_margin, gamma, unit_roundoff
 
-__all__ = ["banded_certificate", "banded_plan", "BANDED_MODES", "Axis"]
+__all__ = ["banded_certificate", "banded_plan", "BANDED_MODES", "Axis", "batched_lanczos"]
 
 BANDED_MODES = {"exact": "banded_cholesky", "axis": "axis_cholesky"}
 
@@ -267,33 +268,6 @@ def _apply(prob: _Problem, x: torch.Tensor) -> torch.Tensor:
     return fwd(adj(x.reshape(B, ax.m, p))).reshape(B, -1)
 
 
-def batched_lanczos(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, batch: int, dtype: torch.dtype,
-                    steps: int = 40, seed: int = 0) -> torch.Tensor:
-    """Top Ritz values (float64, (batch,)) of ``batch`` Hermitian PSD operators after ``steps`` Lanczos steps
-    with full reorthogonalisation (an estimate from below, used only to choose certificate levels)."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
-    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    steps = max(1, min(steps, dim))
-    Q = torch.zeros(steps, batch, dim, dtype=dtype)
-    T = torch.zeros(batch, steps, steps, dtype=torch.float64)
-    k = 0
-    for j in range(steps):
-        Q[j] = v
-        w = apply(v)
-        T[:, j, j] = torch.einsum("bi,bi->b", v.conj(), w).real.to(torch.float64)
-        for _ in range(2):
-            w = w - torch.einsum("jb,jbi->bi", torch.einsum("jbi,bi->jb", Q[: j + 1].conj(), w), Q[: j + 1])
-        beta = torch.linalg.vector_norm(w, dim=1)
-        k = j + 1
-        if j + 1 == steps or bool((beta <= 1e-13 * T[:, : j + 1, : j + 1].diagonal(dim1=1, dim2=2).abs().amax(1)
-                                   .clamp(min=1e-300)).all()):
-            break
-        T[:, j, j + 1] = T[:, j + 1, j] = beta.to(torch.float64)
-        v = torch.where(beta[:, None] > 0, w / torch.where(beta > 0, beta, 1.0)[:, None].to(w.dtype), w)
-    return torch.linalg.eigvalsh(T[:, :k, :k])[:, -1].clamp(min=0.0)
-
-
 def _factor(prob: _Problem, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-banded Cholesky of ``mu_b I - H_b`` for every batch element: (success flags, trace of mu I - H)."""
     B, R, b, n = prob.gamma_pairs.shape[0], prob.rows, prob.band, prob.block
@@ -347,11 +321,14 @@ def banded_plan(op: Any, mode: str = "exact", axis: int = 0) -> dict[str, Any]:
     c_side = c_in if side == "in" else c_out
     batch = G * F
     factor_flops = batch * rows * _row_flops(band) * blk ** 3 * cplx
+    # Lanczos estimates (scouting 4 embeddings in axis mode, then 40 steps): 2 tap passes per step
+    steps = 40 + (4 * 10 if mode == "axis" else 0)
+    lanczos_flops = steps * 2 * 2 * max(a1.n, a1.m) * k1 * inner_out * inner_in * batch * cplx
     assemble_flops = 2 * G * (k1 * k2) ** 2 * c_side ** 2 * (c_out + c_in) / 2 + batch * k1 ** 2 * blk ** 2 * 8
     bytes_per = 8 * (2 if cplx > 1 else 1)
     peak = bytes_per * batch * blk ** 2 * (k1 ** 2 + (band + 1) ** 2 + 3) + 8 * G * (k1 * k2) ** 2 * c_side ** 2
     return {"mode": mode, "method": BANDED_MODES[mode], "side": side, "rows": rows, "band": band, "block": blk,
-            "batch": batch, "flops": float(factor_flops + assemble_flops), "bytes": int(peak), "axis": axis}
+            "batch": batch, "flops": float(factor_flops + assemble_flops + lanczos_flops), "bytes": int(peak), "axis": axis}
 
 
 def banded_certificate(
@@ -465,7 +442,7 @@ def _certify_levels(prob: _Problem, mu: torch.Tensor, rho: float, form: float,
         margin = cholesky_margin(trace, (prob.band + 1) * prob.block, torch.float64) + form
         bound[todo[ok]] = mu[todo[ok]] * (1 + 4 * unit_roundoff(torch.float64)) + margin[ok]
         certified[todo[ok]] = True
-        mu[todo[~ok]] *= (1 + rho) ** 2
+        mu[todo[~ok]] *= (1 + rho * 2.0 ** min(tries - 1, 20)) ** 2  # geometric steps: few retries for tiny rho
     return bound, tries, factorisations
 
 
