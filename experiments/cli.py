@@ -570,11 +570,16 @@ def cmd_spectral(args: argparse.Namespace) -> int:
         table.to_json(out / "spectral.json")
         table.to_csv(out / "spectral.csv")
     columns = [c for c in ("name", "weight_shape", "stride", "input_size", "lower", "upper", "gap", "upper_method",
-                           "ratio_to_random") if rows and c in rows[0]]
+                           "converged", "ratio_to_random") if rows and c in rows[0]]
     text = (f"per-layer l2 operator norms of {_described(info)} at input {'x'.join(map(str, info['input_shape']))} "
             f"(lower: certified lower bound, upper: certified upper bound, gap = upper/lower - 1, "
             f"ratio_to_random: upper / random-matrix baseline of the same kernel std):\n")
     text += format_table(rows, columns or (list(rows[0]) if rows else []))
+    missed = [r for r in rows if not r.get("converged", True)]
+    payload["rows_above_rtol"] = len(missed)
+    text += f"\n{len(missed)} of {len(rows)} rows above rtol={args.rtol:g}"
+    for r in missed:
+        text += f"\n  {r['name']}: gap {100 * r['gap']:.2f}%: {r.get('reason')}; to reach rtol: {r.get('suggestion')}"
     if out is not None:
         text += f"\nwrote {out / 'spectral.json'} and {out / 'spectral.csv'}"
     _emit(args, payload, text)

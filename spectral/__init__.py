@@ -4,11 +4,14 @@ Pure functions on one layer's weights and input size; no knowledge of networks.
 
 Public API (``sandwich``/``analyze`` are bound at import; the others load on first use):
 
-- ``sandwich(layer_or_weight, input_shape, rtol=0.02, ...) -> Sandwich``: certified lower/upper bounds.
+- ``sandwich(layer_or_weight, input_shape, rtol=0.02, ...) -> Sandwich``: exact values where they exist, else
+  certified lower/upper bounds from a cost-ordered ladder of certificates (``spectral.ladder``); says why when
+  ``rtol`` is not reached.
 - ``analyze(model, example_input, ...) -> LayerTable``: every conv/linear of a model, BN folded.
 - ``LayerOperator``, ``compose``, ``ChannelScale``: layers as linear maps.
 - ``conv_singular_values_circular``, ``conv_operator_norm_circular``, ``operator_norm_dense``: exact values.
 - ``conv_operator_norm_upper``, ``linear_operator_norm_upper``, ``UPPER_METHODS``: certified upper bounds.
+- ``banded_certificate``: boundary-aware upper bounds of zero-padded convs (block-banded Cholesky).
 - ``operator_norm_lower``: certified lower bounds (power iteration, Lanczos).
 - ``probabilistic_upper``: upper bound holding with probability ``1 - delta``.
 - ``random_conv_norm_prediction``, ``random_linear_norm_prediction``: random-matrix baselines.
@@ -38,6 +41,7 @@ _LAZY = {
     "conv_operator_norm_upper": "spectral.upper",
     "linear_operator_norm_upper": "spectral.upper",
     "UPPER_METHODS": "spectral.upper",
+    "banded_certificate": "spectral.toeplitz",
     "operator_norm_lower": "spectral.lower",
     "probabilistic_upper": "spectral.probabilistic",
     "random_conv_norm_prediction": "spectral.random_matrix",

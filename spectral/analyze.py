@@ -39,8 +39,8 @@ _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear) + _TRANSPOSED_TYPES
 CSV_COLUMNS = [
     "name", "kind", "weight_shape", "input_shape", "output_shape", "stride", "padding", "padding_mode",
     "dilation", "groups", "folded_batchnorm", "lower", "upper", "gap", "exact", "lower_guarantee",
-    "upper_guarantee", "lower_method", "upper_method", "random_baseline", "random_baseline_guarantee",
-    "ratio_to_random", "seconds",
+    "upper_guarantee", "lower_method", "upper_method", "converged", "reason", "suggestion", "random_baseline",
+    "random_baseline_guarantee", "ratio_to_random", "seconds",
 ]
 
 
@@ -295,6 +295,8 @@ def _row(rec: LayerRecord, sandwich_kwargs: dict[str, Any], random_baseline: boo
         "lower_guarantee": result.lower.guarantee.value, "upper_guarantee": result.upper.guarantee.value,
         "lower_method": result.lower.method, "upper_method": result.upper.method,
         "methods": result.methods, "seconds": result.seconds, "notes": notes,
+        "rtol": result.rtol, "converged": result.converged, "reason": result.reason,
+        "suggestion": result.suggestion,
     }
     if result.probabilistic_upper is not None:
         row["probabilistic_upper"] = result.probabilistic_upper.value
@@ -362,5 +364,6 @@ def analyze(
         "sandwich_kwargs": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in sandwich_kwargs.items()},
         "max_gap": max((r["gap"] for r in rows), default=0.0), "evaluated_in_eval_mode": True,
         "model_was_training": bool(model.training), "not_analyzed": skipped,
+        "not_converged": sum(not r["converged"] for r in rows),
     }
     return LayerTable(rows, meta)

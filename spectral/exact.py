@@ -23,6 +23,7 @@ import torch
 
 from spectral.guarantee import Guarantee, NormValue
 from spectral.operators import DEFAULT_MAX_ENTRIES, check_linear_map, dense_matrix
+from spectral.roundoff import tap_sum_error, unit_roundoff
 
 # frequency blocks produced per chunk (complex entries); bounds peak memory of the FFT methods
 DEFAULT_CHUNK_ENTRIES = 2**24
@@ -153,12 +154,13 @@ def conv_singular_values_circular(
     """All singular values (descending, in the weight's dtype) of the circular convolution on the grid.
 
     The count equals ``min(rows, cols)`` of the unrolled operator. Bias is irrelevant. Requires
-    ``input_size % stride == 0``.
+    ``input_size % stride == 0``. Computed in complex128 whatever the weight's dtype.
     References: Sedghi et al. 2019 (FFT block-diagonalisation); Senderovich et al. 2022 (polyphase stride).
     """
+    w64 = _float64(weight)
     parts = [
         torch.linalg.svdvals(b).flatten()
-        for b in iter_fourier_blocks(weight, input_size, stride, dilation, groups, onesided=False)
+        for b in iter_fourier_blocks(w64, input_size, stride, dilation, groups, onesided=False)
     ]
     return torch.sort(torch.cat(parts), descending=True).values.to(weight.dtype)
 
@@ -171,14 +173,25 @@ def conv_operator_norm_circular(
     groups: int = 1,
 ) -> NormValue:
     """Exact spectral norm of the circular convolution (max over frequencies and groups of the top
-    singular value). References: Sedghi et al. 2019; Senderovich et al. 2022."""
+    singular value), computed in complex128 whatever the weight's dtype. ``details["error_bound"]`` states
+    the absolute round-off: block formation (``spectral.roundoff.tap_sum_error``) plus the SVD's backward
+    error ``4 max(p, q) u sigma`` (LAPACK's ``p(n) u ||B||`` with ``p(n) = 4n``, an estimate, not a proof).
+    References: Sedghi et al. 2019; Senderovich et al. 2022."""
     t0 = time.perf_counter()
     best = 0.0
     n_freq = 0
-    for b in iter_fourier_blocks(weight, input_size, stride, dilation, groups, onesided=True):
+    w64 = _float64(weight)
+    block_shape = (0, 0)
+    for b in iter_fourier_blocks(w64, input_size, stride, dilation, groups, onesided=True):
         n_freq += b.shape[0]
+        block_shape = tuple(b.shape[-2:])
         best = max(best, torch.linalg.svdvals(b)[..., 0].max().item())
-    _, grid, s, _ = normalize_conv(weight, input_size, stride, dilation, groups)
+    w4, grid, s, d = normalize_conv(weight, input_size, stride, dilation, groups)
+    taps = w4.to(torch.float64).reshape(w4.shape[0], w4.shape[1], -1)
+    k_max = max(di * (k - 1) for di, k in zip(d, w4.shape[2:])) + 1
+    form = tap_sum_error(float(torch.linalg.vector_norm(taps, dim=(0, 1)).sum()), taps.shape[-1], k_max,
+                         torch.float64)
+    err = form + 4 * max(block_shape) * unit_roundoff(torch.float64) * best
     return NormValue(
         value=best,
         guarantee=Guarantee.EXACT,
@@ -186,8 +199,15 @@ def conv_operator_norm_circular(
         iterations=None,
         seconds=time.perf_counter() - t0,
         details={"grid": list(grid[: weight.dim() - 2]), "stride": list(s[: weight.dim() - 2]),
-                 "frequencies": n_freq, "groups": groups},
+                 "frequencies": n_freq, "groups": groups, "computed_in": "complex128", "error_bound": err},
     )
+
+
+def _float64(weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    complex_dtype_for(weight.dtype)  # refuses half precision etc. with a clear message
+    return weight.detach().to(torch.float64)
 
 
 def singular_values_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> torch.Tensor:
@@ -196,17 +216,19 @@ def singular_values_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> tor
 
 
 def operator_norm_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> NormValue:
-    """Exact spectral norm of any (small) linear map: largest singular value of its dense matrix."""
+    """Exact spectral norm of any (small) linear map: largest singular value of its dense matrix, in the map's
+    dtype. ``details["error_bound"]`` states the SVD's backward error ``4 max(m, n) u sigma`` (estimate)."""
     check_linear_map(m)
     t0 = time.perf_counter()
     A = dense_matrix(m, max_entries=max_entries)
     value = torch.linalg.matrix_norm(A, ord=2).item() if A.numel() else 0.0
+    u = unit_roundoff(A.dtype) if A.is_floating_point() else 0.0
     return NormValue(
         value=value,
         guarantee=Guarantee.EXACT,
         method="dense_svd",
         seconds=time.perf_counter() - t0,
-        details={"shape": list(A.shape)},
+        details={"shape": list(A.shape), "error_bound": 4 * max(A.shape, default=0) * u * value},
     )
 
 

@@ -179,4 +179,34 @@ def operator_norm_lower(
     )
 
 
-__all__ = ["LOWER_METHODS", "operator_norm_lower", "power_iteration", "lanczos"]
+def batched_lanczos(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, batch: int, dtype: torch.dtype,
+                    steps: int = 40, seed: int = 0) -> torch.Tensor:
+    """Top Ritz values (float64, ``(batch,)``) of ``batch`` Hermitian PSD operators (``apply`` maps
+    ``(batch, dim)`` to ``(batch, dim)``) after ``steps`` Lanczos steps with full reorthogonalisation. An
+    *estimate* (from below in exact arithmetic), used only to choose the levels that certificates try."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    steps = max(1, min(steps, dim))
+    Q = torch.zeros(steps, batch, dim, dtype=dtype)
+    T = torch.zeros(batch, steps, steps, dtype=torch.float64)
+    k = 0
+    for j in range(steps):
+        Q[j] = v
+        w = apply(v)
+        T[:, j, j] = torch.einsum("bi,bi->b", v.conj(), w).real.to(torch.float64)
+        for _ in range(2):
+            w = w - torch.einsum("jb,jbi->bi", torch.einsum("jbi,bi->jb", Q[: j + 1].conj(), w), Q[: j + 1])
+        beta = torch.linalg.vector_norm(w, dim=1)
+        k = j + 1
+        if j + 1 == steps or bool((beta <= 1e-13 * T[:, : j + 1, : j + 1].diagonal(dim1=1, dim2=2).abs().amax(1)
+                                   .clamp(min=1e-300)).all()):
+            break
+        T[:, j, j + 1] = T[:, j + 1, j] = beta.to(torch.float64)
+        v = torch.where(beta[:, None] > 0, w / torch.where(beta > 0, beta, 1.0)[:, None].to(w.dtype), w)
+    return torch.linalg.eigvalsh(T[:, :k, :k])[:, -1].clamp(min=0.0)
+
+
+
+
+__all__ = ["LOWER_METHODS", "operator_norm_lower", "power_iteration", "lanczos", "batched_lanczos"]

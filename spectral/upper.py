@@ -14,15 +14,18 @@ Methods (registry ``UPPER_METHODS``):
 - ``"gram"``: Gram iteration per frequency of ``circ(N)`` with Frobenius rescaling in log space
   (Delattre, Barthelemy, Araujo & Allauzen, ICML 2023), max over frequencies; frequencies whose
   bound falls below a certified lower bound of the maximum are pruned (they cannot hold the max).
-- ``"singla_feizi"``: ``sqrt(h w) * min`` of the four reshape norms (Singla & Feizi, ICLR 2021).
+- ``"singla_feizi"``: ``sqrt(h w) * min`` of the four reshape norms (Singla & Feizi, ICLR 2021) of the
+  polyphase kernel (``h x w = ceil(k / s)`` for stride ``s``).
 - ``"symbol"``: input-size-free bound ``sup_omega ||K(omega)||`` over continuous frequencies:
   Gram bound on a grid times ``1/sqrt(1 - h^2/2)`` with ``h = pi (m1/N1 + m2/N2)`` from Bernstein's
   inequality (see docs/spectral.md). Holds for every input size.
 - ``"tap_sum"``: ``sum_taps ||W_tap||_2``; ``"frobenius"``: ``sqrt(h w) ||W||_F``. Any padding.
 
-Values are certified in exact arithmetic; they are evaluated in floating point (round-off of the
-order of ``C * eps`` relative, far below the gaps reported). Power-iterated quantities are never
-returned from this module.
+Every value is computed in float64 (a float32 weight is converted exactly) and rounded up by a rigorous
+round-off margin (``spectral.roundoff``: Gram iteration, block formation, Cholesky-verified matrix norms), so
+it bounds the exact norm of the layer with the given weights. The fallbacks ``singla_feizi``, ``tap_sum`` and
+``frobenius`` (and ``symbol``) see the stride through the polyphase kernel (``polyphase_kernel``). Power-iterated
+quantities are never returned from this module.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ import torch.nn.functional as F
 from spectral.exact import iter_fourier_blocks, normalize_conv
 from spectral.guarantee import Guarantee, NormValue
 from spectral.operators import PADDING_MODES, padding_pairs
+from spectral.roundoff import (certified_matrix_norms, frobenius_upper, gamma, gram_margin_rel, tap_sum_error,
+                               unit_roundoff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,10 +210,14 @@ def _gram_steps(
 # ---------------------------------------------------------------------------------------------
 def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entries: int = 2**23,
                   tol: float = 0.0) -> tuple[float, dict]:
+    """Max over the frequency blocks of ``circ(geo.grid)`` of Gram-iteration bounds, computed in complex128
+    with a rigorous round-off margin (``spectral.roundoff``): relative ``gram_margin_rel`` for the iteration
+    plus the absolute error of forming the blocks from the kernel."""
+    w64 = geo.weight.detach().to(torch.float64)
     best_up = -math.inf
     floor = -math.inf
     n_freq = 0
-    for blocks in iter_fourier_blocks(geo.weight, geo.grid, geo.stride, geo.dilation, geo.groups,
+    for blocks in iter_fourier_blocks(w64, geo.grid, geo.stride, geo.dilation, geo.groups,
                                       onesided=True, max_entries=max_entries):
         mats = blocks.reshape(-1, *blocks.shape[-2:])
         n_freq += blocks.shape[0]
@@ -216,8 +225,21 @@ def _fourier_gram(geo: ConvGeometry, n_iter: int, prune: bool = True, max_entrie
         floor = max(floor, low.max().item())
         best_up = max(best_up, up.max().item())
     value = math.exp(best_up) if best_up > -math.inf else 0.0
-    details = {"frequencies": n_freq, "circulant_lower": math.exp(floor) if floor > -math.inf else 0.0}
-    return value, details
+    rel = gram_margin_rel(max(w64.shape[0] // geo.groups, w64.shape[1] * geo.stride[0] * geo.stride[1]),
+                          torch.float64)
+    form = _block_formation_error(geo)
+    details = {"frequencies": n_freq, "circulant_lower": math.exp(floor) if floor > -math.inf else 0.0,
+               "roundoff_margin": value * rel + form, "computed_in": "float64"}
+    return (value * (1 + rel) + form if value > 0 else 0.0), details
+
+
+def _block_formation_error(geo: ConvGeometry) -> float:
+    """``||B_computed(u) - B(u)||_2`` bound for the frequency blocks of ``iter_fourier_blocks`` (float64)."""
+    w = geo.weight.detach().to(torch.float64)
+    taps = w.reshape(w.shape[0], w.shape[1], -1)
+    abs_sum = float(torch.linalg.vector_norm(taps, dim=(0, 1)).sum())
+    k_max = max(d * (k - 1) for d, k in zip(geo.dilation, w.shape[2:])) + 1
+    return tap_sum_error(abs_sum, taps.shape[-1], k_max, torch.float64)
 
 
 def _method_gram(geo: ConvGeometry, n_iter: int | None = None, prune: bool = True, tol: float = 0.0,
@@ -231,13 +253,41 @@ def _method_gram(geo: ConvGeometry, n_iter: int | None = None, prune: bool = Tru
     return value, details, n_iter
 
 
+def polyphase_kernel(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """The kernel of the stride-1 convolution on polyphase inputs that equals a strided, dilated one.
+
+    ``weight`` is ``(C_out, C_in, kh, kw)``; tap ``a`` sits at offset ``t = d a``, coarse offset ``q = t // s``
+    and input phase ``r = t % s``. Returns ``(C_out, C_in * s1 * s2, K1, K2)`` (channels phase-major) with the
+    coarse offsets divided by their common factor (a dilation of the coarse kernel changes no symbol-sup
+    bound). On the infinite lattice the two operators are equal, so every bound on ``sup_omega ||K(omega)||``
+    of the result bounds the strided layer (any padding, after ``embedding``). Stride 1: the undilated kernel.
+    """
+    c_out, c_in = weight.shape[:2]
+    if all(s == 1 for s in stride):
+        return weight
+    axes = []
+    for k, s, d in zip(weight.shape[2:], stride, dilation):
+        t = d * torch.arange(k)
+        q, r = t // s, t % s
+        g = math.gcd(*[int(x) for x in q]) if int(q.max()) > 0 else 1
+        axes.append((q // g, r, s))
+    (q1, r1, s1), (q2, r2, s2) = axes
+    out = torch.zeros(c_out, s1 * s2, c_in, int(q1.max()) + 1, int(q2.max()) + 1, dtype=weight.dtype)
+    for a in range(weight.shape[2]):
+        for b in range(weight.shape[3]):
+            out[:, int(r1[a]) * s2 + int(r2[b]), :, int(q1[a]), int(q2[b])] = weight[:, :, a, b]
+    return out.reshape(c_out, s1 * s2 * c_in, out.shape[-2], out.shape[-1])
+
+
 def _group_weights(geo: ConvGeometry) -> torch.Tensor:
-    w = geo.weight
-    return w.reshape(geo.groups, w.shape[0] // geo.groups, *w.shape[1:])
+    """Per-group polyphase kernels ``(g, o, i', K1, K2)`` in float64 (see ``polyphase_kernel``)."""
+    w = geo.weight.detach().to(torch.float64)
+    wg = w.reshape(geo.groups, w.shape[0] // geo.groups, *w.shape[1:])
+    return torch.stack([polyphase_kernel(x, geo.stride, geo.dilation) for x in wg])
 
 
 def _method_singla_feizi(geo: ConvGeometry, **kw: Any) -> tuple[float, dict, int | None]:
-    wg = _group_weights(geo)  # (g, o, i, h, w)
+    wg = _group_weights(geo)  # (g, o, i, h, w), stride-aware (polyphase)
     g, o, i, h, w = wg.shape
     reshapes = {
         "R": wg.permute(0, 1, 3, 2, 4).reshape(g, o * h, i * w),
@@ -245,9 +295,9 @@ def _method_singla_feizi(geo: ConvGeometry, **kw: Any) -> tuple[float, dict, int
         "T": wg.reshape(g, o, i * h * w),
         "U": wg.permute(0, 1, 3, 4, 2).reshape(g, o * h * w, i),
     }
-    norms = {k: torch.linalg.matrix_norm(v, ord=2).max().item() for k, v in reshapes.items()}
-    value = math.sqrt(h * w) * min(norms.values())
-    return value, {"reshape_norms": norms}, None
+    norms = {k: float(certified_matrix_norms(v).max()) for k, v in reshapes.items()}
+    value = math.sqrt(h * w) * min(norms.values()) * (1 + gamma(8, unit_roundoff(torch.float64)))
+    return value, {"reshape_norms": norms, "polyphase_kernel": [h, w], "computed_in": "float64"}, None
 
 
 def bernstein_factor(degree: Sequence[int], grid: Sequence[int]) -> float:
@@ -261,9 +311,11 @@ def bernstein_factor(degree: Sequence[int], grid: Sequence[int]) -> float:
 
 def _method_symbol(geo: ConvGeometry, n_iter: int | None = None, grid: int | Sequence[int] | None = None,
                    slack: float = 0.05, **kw: Any) -> tuple[float, dict, int]:
+    """Symbol sup of the stride-aware (polyphase) kernel: a bound for every input size."""
     n_iter = 8 if n_iter is None else int(n_iter)
-    kh, kw_ = geo.weight.shape[2:]
-    degree = ((kh - 1) * geo.dilation[0], (kw_ - 1) * geo.dilation[1])
+    wg = _group_weights(geo)
+    g, o, i, kh, kw_ = wg.shape
+    degree = (kh - 1, kw_ - 1)
     if grid is None:
         # smallest square-ish grid with factor <= 1 + slack
         target = math.sqrt(2 * (1 - 1 / (1 + slack) ** 2)) / math.pi
@@ -271,24 +323,27 @@ def _method_symbol(geo: ConvGeometry, n_iter: int | None = None, grid: int | Seq
     else:
         sym_grid = tuple(grid) if not isinstance(grid, int) else (grid, grid if geo.nd == 2 else 1)
     factor = bernstein_factor(degree, sym_grid)
-    sym_geo = ConvGeometry(**{**geo.__dict__, "grid": sym_grid, "stride": (1, 1)})
+    sym_geo = ConvGeometry(**{**geo.__dict__, "weight": wg.reshape(g * o, i, kh, kw_), "grid": sym_grid,
+                              "stride": (1, 1), "dilation": (1, 1)})
     value, details = _fourier_gram(sym_geo, n_iter, prune=True)
-    details.update({"symbol_grid": list(sym_grid), "bernstein_factor": factor, "grid_max": value})
-    return value * factor, details, n_iter
+    details.update({"symbol_grid": list(sym_grid), "bernstein_factor": factor, "grid_max": value,
+                    "polyphase_kernel": [kh, kw_]})
+    return value * factor * (1 + gamma(4, unit_roundoff(torch.float64))), details, n_iter
 
 
 def _method_tap_sum(geo: ConvGeometry, **kw: Any) -> tuple[float, dict, None]:
     wg = _group_weights(geo)
-    taps = wg.permute(0, 3, 4, 1, 2)  # (g, h, w, o, i)
-    per_group = torch.linalg.matrix_norm(taps, ord=2).sum(dim=(1, 2))
-    return per_group.max().item(), {}, None
+    taps = wg.permute(0, 3, 4, 1, 2)  # (g, h, w, o, i): one block per coarse offset (all phases together)
+    per_group = certified_matrix_norms(taps).sum(dim=(1, 2))
+    value = per_group.max().item() * (1 + gamma(taps.shape[1] * taps.shape[2] + 4, unit_roundoff(torch.float64)))
+    return value, {"computed_in": "float64"}, None
 
 
 def _method_frobenius(geo: ConvGeometry, **kw: Any) -> tuple[float, dict, None]:
     wg = _group_weights(geo)
     h, w = wg.shape[-2:]
-    per_group = torch.linalg.vector_norm(wg.flatten(1), dim=1)
-    return math.sqrt(h * w) * per_group.max().item(), {}, None
+    per_group = max(frobenius_upper(x) for x in wg)
+    return math.sqrt(h * w) * per_group * (1 + gamma(4, unit_roundoff(torch.float64))), {}, None
 
 
 UPPER_METHODS: dict[str, Callable[..., tuple[float, dict, int | None]]] = {
@@ -353,7 +408,8 @@ def conv_operator_norm_upper(
 
 
 def linear_operator_norm_upper(weight: torch.Tensor, n_iter: int = 12) -> NormValue:
-    """Certified upper bound on ``||W||_2`` by Gram iteration on the matrix (Delattre et al. 2023)."""
+    """Certified upper bound on ``||W||_2`` by Gram iteration on the matrix (Delattre et al. 2023), computed in
+    float64 with a rigorous round-off margin (``spectral.roundoff.gram_margin_rel``)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-d tensor (out_features, in_features), got {getattr(weight, 'shape', weight)!r}")
     if weight.dtype not in (torch.float32, torch.float64):
@@ -361,10 +417,12 @@ def linear_operator_norm_upper(weight: torch.Tensor, n_iter: int = 12) -> NormVa
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     t0 = time.perf_counter()
-    up, _ = _gram_steps(weight.detach()[None], n_iter, prune=False)
+    up, _ = _gram_steps(weight.detach().to(torch.float64)[None], n_iter, prune=False)
     value = math.exp(up.item()) if up.item() > -math.inf else 0.0
+    value *= 1 + gram_margin_rel(max(weight.shape), torch.float64)
     return NormValue(value=value, guarantee=Guarantee.UPPER, method="gram", iterations=n_iter,
-                     seconds=time.perf_counter() - t0, details={"reference": REFERENCES["gram"]})
+                     seconds=time.perf_counter() - t0,
+                     details={"reference": REFERENCES["gram"], "computed_in": "float64"})
 
 
 __all__ = [
