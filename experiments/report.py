@@ -30,13 +30,20 @@ COLUMN_GUARANTEES: dict[str, str] = {
     "attack_lipschitz": "lower",
     "local_lipschitz": "estimate",
     "theory_prediction": "estimate",
+    "theory_measured_norms": "certified_upper",
+}
+
+#: What weights a column describes, where that is not the trained model's own (shown in headers).
+COLUMN_BASIS: dict[str, str] = {
+    "theory_prediction": "a priori: iid random weights, not the trained ones",
+    "theory_measured_norms": "theory rule with the trained layer norms",
 }
 
 #: Columns of the aggregate table, in order.
 TABLE_COLUMNS: tuple[str, ...] = (
     "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
     "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
-    "local_lipschitz", "stable_acc", "theory_prediction",
+    "local_lipschitz", "stable_acc", "theory_prediction", "theory_measured_norms",
 )
 
 
@@ -60,7 +67,10 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         return results
     summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
     if summaries:
-        return {"kind": "sweep", "name": run_dir.name, "models": [_read_json(p) for p in summaries]}
+        from experiments.study import analyse
+
+        models = [_read_json(p) for p in summaries]
+        return {"kind": "sweep", "name": run_dir.name, "models": models, "study": analyse(models)}
     record: dict[str, Any] = {"name": run_dir.name}
     found = False
     if (run_dir / "spectral.json").is_file():
@@ -397,8 +407,8 @@ def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: b
                                                           xlabel="empirical Lipschitz lower bound (max Jacobian norm)", logx=True,
                                                           title="robustness vs empirical Lipschitz")
         figures["robustness_vs_theory"] = plot_scatter(models, "theory_prediction", out_dir / "robustness_vs_theory.png",
-                                                       xlabel="theory's predicted Lipschitz bound", logx=True,
-                                                       title="robustness vs the theory's prediction")
+                                                       xlabel="theory's a-priori bound (iid random weights, not trained)",
+                                                       logx=True, title="robustness vs the theory's a-priori prediction")
     return {k: v for k, v in figures.items() if v is not None}
 
 
@@ -413,7 +423,7 @@ _CAPTIONS = {
     "robustness_vs_params": "Robust accuracy against parameter count.",
     "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
     "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
-    "robustness_vs_theory": "Robust accuracy against the theory's predicted Lipschitz bound.",
+    "robustness_vs_theory": "Robust accuracy against the theory's a-priori Lipschitz bound (iid random weights with std 0.05: a prediction made without the trained weights).",
 }
 
 
@@ -432,7 +442,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
     if rows and shown:
         lines += ["## Results", ""]
-        header = [f"{c} ({COLUMN_GUARANTEES[c]})" if c in COLUMN_GUARANTEES else c for c in shown]
+        header = [f"{c} ({'; '.join(x for x in (COLUMN_GUARANTEES.get(c), COLUMN_BASIS.get(c)) if x)})"
+                  if c in COLUMN_GUARANTEES else c for c in shown]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
         lines.append("")
@@ -462,17 +473,9 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
         lines.append("")
 
-    if len(models) >= 2 and any(_finite(m.get("theory_prediction")) for m in models):
-        lines += ["## Theory vs measurement", "",
-                  "Each quantity orders the models; the theory predicts that a lower Lipschitz bound goes with higher robustness.", ""]
-        for key, label, best_first in (("theory_prediction", "theory's predicted bound (estimate), lowest first", False),
-                                       ("certified_lipschitz", "certified upper bound, lowest first", False),
-                                       ("empirical_lipschitz", "empirical lower bound, lowest first", False),
-                                       ("robust_acc", "robust accuracy, highest first", True)):
-            text = ranking(models, key, descending=best_first)
-            if text:
-                lines.append(f"- {label}: {text}")
-        lines.append("")
+    study = results.get("study") if isinstance(results.get("study"), dict) and results["study"].get("configurations") else None
+    if study is None:
+        lines += theory_lines(models)
     tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
              and m["empirical_lipschitz"] > 0]
     if tight:
@@ -487,9 +490,16 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
                          f"(ratio {ratio:.3g}){extra}.")
         lines.append("")
     corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
-    if corr:
+    if study is not None:
+        from experiments.study_report import study_markdown
+
+        lines += study_markdown(study, models, {k: v for k, v in figures.items() if k.startswith("study_")},
+                                report_dir, regenerate)
+        figures = {k: v for k, v in figures.items() if not k.startswith("study_")}
+    elif corr:
         lines += ["## Rank correlations (Spearman)", "",
-                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho.", "",
+                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho. "
+                  "One run per model: these correlations mix configuration effects with seed noise.", "",
                   "| pair | rho | p-value | n |", "|---|---|---|---|"]
         for pair, c in corr.items():
             lines.append(f"| {pair} | {_fmt(c.get('rho'))} | {_fmt(c.get('p_value'))} | {c.get('n')}"
@@ -502,7 +512,12 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
             rel = Path(path).resolve().relative_to(report_dir.resolve()) if Path(path).resolve().is_relative_to(report_dir.resolve()) else Path(path)
             lines += [f"![{key}]({rel.as_posix()})", "", f"*{_CAPTIONS.get(key, key)}* Regenerate: `{regenerate}`.", ""]
 
+    shown_configs: set[str] = set()
     for m in models:
+        config = str(m.get("config_id") or m.get("name"))
+        if study is not None and config in shown_configs:
+            continue  # a study shows one per-layer table per configuration (its first seed)
+        shown_configs.add(config)
         if m.get("layers"):
             lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
                       "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
@@ -527,6 +542,41 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     return "\n".join(lines)
 
 
+def theory_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    """The theory's numbers beside the measurements, each labelled with the weights it describes; no orderings."""
+    if not any(_finite(m.get(k)) for m in models for k in ("theory_prediction", "theory_measured_norms")):
+        return []
+    lines = ["## Theory vs measurement", "",
+             "The theory's numbers describe different weights: the a-priori predictions are for random weights (iid "
+             "std 0.05, or the model's Kaiming initialisation) and never see training; `theory_measured_norms` "
+             "evaluates the same composition rule with the trained layers' certified norms and batch-norm gains "
+             "(a certified upper bound of the trained model). The certified and data bounds are of the trained model.", "",
+             "| model | theory a priori, iid std 0.05 (estimate) | theory at initialisation, Kaiming (estimate) | "
+             "theory with trained layer norms (certified_upper) | certified upper (certified_upper) | "
+             "data lower (lower) | robust acc [95% binomial CI] |", "|---|---|---|---|---|---|---|"]
+    for m in models:
+        lines.append(f"| {m.get('name', '')} | {_fmt(m.get('theory_prediction'))} | {_fmt(m.get('theory_prediction_kaiming'))} | "
+                     f"{_fmt(m.get('theory_measured_norms'))} | {_fmt(m.get('certified_lipschitz'))} | "
+                     f"{_fmt(m.get('empirical_lipschitz'))} | {_accuracy_with_interval(m)} |")
+    lines += ["", "One run (one seed) per model: differences between these models are not measured against "
+                  "seed-to-seed variation, so no ordering here is a claim. For claims with seeds and intervals run a "
+                  "study (`archlip sweep digits-study`).", ""]
+    return lines
+
+
+def _accuracy_with_interval(m: dict[str, Any]) -> str:
+    from experiments.stats import accuracy_interval
+    from experiments.study import eval_points
+
+    acc, n = m.get("robust_acc"), eval_points(m)
+    if not _finite(acc):
+        return "-"
+    if not n:
+        return _fmt(acc)
+    ci = accuracy_interval(float(acc), n)
+    return f"{acc:.4f} [{ci.low:.3f}, {ci.high:.3f}] (n={n})"
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regenerate: str | None = None) -> Path:
     """Render ``report.md`` and its PNG figures for ``run_dir``; returns the report's path."""
     run_dir = Path(run_dir)
@@ -535,6 +585,18 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regener
     out_dir.mkdir(parents=True, exist_ok=True)
     models = results.get("models", [])
     figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep")
+    if isinstance(results.get("study"), dict) and results["study"].get("configurations"):
+        from experiments.study import write_configuration_csv
+        from experiments.study_report import study_figures
+
+        figures.update(study_figures(results["study"], models, out_dir))
+        write_configuration_csv(results["study"], out_dir / "configs.csv")
+    elif any(m.get("spectra") for m in models):
+        from experiments.study_report import plot_spectra
+
+        path = plot_spectra(models, out_dir / "spectra.png")
+        if path is not None:
+            figures["spectra"] = path
     if results.get("kind") == "sweep" and models:
         write_csv(table_rows(models), out_dir / "table.csv")
     text = render_markdown(results, figures, out_dir, regenerate or f"archlip report {run_dir}")
