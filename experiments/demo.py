@@ -241,7 +241,8 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         from experiments.theory_validation import trained_theory
 
         _say(verbose, f"  [{name}] the theory's composition rule with the trained layer norms")
-        _step(record, "theory_trained", lambda: trained_theory(model, tuple(input_shape), record.get("layers"), rtol), verbose)
+        _step(record, "theory_trained", lambda: trained_theory(model, tuple(input_shape), record.get("layers"),
+                                                               min(rtol, 0.01)), verbose)
     if "spectra" in steps:
         from experiments.theory_validation import spectra_record
 

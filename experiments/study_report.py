@@ -208,10 +208,11 @@ def plot_spectra(models: Sequence[dict[str, Any]], path: str | Path) -> Path | N
         ax.axhline(1, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylim(bottom=0.05)  # rank-deficient operators (strided 1x1 shortcuts) have exact zeros: not shown
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("rank / number of singular values")
         ax.grid(True, which="both", alpha=0.3)
+    top = max((p[1] for rows in spectra.values() for r in rows for p in r.get("profile") or []), default=1.0)
+    axes[0][0].set_ylim(0.05, max(1.5, top * 1.3))  # rank-deficient operators (strided 1x1 shortcuts) have exact zeros
     axes[0][0].set_ylabel("singular value / random-matrix bulk edge")
     fig.suptitle(f"spectra of {run.get('name')}: trained (solid) vs initial weights (dashed); 1 = bulk edge of iid "
                  "weights with the same entry std", fontsize=9)

@@ -410,12 +410,13 @@ def wrn_values(model: nn.Module, input_shape: tuple[int, ...], layer_norm: Calla
 
 
 def trained_theory(model: nn.Module, input_shape: tuple[int, ...], layer_rows: list[dict] | None = None,
-                   rtol: float = 0.02) -> dict[str, Any]:
+                   rtol: float = 0.01) -> dict[str, Any]:
     """The symbolic bound with each trained layer's certified norm (``theory_measured_norms``, certified_upper),
     its stage factors, and the per-layer facts (``theory_facts``) a trained-weight model is fitted on.
 
-    ``layer_rows``: rows of ``spectral.analyze`` (their ``upper`` by layer name); missing layers are sandwiched
-    here. Models that are not pre-activation WideResNets give ``{}``.
+    ``layer_rows``: rows of ``spectral.analyze``; a row's ``upper`` is used when its gap is at most ``rtol``, other
+    layers are sandwiched here to ``rtol`` (the rule multiplies every layer's slack, so loose uppers would inflate
+    it). Models that are not pre-activation WideResNets give ``{}``.
     """
     from dataclasses import asdict
 
@@ -424,8 +425,11 @@ def trained_theory(model: nn.Module, input_shape: tuple[int, ...], layer_rows: l
 
     model = model.eval()
     names = {id(m): n for n, m in model.named_modules()}
-    uppers = {str(r.get("name")): r.get("upper") for r in layer_rows or []}
-    uppers = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in uppers.items()}
+    def value(v: Any) -> Any:
+        return v.get("value") if isinstance(v, dict) else v
+
+    uppers = {str(r.get("name")): value(r.get("upper")) for r in layer_rows or []
+              if isinstance(value(r.get("gap")), (int, float)) and value(r.get("gap")) <= rtol}
     missing: dict[int, float] = {}
 
     def layer_norm(m: nn.Module) -> float:
