@@ -414,9 +414,10 @@ def trained_theory(model: nn.Module, input_shape: tuple[int, ...], layer_rows: l
     """The symbolic bound with each trained layer's certified norm (``theory_measured_norms``, certified_upper),
     its stage factors, and the per-layer facts (``theory_facts``) a trained-weight model is fitted on.
 
-    ``layer_rows``: rows of ``spectral.analyze``; a row's ``upper`` is used when its gap is at most ``rtol``, other
-    layers are sandwiched here to ``rtol`` (the rule multiplies every layer's slack, so loose uppers would inflate
-    it). Models that are not pre-activation WideResNets give ``{}``.
+    ``layer_rows``: rows of ``spectral.analyze``; a row's ``upper`` is used when its gap is at most ``rtol`` and no
+    batch norm was folded into it (the rule multiplies the batch-norm gains itself), other layers are sandwiched here
+    to ``rtol`` (the rule multiplies every layer's slack, so loose uppers would inflate it). Models that are not
+    pre-activation WideResNets give ``{}``.
     """
     from dataclasses import asdict
 
@@ -428,8 +429,8 @@ def trained_theory(model: nn.Module, input_shape: tuple[int, ...], layer_rows: l
     def value(v: Any) -> Any:
         return v.get("value") if isinstance(v, dict) else v
 
-    uppers = {str(r.get("name")): value(r.get("upper")) for r in layer_rows or []
-              if isinstance(value(r.get("gap")), (int, float)) and value(r.get("gap")) <= rtol}
+    uppers = {str(r.get("name")): value(r.get("upper")) for r in layer_rows or [] if not r.get("folded_batchnorm")
+              and isinstance(value(r.get("gap")), (int, float)) and value(r.get("gap")) <= rtol}
     missing: dict[int, float] = {}
 
     def layer_norm(m: nn.Module) -> float:

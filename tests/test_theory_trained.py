@@ -84,6 +84,21 @@ def test_trained_theory_is_a_certified_bound_close_to_the_certified_product():
     assert with_rows["theory_measured_norms"] / out["theory_measured_norms"] == pytest.approx(123.0 / stem, rel=1e-6)
     loose = trained_theory(model, (1, 8, 8), [{"name": "stem_conv", "upper": 123.0, "gap": 0.5}], rtol=1e-3)
     assert loose["theory_measured_norms"] == pytest.approx(out["theory_measured_norms"], rel=1e-9)
+    # analyze folds the next block's bn1 into the stem (conv -> BN): that norm already holds a gain the rule multiplies
+    folded = [{"name": "stem_conv", "upper": 123.0, "gap": 0.0, "folded_batchnorm": "blocks.0.layer.0.bn1"}]
+    assert trained_theory(model, (1, 8, 8), folded, rtol=1e-3)["theory_measured_norms"] == pytest.approx(
+        out["theory_measured_norms"], rel=1e-9)
+
+
+def test_trained_theory_with_real_analyze_rows_equals_the_rule_with_exact_norms():
+    from experiments.demo import layer_table
+
+    model = _perturbed_wrn(seed=4)
+    rows = layer_table(model, (1, 8, 8), rtol=1e-3)
+    assert any(r.get("folded_batchnorm") for r in rows)
+    norms, _ = wrn_values(model, (1, 8, 8), _exact_norm(model, _layer_input_shapes(model, (1, 8, 8))))
+    value = trained_theory(model, (1, 8, 8), rows, rtol=1e-3)["theory_measured_norms"]
+    assert value == pytest.approx(composed_bound(norms).value, rel=0.02)
 
 
 def test_trained_theory_skips_models_that_are_not_preactivation_wrns():
