@@ -388,16 +388,22 @@ def _save(fig, plt, path: str | Path) -> Path:
     return path
 
 
-def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False) -> dict[str, Path]:
-    """Write every figure the records support; returns {figure key: path}."""
+def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False,
+                 per_run_scatter: bool = True) -> dict[str, Path]:
+    """Write every figure the records support; returns {figure key: path}.
+
+    ``per_run_scatter=False`` leaves out the one-point-per-run accuracy plots (a multi-seed study plots
+    configuration means with intervals instead, ``experiments.study_report``).
+    """
     out_dir = Path(out_dir)
     figures: dict[str, Path | None] = {
         "layer_norms": plot_layer_norms(models, out_dir / "layer_norms.png"),
         "certified_vs_empirical": plot_certified_vs_empirical(models, out_dir / "certified_vs_empirical.png"),
-        "robustness_vs_last_width": plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
-                                                 xlabel="last-stage width", title="robustness vs last-stage width"),
     }
-    if sweep or len(models) > 2:
+    if per_run_scatter:
+        figures["robustness_vs_last_width"] = plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
+                                                           xlabel="last-stage width", title="robustness vs last-stage width")
+    if per_run_scatter and (sweep or len(models) > 2):
         figures["robustness_vs_params"] = plot_scatter(models, "params", out_dir / "robustness_vs_params.png",
                                                        xlabel="parameters", title="robustness vs parameter count", logx=True)
         figures["robustness_vs_certified"] = plot_scatter(models, "certified_lipschitz", out_dir / "robustness_vs_certified.png",
@@ -473,7 +479,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
         lines.append("")
 
-    study = results.get("study") if isinstance(results.get("study"), dict) and results["study"].get("configurations") else None
+    study = results["study"] if _has_seeds(results) else None
     if study is None:
         lines += theory_lines(models)
     tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
@@ -542,6 +548,12 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     return "\n".join(lines)
 
 
+def _has_seeds(results: dict[str, Any]) -> bool:
+    """Whether the results hold a multi-seed study (some configuration with two or more runs)."""
+    study = results.get("study")
+    return isinstance(study, dict) and any(c.get("n_runs", 0) >= 2 for c in study.get("configurations") or [])
+
+
 def theory_lines(models: Sequence[dict[str, Any]]) -> list[str]:
     """The theory's numbers beside the measurements, each labelled with the weights it describes; no orderings."""
     if not any(_finite(m.get(k)) for m in models for k in ("theory_prediction", "theory_measured_norms")):
@@ -584,8 +596,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regener
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     models = results.get("models", [])
-    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep")
-    if isinstance(results.get("study"), dict) and results["study"].get("configurations"):
+    is_study = _has_seeds(results)
+    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep", per_run_scatter=not is_study)
+    if is_study:
         from experiments.study import write_configuration_csv
         from experiments.study_report import study_figures
 
