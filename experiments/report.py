@@ -70,7 +70,9 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         from experiments.study import analyse
 
         models = [_read_json(p) for p in summaries]
-        return {"kind": "sweep", "name": run_dir.name, "models": models, "study": analyse(models)}
+        sweep_file = run_dir / "sweep.json"
+        budget_groups = (_read_json(sweep_file).get("budget_groups") or []) if sweep_file.is_file() else []
+        return {"kind": "sweep", "name": run_dir.name, "models": models, "study": analyse(models, budget_groups)}
     record: dict[str, Any] = {"name": run_dir.name}
     found = False
     if (run_dir / "spectral.json").is_file():

@@ -518,7 +518,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
         "name": spec.name, "recipe": spec.recipe, "source": spec.source, "base": spec.base,
         "runs": [{"run_id": r.run_id, "overrides": r.overrides, "params": r.params} for r in spec.runs],
         "evaluate": spec.evaluate, "analysis": spec.analysis, "budget": spec.budget, "seeds": spec.seeds,
-        "groups": spec.groups, "configs": {r.config: {"groups": list(r.groups)} for r in spec.runs},
+        "groups": spec.groups, "budget_groups": spec.budget_groups,
+        "configs": {r.config: {"groups": list(r.groups)} for r in spec.runs},
     }, indent=2, default=str) + "\n")
 
     skipped = [r.run_id for r in runs if is_finished(out_dir, r)]
