@@ -428,6 +428,7 @@ _CAPTIONS = {
     "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size (eval-mode BatchNorm directly after a conv folded in), and the random-matrix baseline (x) of a kernel with the same entry std.",
     "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
     "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
+    "spectra": "Full singular-value spectra of every layer of the first model (exact: FFT or dense SVD; top-k by Lanczos for large layers), scaled by the random-matrix bulk edge of iid weights with the same entry std: trained weights (solid) against the model's initial weights (dashed).",
     "robustness_vs_params": "Robust accuracy against parameter count.",
     "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
     "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
