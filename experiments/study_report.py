@@ -72,9 +72,10 @@ def plot_last_stage(study: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_xlabel("last-stage width")
         ax.set_title(key.replace("robust_acc", "robust acc").replace("clean_acc", "clean acc"), fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%), mean and 95% bootstrap CI over seeds")
+    axes[0][0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"last stage: {len(study.get('seeds', []))} seeds per configuration", fontsize=10)
+    fig.suptitle(f"last stage: mean over {len(study.get('seeds', []))} seeds with the 95% bootstrap interval of the mean",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -176,10 +177,14 @@ def plot_theory(study: dict[str, Any], path: str | Path) -> Path | None:
         ax.scatter(meas, pred)
         for h in held:
             ax.annotate(h["config"], (h["measured"], h["predicted"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        from matplotlib.ticker import NullFormatter
+
         lo, hi = min(meas + pred) * 0.7, max(meas + pred) * 1.4
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("measured: rule with trained norms (geometric mean over seeds)")
     ax.set_ylabel("predicted from the other configurations")
     ax.set_title("fitted trained-weight model, leave one configuration out", fontsize=9)
@@ -354,15 +359,22 @@ def theory_lines(study: dict[str, Any]) -> list[str]:
                   "(Kaiming initialisation has std exponent -0.5; the fixed-variance model 0).", "",
               "| stage | kind | n | norm: width exponent | norm: depth slope | residual sd (log) | std: width exponent | std: depth slope |",
               "|---|---|---|---|---|---|---|---|"]
+    def coef(v: Any) -> str:  # a feature that never varies gets slope 0 up to round-off
+        return "0 (not varied)" if _finite(v) and abs(v) < 1e-9 else _fmt(v)
+
     for r in theory.get("laws", []):
-        lines.append(f"| {r['stage']} | {r['kind']} | {r['n']} | {_fmt(r['value_width_exponent'])} | {_fmt(r['value_depth_slope'])} | "
-                     f"{_fmt(r['value_residual_std'])} | {_fmt(r['std_width_exponent'])} | {_fmt(r['std_depth_slope'])} |")
+        lines.append(f"| {r['stage']} | {r['kind']} | {r['n']} | {coef(r['value_width_exponent'])} | {coef(r['value_depth_slope'])} | "
+                     f"{_fmt(r['value_residual_std'])} | {coef(r['std_width_exponent'])} | {coef(r['std_depth_slope'])} |")
     held = theory.get("held_out") or []
     if held:
         lines += ["", "Leave one configuration out: the model fitted on the other configurations predicts the held-out "
                       "configuration's composed bound (error relative to the rule with its measured norms).", "",
                   "| held-out configuration | predicted | measured | error |", "|---|---|---|---|"]
         lines += [f"| {h['config']} | {_fmt(h['predicted'])} | {_fmt(h['measured'])} | {h['rel_error'] * 100:+.0f}% |" for h in held]
+        if _finite(theory.get("held_out_abs_log_error")):
+            lines += ["", f"Typical held-out error: a factor {theory['held_out_abs_log_error']:.3g} (geometric mean of "
+                          "max(predicted/measured, measured/predicted)). Layer kinds are pooled per stage (conv1 with conv2, "
+                          "bn1 with bn2), so the residual spread of a law includes the differences between those roles."]
     return lines + [""]
 
 
