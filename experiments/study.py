@@ -151,7 +151,8 @@ def last_stage_pairs(configs: Sequence[dict[str, Any]]) -> list[tuple[dict[str, 
             family = [d for d in configs if d is c or _same_except_last(c, d, field, other)]
             largest = max(family, key=lambda d: d[field][-1])
             if c is not largest and c[field][-1] < largest[field][-1]:
-                pairs.append((largest, c, f"last-stage {label} {largest[field][-1]} -> {c[field][-1]}"))
+                fixed = f"{other} {'-'.join(map(str, c[other]))}"
+                pairs.append((largest, c, f"last-stage {label} {largest[field][-1]} -> {c[field][-1]} ({fixed})"))
     return pairs
 
 

@@ -121,8 +121,12 @@ def plot_lipschitz(study: dict[str, Any], path: str | Path) -> Path | None:
     cols = min(3, len(keys))
     rows_n = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 3.6 * rows_n), squeeze=False, sharey=True)
+    from matplotlib.ticker import NullFormatter
+
     corr = study.get("claims", {}).get("correlations", {})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(configs) > len(colours):
+        colours = [plt.get_cmap("tab20")(i % 20) for i in range(len(configs))]
     for ax, key in zip(axes.flat, keys):
         xs = []
         for i, c in enumerate(configs):
@@ -133,6 +137,7 @@ def plot_lipschitz(study: dict[str, Any], path: str | Path) -> Path | None:
                             color=colours[i % len(colours)], label=c["config_id"])
         if xs and max(xs) / min(xs) > 3:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         c = corr.get(key) or {}
         rho = f"rho {c['rho']:+.2f}" + (f" [{c['interval']['low']:+.2f}, {c['interval']['high']:+.2f}]"
                                          if c.get("interval") else "") if c.get("rho") is not None else "no rho"

@@ -115,10 +115,10 @@ def test_sequential_sweep_aggregates_a_study_with_detectable_and_undetectable_ef
     assert robust["n"] == 6 and robust["ci_low"] < robust["mean"] < robust["ci_high"]
     assert {b["attack"] for b in narrow["robust_binomial"]} == {"worst", "pgd20", "aa-custom:apgd-ce"}
     (claim,) = s["claims"]["last_stage"]
-    assert claim["change"] == "last-stage width 64 -> 32"
+    assert claim["change"] == "last-stage width 64 -> 32 (depths 1-1-1)"
     diff = claim["differences"]["robust_acc"]
     assert diff["mean"] == pytest.approx(0.06, abs=0.01) and diff["detectable"] and diff["n"] == 6
-    assert "raises robust_acc by +6" in claim["sentence"]
+    assert "raises robust_acc by +6" in claim["sentence"] and "(depths 1-1-1)" in claim["sentence"]
     budget = s["claims"]["budget"]["budget"]
     assert budget["best"] == "d1-1-1_w8-16-32-64" and len(budget["tests"]) == 1
     text = (tmp_path / "report.md").read_text()
@@ -182,8 +182,9 @@ def test_submitit_local_executor_runs_one_job_per_run_and_resumes(tmp_path, monk
 def test_last_stage_pairs_pair_each_smaller_setting_with_the_largest():
     configs = [{"config_id": f"d{d}w{w}", "depths": [1, 1, d], "widths": [8, 16, 32, w]} for d in (1, 2) for w in (16, 32, 64)]
     pairs = {(a["config_id"], b["config_id"], what) for a, b, what in study.last_stage_pairs(configs)}
-    assert ("d1w64", "d1w32", "last-stage width 64 -> 32") in pairs and ("d1w64", "d1w16", "last-stage width 64 -> 16") in pairs
-    assert ("d2w32", "d1w32", "last-stage depth 2 -> 1") in pairs
+    assert ("d1w64", "d1w32", "last-stage width 64 -> 32 (depths 1-1-1)") in pairs
+    assert ("d1w64", "d1w16", "last-stage width 64 -> 16 (depths 1-1-1)") in pairs
+    assert ("d2w32", "d1w32", "last-stage depth 2 -> 1 (widths 8-16-32-32)") in pairs
     assert len(pairs) == 4 + 3
 
 
