@@ -129,17 +129,15 @@ def stage_of(layer_name: str) -> str:
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
-    """Spearman rank correlation of paired finite values, with the count used; ``rho`` None below 3 pairs."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if _finite(x) and _finite(y)]
-    if len(pairs) < 3:
-        return {"rho": None, "p_value": None, "n": len(pairs), "note": "needs at least 3 runs with both values"}
-    from scipy.stats import spearmanr
+    """Spearman rank correlation of paired finite values, with the count used; ``rho`` None below 3 pairs
+    (``experiments.stats.rank_correlation`` without its bootstrap interval)."""
+    from experiments.stats import rank_correlation
 
-    a, b = zip(*pairs)
-    if len(set(a)) == 1 or len(set(b)) == 1:
-        return {"rho": None, "p_value": None, "n": len(pairs), "note": "a constant column has no rank correlation"}
-    result = spearmanr(a, b)
-    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
+    c = rank_correlation(xs, ys, n_resamples=0)
+    out = {"rho": c.rho, "p_value": c.p_value, "n": c.n}
+    if c.note:
+        out["note"] = c.note
+    return out
 
 
 def correlations(models: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

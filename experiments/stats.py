@@ -232,6 +232,7 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], *, x_name: str = "x
 
     A resample whose x or y values are all tied has no rank correlation; it counts as rho = 0 (no association),
     which widens the interval toward 0 rather than dropping the resample. Needs at least 3 pairs.
+    ``n_resamples=0`` skips the interval (rho and p-value only).
     """
     from scipy import stats
 
@@ -242,6 +243,8 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], *, x_name: str = "x
     if np.all(xs == xs[0]) or np.all(ys == ys[0]):
         return Correlation(x_name, y_name, None, None, len(pairs), None, "a constant column has no rank correlation")
     result = stats.spearmanr(xs, ys)
+    if n_resamples == 0:
+        return Correlation(x_name, y_name, float(result.statistic), float(result.pvalue), len(pairs), None)
 
     def rho(u: np.ndarray, v: np.ndarray) -> float:
         if np.all(u == u[0]) or np.all(v == v[0]):
