@@ -494,8 +494,6 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
     and returns; ``executor`` replaces the submitit executor the sweep file describes (tests); ``threads``: torch
     threads of each local worker process.
     """
-    from experiments.cli import write_json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if workers is not None and (not isinstance(workers, int) or workers < 1):
