@@ -54,7 +54,25 @@ def test_lanczos_values_never_exceed_the_exact_ones(c_out, c_in, n, k, seed):
     if k_top < 1:
         return
     lanczos = layer_spectrum(w, (c_in, n, n), padding=k // 2, top_k=k_top, max_dense_entries=1)
+    assert lanczos.guarantee is Guarantee.LOWER and lanczos.values.size == k_top
     assert np.all(lanczos.values <= exact.values[:lanczos.values.size] * (1 + 1e-9) + 1e-12)
+    np.testing.assert_allclose(lanczos.values, exact.values[:k_top], rtol=1e-4)
+
+
+def test_subspace_fallback_for_an_operator_with_one_distinct_singular_value():
+    from spectral.spectrum import _subspace_top
+    from spectral.operators import LayerOperator
+
+    w = torch.full((1, 1, 1, 1), 0.7, dtype=torch.float64)  # 0.7 x identity: ARPACK runs out of Krylov space
+    spec = layer_spectrum(w, (1, 5, 5), top_k=4, max_dense_entries=1)
+    np.testing.assert_allclose(spec.values, [0.7] * 4, rtol=1e-12)
+    torch.manual_seed(2)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    op = LayerOperator.conv(w, (4, 6, 6), 1, 1)
+    sub = _subspace_top(op, 216, 144, 5, seed=0)
+    exact = _dense(w, (4, 6, 6))
+    assert sub.guarantee is Guarantee.LOWER and np.all(sub.values <= exact[:5] * (1 + 1e-12))
+    np.testing.assert_allclose(sub.values, exact[:5], rtol=1e-3)
 
 
 def test_linear_spectrum_and_bad_input():
