@@ -445,10 +445,17 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     lines += ["Guarantee of each number: `certified_upper` (a proven upper bound), `lower` (a proven lower bound: "
               "the true value is at least this), `estimate` (no guarantee either way). See docs/index.md.", ""]
 
+    study = results["study"] if _has_seeds(results) else None
+    if study is not None:  # a multi-seed study: its tests first, the per-run data after
+        from experiments.study_report import study_markdown
+
+        lines += study_markdown(study, models, {k: v for k, v in figures.items() if k.startswith("study_")},
+                                report_dir, regenerate)
+        figures = {k: v for k, v in figures.items() if not k.startswith("study_")}
     rows = table_rows(models)
     shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
     if rows and shown:
-        lines += ["## Results", ""]
+        lines += ["## Results" + (" (one row per run)" if study is not None else ""), ""]
         header = [f"{c} ({'; '.join(x for x in (COLUMN_GUARANTEES.get(c), COLUMN_BASIS.get(c)) if x)})"
                   if c in COLUMN_GUARANTEES else c for c in shown]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
@@ -480,7 +487,6 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
         lines.append("")
 
-    study = results["study"] if _has_seeds(results) else None
     if study is None:
         lines += theory_lines(models)
     tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
@@ -497,13 +503,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
                          f"(ratio {ratio:.3g}){extra}.")
         lines.append("")
     corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
-    if study is not None:
-        from experiments.study_report import study_markdown
-
-        lines += study_markdown(study, models, {k: v for k, v in figures.items() if k.startswith("study_")},
-                                report_dir, regenerate)
-        figures = {k: v for k, v in figures.items() if not k.startswith("study_")}
-    elif corr:
+    if study is None and corr:
         lines += ["## Rank correlations (Spearman)", "",
                   "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho. "
                   "One run per model: these correlations mix configuration effects with seed noise.", "",
