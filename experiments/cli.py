@@ -560,6 +560,8 @@ def cmd_spectral(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, info = load_target(args.target, data=args.data, device=device, seed=args.seed, input_shape=shape,
                               model=args.model, model_kwargs=args.model_kwargs)
+    if args.spectrum:
+        return _spectrum(args, model, info, out)
     example = torch.zeros((1, *info["input_shape"]), device=device)
     table = spectral_analyze()(model, example, rtol=rtol, progress=not args.json)
     rows = to_jsonable(table.rows)
@@ -582,6 +584,53 @@ def cmd_spectral(args: argparse.Namespace) -> int:
         text += f"\n  {r['name']}: gap {100 * r['gap']:.2f}%: {r.get('reason')}; to reach rtol: {r.get('suggestion')}"
     if out is not None:
         text += f"\nwrote {out / 'spectral.json'} and {out / 'spectral.csv'}"
+    _emit(args, payload, text)
+    return EXIT_OK
+
+
+def _fresh_initialisation(model, seed: int):
+    """The same architecture with newly initialised weights (drawn under ``seed``), or None if it cannot be rebuilt."""
+    import torch
+
+    if not hasattr(model, "arch_config"):
+        return None
+    from experiments.models import model_from_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = model_from_config(model.arch_config())
+    return fresh.to(next(model.parameters()).device).eval()
+
+
+def _spectrum(args: argparse.Namespace, model, info: dict[str, Any], out: Path | None) -> int:
+    """``archlip spectral --spectrum``: full spectra vs the random-matrix law; trained and a fresh initialisation."""
+    from experiments.theory_validation import compact_spectrum, spectrum_rows
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    shape = tuple(info["input_shape"])
+    rows = {"trained": spectrum_rows(model, shape, seed=args.seed, top_k=args.top_k, progress=not args.json)}
+    fresh = _fresh_initialisation(model, args.seed)
+    if fresh is not None:
+        rows["init"] = spectrum_rows(fresh, shape, seed=args.seed, top_k=args.top_k)
+    compact = {label: [compact_spectrum(r) for r in rs] for label, rs in rows.items()}
+    payload = {"target": info["name"], "input_shape": list(shape), "spectra": rows,
+               "init_note": f"'init': a fresh initialisation of the same architecture under seed {args.seed}, "
+                            "not necessarily the weights this model was trained from"}
+    columns = ["name", "method", "guarantee", "n_values", "top", "bulk_edge", "n_outliers", "random_n_outliers",
+               "alpha", "random_alpha"]
+    table = [{c: r.get(c) for c in columns} for r in compact["trained"]]
+    text = (f"singular-value spectra of {info['name']} at input {'x'.join(map(str, shape))} (bulk_edge: random-matrix "
+            "law for iid weights of the same entry std; n_outliers: values above max(edge, top of a Gaussian draw through "
+            "the same operator); alpha: power-law exponent of s^2; random_*: the Gaussian draw's):\n" + format_table(table, columns))
+    if out is not None:
+        from experiments.report import write_csv
+        from experiments.study_report import plot_spectra
+
+        write_json(out / "spectrum.json", payload)
+        write_csv([{k: v for k, v in r.items() if k != "profile"} for r in compact["trained"]], out / "spectrum.csv")
+        plot_spectra([{"name": info["name"], "spectra": compact}], out / "spectrum.png")
+        text += f"\nwrote {out / 'spectrum.json'}, {out / 'spectrum.csv'} and {out / 'spectrum.png'}"
     _emit(args, payload, text)
     return EXIT_OK
 
@@ -883,13 +932,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         only=args.run,
         aggregate_only=args.aggregate_only,
         device=str(device),
+        workers=args.workers,
+        wait=False if args.no_wait else None,
+        threads=args.threads,
+        progress=not args.json,
     )
     lines = [f"sweep {spec.name}: {result['done']} of {result['total']} runs finished "
              f"({result['ran']} ran now, {result['skipped']} skipped as already done)"]
     if result.get("commands"):
         lines += ["would run (every run's recipe and model checked):"] + [f"  {c}" for c in result["commands"]]
+    if result.get("job_ids"):
+        lines.append(f"submitted {len(result['job_ids'])} submitit job(s); logs in {Path(out) / 'submitit'}")
     if result.get("table"):
         lines.append(f"table: {result['table']}")
+    if result.get("configs"):
+        lines.append(f"per-configuration statistics: {result['configs']}")
     if result.get("report"):
         lines.append(f"report: {result['report']}")
     _emit(args, result, "\n".join(lines))
@@ -1084,8 +1141,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--input-shape", default=None, help="override the input shape, e.g. 3x32x32")
     p.add_argument("--rtol", type=float, default=0.02, help="target relative gap upper/lower - 1, in (0, 1] (default 0.02)")
+    p.add_argument("--spectrum", action="store_true",
+                   help="full singular-value spectra (FFT / dense / Lanczos top-k) against the random-matrix law, "
+                        "trained vs a fresh initialisation")
     _model_arg(p)
-    _common(p, "directory for spectral.json and spectral.csv")
+    p.add_argument("--top-k", type=int, default=64, help="with --spectrum: values kept for layers too large for a dense SVD")
+    _common(p, "directory for spectral.json and spectral.csv (with --spectrum: spectrum.json, .csv, .png)")
     p.set_defaults(func=cmd_spectral)
 
     p = sub.add_parser("bound", help="certified network/stage/block Lipschitz bounds and data lower bounds",
@@ -1156,7 +1217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of configurations (resumable) and aggregate them", epilog=EXAMPLES["sweep"])
     p.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep path or shipped sweep name (archlip list sweeps)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    p.add_argument("--launcher", choices=("sequential", "torchrun"), default=None, help="override the sweep's launcher")
+    p.add_argument("--launcher", choices=("sequential", "torchrun", "submitit"), default=None, help="override the sweep's launcher")
+    p.add_argument("--workers", type=int, default=None, help="sequential launcher: runs in parallel processes on this machine")
+    p.add_argument("--no-wait", action="store_true", help="submitit: submit the jobs and return (collect with --aggregate-only)")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per torchrun job")
     p.add_argument("--run", action="append", default=None, metavar="RUN_ID", help="run only these run ids (e.g. one per cluster job)")
     p.add_argument("--dry-run", action="store_true", help="check every run's recipe and model and list the commands, "

@@ -27,12 +27,12 @@ DEMO_RECIPES: tuple[str, ...] = ("digits-pgdat-tiny", "digits-pgdat-tiny-r")
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"overrides": [], "eval_n": None, "attacks": ["pgd20"], "rtol": 0.02, "lower_points": 256,
              "lower_iters": 50, "attack_ratio_steps": 20, "search_steps": 60, "node_lower_points": 32,
-             "node_lower": {"steps": 10}},
+             "node_lower": {"steps": 10}, "spectra": True},
     "quick": {"overrides": ["run.epochs=2", "data.train_limit=512", "attack.steps=3", "selection.pgd_steps=3",
                             "run.progress=false"], "eval_n": 64,
               "attacks": ["pgd10"], "rtol": 0.1, "lower_points": 16, "lower_iters": 10, "attack_ratio_steps": 3,
               "search_steps": 3, "node_lower_points": 4,
-              "node_lower": {"steps": 1, "n_random": 2, "attack_points": 1, "attack_steps": 2, "per_source": 1}},
+              "node_lower": {"steps": 1, "n_random": 2, "attack_points": 1, "attack_steps": 2, "per_source": 1}, "spectra": False},
 }
 
 
@@ -170,8 +170,9 @@ def theory_prediction(depths: Sequence[int], widths: Sequence[int], *, num_class
     """The theory's parameter count and predicted network Lipschitz bound for a per-stage configuration.
 
     ``theory_prediction``: ``lipschitz.theory.lipschitz_bound`` under fixed-variance iid weights (std 0.05),
-    an a-priori ESTIMATE that ignores training; ``theory_prediction_kaiming``: the same at Kaiming (fan-out)
-    initialisation, where the per-layer constants do not depend on width.
+    an a-priori ESTIMATE for random weights that ignores training; ``theory_prediction_kaiming``: the same at the
+    model's Kaiming (fan-out) initialisation, where the per-layer constants do not depend on width. Neither sees
+    the trained weights: ``trained_theory`` (``theory_measured_norms``) evaluates the same rule on them.
     """
     from lipschitz.theory import lipschitz_bound, param_count
 
@@ -184,7 +185,16 @@ def theory_prediction(depths: Sequence[int], widths: Sequence[int], *, num_class
         "theory_params": int(param_count(list(depths), list(widths), num_classes=int(num_classes), in_channels=int(in_channels))),
         "theory_stage_factors": fixed.details.get("stages"),
         "theory_method": f"{fixed.method} std={THEORY_WEIGHT_MODEL['std']} ({fixed.guarantee.value})",
+        "theory_prediction_basis": THEORY_BASIS["theory_prediction"],
     }
+
+
+#: What each theory number is computed from (shown beside it in reports).
+THEORY_BASIS: dict[str, str] = {
+    "theory_prediction": f"a priori: iid random weights, std {THEORY_WEIGHT_MODEL['std']} (no training)",
+    "theory_prediction_kaiming": "a priori: the model's Kaiming initialisation (no training)",
+    "theory_measured_norms": "the same composition rule with the trained layers' certified norms and BN gains",
+}
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str], eps: float,
@@ -222,8 +232,13 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
                   rtol: float = 0.02, lower_points: int = 256, lower_iters: int = 50, attack_ratio_steps: int = 20,
                   search_steps: int = 0, node_lower_points: int = 0, node_lower: Mapping[str, Any] | None = None,
                   num_classes: int = 10, seed: int = 0, out_dir: Path | None = None, verbose: bool = True,
-                  steps: Sequence[str] = ("eval", "spectral", "bound", "lower", "theory")) -> dict[str, Any]:
-    """Everything archlip measures about one trained model, as a flat record (see experiments/report.py)."""
+                  steps: Sequence[str] = ("eval", "spectral", "bound", "lower", "theory", "theory_trained"),
+                  initial: nn.Module | None = None) -> dict[str, Any]:
+    """Everything archlip measures about one trained model, as a flat record (see experiments/report.py).
+
+    Steps: eval, spectral, bound, lower, theory (a priori), theory_trained (the theory's rule with the trained
+    layer norms), spectra (full spectra vs the random-matrix law, for the trained and the ``initial`` weights).
+    """
     model.eval()
     record: dict[str, Any] = {"name": name, **architecture(model), "input_shape": list(input_shape)}
     device = next(model.parameters()).device
@@ -252,10 +267,22 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         _say(verbose, f"  [{name}] the theory's prediction")
         _step(record, "theory", lambda: theory_prediction(record["depths"], record["widths"], num_classes=num_classes,
                                                           in_channels=int(input_shape[0]), input_size=int(input_shape[-1])), verbose)
+    if "theory_trained" in steps:
+        from experiments.theory_validation import trained_theory
+
+        _say(verbose, f"  [{name}] the theory's composition rule with the trained layer norms")
+        _step(record, "theory_trained", lambda: trained_theory(model, tuple(input_shape), record.get("layers"),
+                                                               min(rtol, 0.01)), verbose)
+    if "spectra" in steps:
+        from experiments.theory_validation import spectra_record
+
+        _say(verbose, f"  [{name}] full spectra vs the random-matrix law (trained{' and initial' if initial is not None else ''} weights)")
+        _step(record, "spectra", lambda: spectra_record(model, tuple(input_shape), initial, seed=seed), verbose)
     record["guarantees"] = {"certified_lipschitz": "certified_upper", "certified_lipschitz_product": "certified_upper",
                             "empirical_lipschitz": "lower", "attack_lipschitz": "lower", "searched_lipschitz": "lower",
                             "node_lower": "lower",
-                            "local_lipschitz": "estimate", "theory_prediction": "estimate"}
+                            "local_lipschitz": "estimate", "theory_prediction": "estimate",
+                            "theory_prediction_kaiming": "estimate", "theory_measured_norms": "certified_upper"}
     return record
 
 
@@ -301,6 +328,17 @@ def load_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None,
     return model.to(device).eval()
 
 
+def initial_model(config, in_channels: int, num_classes: int, device: str = "cpu") -> nn.Module:
+    """The weights a training run of ``config`` starts from (the trainer seeds torch with ``run.seed`` right before
+    building the model); the global RNG state is left as it was."""
+    from experiments.training.loop import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        model = build_model(config, in_channels, num_classes)
+    return model.to(device).eval()
+
+
 def load_test_split(config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of a recipe's dataset."""
     from experiments.cli import load_eval_data
@@ -324,7 +362,11 @@ def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any
     info = DATASETS.get(config.data.dataset, {"input_shape": tuple(x_test.shape[1:]), "num_classes": int(y_test.max()) + 1})
     steps = [s for s, flag in (("eval", True), ("spectral", analysis_options.get("spectral", True)),
                                 ("bound", analysis_options.get("bound", True)), ("lower", analysis_options.get("lower", True)),
-                                ("theory", analysis_options.get("theory", True))) if flag]
+                                ("theory", analysis_options.get("theory", True)),
+                                ("theory_trained", analysis_options.get("theory", True)),
+                                ("spectra", analysis_options.get("spectra", False))) if flag]
+    initial = (initial_model(config, int(info["input_shape"][0]), int(info["num_classes"]), device)
+               if "spectra" in steps else None)
     record = measure_model(
         model, name=name, input_shape=info["input_shape"], x_test=x_test, y_test=y_test,
         eps=parse_fraction(evaluate_options.get("eps", config.attack.eps)),
@@ -332,6 +374,7 @@ def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any
         rtol=float(analysis_options.get("rtol", 0.02)), lower_points=int(analysis_options.get("lower_points", 128)),
         lower_iters=int(analysis_options.get("lower_iters", 50)), attack_ratio_steps=int(analysis_options.get("attack_ratio_steps", 20)),
         num_classes=info["num_classes"], seed=seed, out_dir=Path(train_dir).parent, verbose=verbose, steps=steps,
+        initial=initial,
     )
     record["train"] = train_facts(train_summary)
     return record
@@ -398,13 +441,15 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
         _say(verbose, f"[{index}/{len(recipes)}] measuring {config.name}")
         model = load_trained_model(train_dir, train_summary, device)
         x_test, y_test = load_test_split(config)
+        steps = ("eval", "spectral", "bound", "lower", "theory", "theory_trained") + (("spectra",) if settings["spectra"] else ())
+        initial = initial_model(config, int(x_test.shape[1]), 10, device) if settings["spectra"] else None
         record = measure_model(
             model, name=config.model.name, input_shape=tuple(x_test.shape[1:]), x_test=x_test, y_test=y_test,
             eps=float(config.attack.eps), attacks=settings["attacks"], eval_n=settings["eval_n"], rtol=settings["rtol"],
             lower_points=settings["lower_points"], lower_iters=settings["lower_iters"],
             attack_ratio_steps=settings["attack_ratio_steps"], search_steps=settings["search_steps"],
             node_lower_points=settings["node_lower_points"], node_lower=settings["node_lower"],
-            seed=seed, out_dir=model_dir, verbose=verbose,
+            seed=seed, out_dir=model_dir, verbose=verbose, steps=steps, initial=initial,
         )
         record["recipe"] = recipe
         record["train_seconds"] = round(train_seconds, 2)

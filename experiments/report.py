@@ -36,13 +36,20 @@ COLUMN_GUARANTEES: dict[str, str] = {
     "searched_lipschitz": "lower",
     "local_lipschitz": "estimate",
     "theory_prediction": "estimate",
+    "theory_measured_norms": "certified_upper",
+}
+
+#: What weights a column describes, where that is not the trained model's own (shown in headers).
+COLUMN_BASIS: dict[str, str] = {
+    "theory_prediction": "a priori: iid random weights, not the trained ones",
+    "theory_measured_norms": "theory rule with the trained layer norms",
 }
 
 #: Columns of the aggregate table, in order.
 TABLE_COLUMNS: tuple[str, ...] = (
     "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
     "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
-    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction",
+    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction", "theory_measured_norms",
 )
 
 
@@ -66,7 +73,12 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         return results
     summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
     if summaries:
-        return {"kind": "sweep", "name": run_dir.name, "models": [_read_json(p) for p in summaries]}
+        from experiments.study import analyse
+
+        models = [_read_json(p) for p in summaries]
+        sweep_file = run_dir / "sweep.json"
+        budget_groups = (_read_json(sweep_file).get("budget_groups") or []) if sweep_file.is_file() else []
+        return {"kind": "sweep", "name": run_dir.name, "models": models, "study": analyse(models, budget_groups)}
     if (run_dir / "metrics.jsonl").is_file() and (run_dir / "resolved_config.yaml").is_file():
         return _training_results(run_dir)
     record: dict[str, Any] = {"name": run_dir.name}
@@ -149,17 +161,15 @@ def stage_of(layer_name: str) -> str:
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
-    """Spearman rank correlation of paired finite values, with the count used; ``rho`` None below 3 pairs."""
-    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if _finite(x) and _finite(y)]
-    if len(pairs) < 3:
-        return {"rho": None, "p_value": None, "n": len(pairs), "note": "needs at least 3 runs with both values"}
-    from scipy.stats import spearmanr
+    """Spearman rank correlation of paired finite values, with the count used; ``rho`` None below 3 pairs
+    (``experiments.stats.rank_correlation`` without its bootstrap interval)."""
+    from experiments.stats import rank_correlation
 
-    a, b = zip(*pairs)
-    if len(set(a)) == 1 or len(set(b)) == 1:
-        return {"rho": None, "p_value": None, "n": len(pairs), "note": "a constant column has no rank correlation"}
-    result = spearmanr(a, b)
-    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
+    c = rank_correlation(xs, ys, n_resamples=0)
+    out = {"rho": c.rho, "p_value": c.p_value, "n": c.n}
+    if c.note:
+        out["note"] = c.note
+    return out
 
 
 def correlations(models: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -461,17 +471,22 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
 
 
 def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False,
-                 metrics: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
-    """Write every figure the records support (and the training curves of ``metrics`` rows); {figure key: path}."""
+                 metrics: Sequence[dict[str, Any]] | None = None, per_run_scatter: bool = True) -> dict[str, Path]:
+    """Write every figure the records support (and the training curves of ``metrics`` rows); {figure key: path}.
+
+    ``per_run_scatter=False`` leaves out the one-point-per-run accuracy plots (a multi-seed study plots
+    configuration means with intervals instead, ``experiments.study_report``).
+    """
     out_dir = Path(out_dir)
     figures: dict[str, Path | None] = {
         "training_curves": plot_training_curves(metrics, out_dir / "training_curves.png") if metrics else None,
         "layer_norms": plot_layer_norms(models, out_dir / "layer_norms.png"),
         "certified_vs_empirical": plot_certified_vs_empirical(models, out_dir / "certified_vs_empirical.png"),
-        "robustness_vs_last_width": plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
-                                                 xlabel="last-stage width", title="robustness vs last-stage width"),
     }
-    if sweep or len(models) > 2:
+    if per_run_scatter:
+        figures["robustness_vs_last_width"] = plot_scatter(models, "last_width", out_dir / "robustness_vs_last_width.png",
+                                                           xlabel="last-stage width", title="robustness vs last-stage width")
+    if per_run_scatter and (sweep or len(models) > 2):
         figures["robustness_vs_params"] = plot_scatter(models, "params", out_dir / "robustness_vs_params.png",
                                                        xlabel="parameters", title="robustness vs parameter count", logx=True)
         figures["robustness_vs_certified"] = plot_scatter(models, "certified_lipschitz", out_dir / "robustness_vs_certified.png",
@@ -481,8 +496,8 @@ def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: b
                                                           xlabel="empirical Lipschitz lower bound (max Jacobian norm)", logx=True,
                                                           title="robustness vs empirical Lipschitz")
         figures["robustness_vs_theory"] = plot_scatter(models, "theory_prediction", out_dir / "robustness_vs_theory.png",
-                                                       xlabel="theory's predicted Lipschitz bound", logx=True,
-                                                       title="robustness vs the theory's prediction")
+                                                       xlabel="theory's a-priori bound (iid random weights, not trained)",
+                                                       logx=True, title="robustness vs the theory's a-priori prediction")
     return {k: v for k, v in figures.items() if v is not None}
 
 
@@ -563,10 +578,11 @@ _CAPTIONS = {
     "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size (eval-mode BatchNorm directly after a conv folded in), and the random-matrix baseline (x) of a kernel with the same entry std.",
     "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
     "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
+    "spectra": "Full singular-value spectra of every layer of the first model (exact: FFT or dense SVD; top-k by Lanczos for large layers), scaled by the random-matrix bulk edge of iid weights with the same entry std: trained weights (solid) against the model's initial weights (dashed).",
     "robustness_vs_params": "Robust accuracy against parameter count.",
     "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
     "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
-    "robustness_vs_theory": "Robust accuracy against the theory's predicted Lipschitz bound.",
+    "robustness_vs_theory": "Robust accuracy against the theory's a-priori Lipschitz bound (iid random weights with std 0.05: a prediction made without the trained weights).",
     "training_history": "Per-epoch training history (metrics.jsonl): validation clean, PGD and stable accuracy, the local "
                         "Lipschitz ratio at the PGD examples (an estimate), and the learning rate.",
 }
@@ -611,11 +627,19 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
               "accuracy under the attacks run: the true robust accuracy on those points is at most this). "
               "See docs/index.md.", ""]
 
+    study = results["study"] if _has_seeds(results) else None
+    if study is not None:  # a multi-seed study: its tests first, the per-run data after
+        from experiments.study_report import study_markdown
+
+        lines += study_markdown(study, models, {k: v for k, v in figures.items() if k.startswith("study_")},
+                                report_dir, regenerate)
+        figures = {k: v for k, v in figures.items() if not k.startswith("study_")}
     rows = table_rows(models)
     shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
     if rows and shown:
-        lines += ["## Results", ""]
-        header = [f"{c} ({COLUMN_GUARANTEES[c]})" if c in COLUMN_GUARANTEES else c for c in shown]
+        lines += ["## Results" + (" (one row per run)" if study is not None else ""), ""]
+        header = [f"{c} ({'; '.join(x for x in (COLUMN_GUARANTEES.get(c), COLUMN_BASIS.get(c)) if x)})"
+                  if c in COLUMN_GUARANTEES else c for c in shown]
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
         lines.append("")
@@ -649,17 +673,8 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
 
     lines += block_tightness_lines(models)
 
-    if len(models) >= 2 and any(_finite(m.get("theory_prediction")) for m in models):
-        lines += ["## Theory vs measurement", "",
-                  "Each quantity orders the models; the theory predicts that a lower Lipschitz bound goes with higher robustness.", ""]
-        for key, label, best_first in (("theory_prediction", "theory's predicted bound (estimate), lowest first", False),
-                                       ("certified_lipschitz", "certified upper bound, lowest first", False),
-                                       ("empirical_lipschitz", "empirical lower bound, lowest first", False),
-                                       ("robust_acc", "robust accuracy, highest first", True)):
-            text = ranking(models, key, descending=best_first)
-            if text:
-                lines.append(f"- {label}: {text}")
-        lines.append("")
+    if study is None:
+        lines += theory_lines(models)
     tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
              and m["empirical_lipschitz"] > 0]
     if tight:
@@ -674,9 +689,10 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
                          f"(ratio {ratio:.3g}){extra}.")
         lines.append("")
     corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
-    if corr:
+    if study is None and corr:
         lines += ["## Rank correlations (Spearman)", "",
-                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho.", "",
+                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho. "
+                  "One run per model: these correlations mix configuration effects with seed noise.", "",
                   "| pair | rho | p-value | n |", "|---|---|---|---|"]
         for pair, c in corr.items():
             lines.append(f"| {pair} | {_fmt(c.get('rho'))} | {_fmt(c.get('p_value'))} | {c.get('n')}"
@@ -689,7 +705,12 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
             rel = Path(path).resolve().relative_to(report_dir.resolve()) if Path(path).resolve().is_relative_to(report_dir.resolve()) else Path(path)
             lines += [f"![{key}]({rel.as_posix()})", "", f"*{_CAPTIONS.get(key, key)}* Regenerate: `{regenerate}`.", ""]
 
+    shown_configs: set[str] = set()
     for m in models:
+        config = str(m.get("config_id") or m.get("name"))
+        if study is not None and config in shown_configs:
+            continue  # a study shows one per-layer table per configuration (its first seed)
+        shown_configs.add(config)
         if m.get("layers"):
             lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
                       "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
@@ -714,6 +735,47 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     return "\n".join(lines)
 
 
+def _has_seeds(results: dict[str, Any]) -> bool:
+    """Whether the results hold a multi-seed study (some configuration with two or more runs)."""
+    study = results.get("study")
+    return isinstance(study, dict) and any(c.get("n_runs", 0) >= 2 for c in study.get("configurations") or [])
+
+
+def theory_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    """The theory's numbers beside the measurements, each labelled with the weights it describes; no orderings."""
+    if not any(_finite(m.get(k)) for m in models for k in ("theory_prediction", "theory_measured_norms")):
+        return []
+    lines = ["## Theory vs measurement", "",
+             "The theory's numbers describe different weights: the a-priori predictions are for random weights (iid "
+             "std 0.05, or the model's Kaiming initialisation) and never see training; `theory_measured_norms` "
+             "evaluates the same composition rule with the trained layers' certified norms and batch-norm gains "
+             "(a certified upper bound of the trained model). The certified and data bounds are of the trained model.", "",
+             "| model | theory a priori, iid std 0.05 (estimate) | theory at initialisation, Kaiming (estimate) | "
+             "theory with trained layer norms (certified_upper) | certified upper (certified_upper) | "
+             "data lower (lower) | robust acc [95% binomial CI] |", "|---|---|---|---|---|---|---|"]
+    for m in models:
+        lines.append(f"| {m.get('name', '')} | {_fmt(m.get('theory_prediction'))} | {_fmt(m.get('theory_prediction_kaiming'))} | "
+                     f"{_fmt(m.get('theory_measured_norms'))} | {_fmt(m.get('certified_lipschitz'))} | "
+                     f"{_fmt(m.get('empirical_lipschitz'))} | {_accuracy_with_interval(m)} |")
+    lines += ["", "One run (one seed) per model: differences between these models are not measured against "
+                  "seed-to-seed variation, so no ordering here is a claim. For claims with seeds and intervals run a "
+                  "study (`archlip sweep digits-study`).", ""]
+    return lines
+
+
+def _accuracy_with_interval(m: dict[str, Any]) -> str:
+    from experiments.stats import accuracy_interval
+    from experiments.study import eval_points
+
+    acc, n = m.get("robust_acc"), eval_points(m)
+    if not _finite(acc):
+        return "-"
+    if not n:
+        return _fmt(acc)
+    ci = accuracy_interval(float(acc), n)
+    return f"{acc:.4f} [{ci.low:.3f}, {ci.high:.3f}] (n={n})"
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regenerate: str | None = None) -> Path:
     """Render ``report.md`` and its PNG figures for ``run_dir``; returns the report's path.
 
@@ -728,10 +790,24 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regener
     results = load_results(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = results.get("models", [])
-    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep", metrics=results.get("metrics"))
+    is_study = _has_seeds(results)
+    figures = make_figures(models, out_dir, sweep=results.get("kind") == "sweep", metrics=results.get("metrics"),
+                           per_run_scatter=not is_study)
     history_figure = plot_history(histories, out_dir / "training_history.png") if histories else None
     if history_figure is not None:
         figures["training_history"] = history_figure
+    if is_study:
+        from experiments.study import write_configuration_csv
+        from experiments.study_report import study_figures
+
+        figures.update(study_figures(results["study"], models, out_dir))
+        write_configuration_csv(results["study"], out_dir / "configs.csv")
+    elif any(m.get("spectra") for m in models):
+        from experiments.study_report import plot_spectra
+
+        path = plot_spectra(models, out_dir / "spectra.png")
+        if path is not None:
+            figures["spectra"] = path
     if results.get("kind") == "sweep" and models:
         write_csv(table_rows(models), out_dir / "table.csv")
     text = render_markdown(results, figures, out_dir, regenerate or f"archlip report {run_dir}")

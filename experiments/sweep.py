@@ -18,15 +18,23 @@ A sweep file (YAML; shipped ones in ``experiments/configs/sweeps/``, loadable by
       tolerance: 0.05                  # keep runs within +-5% of the budget ...
       fit: stage_widths                # ... after rescaling the stage widths (not the stem) to meet it
       multiple_of: 8                   # widths rounded to multiples of 8 when fitting
+    seeds: [0, 1, 2, 3, 4]             # optional: every configuration once per seed (run.seed), paired by seed
+    groups:                            # optional, instead of grid/configs/budget: named sets of configurations,
+      - {name: last-stage, grid: {...}}                  # each with its own grid/configs/budget/set
+      - {name: budget, grid: {...}, budget: {params: 60k, fit: stage_widths}}
     evaluate: {attacks: [pgd20], eps: 8/255, n: 1000, checkpoint: best}   # best: the model selected on the
                                        # validation split (what the paper reports); final: the last weights
-    analysis: {spectral: true, bound: true, lower_points: 128, theory: true}
-    launcher: sequential               # or torchrun (one job per run)
+    analysis: {spectral: true, bound: true, lower_points: 128, theory: true, spectra: true}
+    launcher: sequential               # or torchrun (one job per run) or submitit (one cluster job per run)
+    workers: 1                         # sequential launcher: parallel worker processes on this machine
     nproc_per_node: 1
     torchrun_args: []                  # e.g. [--nnodes, "2", --rdzv-backend, c10d, --rdzv-endpoint, "host:29500"]
+    cluster: auto                      # submitit: auto, slurm, local or debug
+    slurm_partition: gpu               # submitit: any slurm_* key goes to submitit.AutoExecutor.update_parameters
 
 Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, summary.json}``, then ``results.json``,
-``table.csv``, ``report.md`` and the PNG plots. A run is finished when its ``summary.json`` exists; rerunning
+``table.csv``, ``configs.csv`` (per-configuration means and intervals, with seeds), ``report.md`` and the PNG
+plots. With ``seeds`` a run id is ``<config id>_s<seed>``. A run is finished when its ``summary.json`` exists; rerunning
 the sweep skips finished runs and resumes interrupted training from its checkpoint.
 """
 from __future__ import annotations
@@ -39,19 +47,20 @@ import math
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from experiments.io import RunFolderLock, remove_stale_temps, write_text
+from experiments.io import RunFolderLock, write_text
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
-LAUNCHERS = ("sequential", "torchrun")
+LAUNCHERS = ("sequential", "torchrun", "submitit")
 SPEC_KEYS = ("name", "description", "recipe", "set", "grid", "configs", "budget", "evaluate", "analysis",
-             "launcher", "nproc_per_node", "torchrun_args")
+             "launcher", "nproc_per_node", "torchrun_args", "seeds", "groups", "workers", "cluster", "wait")
+GROUP_KEYS = ("name", "set", "grid", "configs", "budget")
+SEED_KEY = "run.seed"
 BUDGET_KEYS = ("params", "tolerance", "fit", "multiple_of")
 BUDGET_FITS = ("none", "stage_widths", "last_width")
 CHECKPOINTS = ("best", "final")
@@ -66,6 +75,14 @@ class RunSpec:
     run_id: str
     overrides: dict[str, Any]
     params: int | None = None
+    config_id: str = ""
+    seed: int | None = None
+    groups: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> str:
+        """The configuration this run belongs to (its id without the seed suffix)."""
+        return self.config_id or self.run_id
 
 
 @dataclass
@@ -82,6 +99,13 @@ class SweepSpec:
     torchrun_args: list[str] = field(default_factory=list)
     description: str = ""
     source: str | None = None
+    seeds: list[int] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    workers: int = 1
+    cluster: str = "auto"
+    slurm: dict[str, Any] = field(default_factory=dict)
+    wait: bool = True
+    budget_groups: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,24 +178,30 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
 def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
                     count_params: Callable[[str, Mapping[str, Any]], int] | None = None) -> SweepSpec:
     """Validate a sweep mapping and expand it into runs (see the module docstring for the keys)."""
-    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    from experiments.launch import CLUSTERS, slurm_parameters
+
+    unknown = sorted(k for k in set(raw) - set(SPEC_KEYS) if not str(k).startswith("slurm_"))
     if unknown:
-        raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(SPEC_KEYS)}")
+        raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(SPEC_KEYS)} and slurm_* (submitit)")
     if "recipe" not in raw:
         raise ValueError("a sweep needs 'recipe': a training recipe name or path (see experiments/configs/)")
     launcher = raw.get("launcher", "sequential")
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     base = dict(raw.get("set") or {})
-    points = [dict(p) for p in expand_grid(raw.get("grid"))] if raw.get("grid") or not raw.get("configs") else []
-    for extra in raw.get("configs") or []:
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"each entry of 'configs' must be a mapping of overrides, got {extra!r}")
-        points.append(dict(extra))
-    budget = dict(raw["budget"]) if raw.get("budget") else None
-    runs = [RunSpec(run_id_for(p), {k: v for k, v in p.items() if k != "id"}) for p in points]
-    if budget is not None:
-        runs = apply_budget(runs, budget, str(raw["recipe"]), base, count_params or count_params_for)
+    counter = count_params or count_params_for
+    if raw.get("groups"):
+        clash = [k for k in ("grid", "configs", "budget") if raw.get(k)]
+        if clash:
+            raise ValueError(f"a sweep with 'groups' takes {clash} inside each group, not at the top level")
+        groups = raw["groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise ValueError("'groups' must be a list of mappings with keys " + ", ".join(GROUP_KEYS))
+        runs = _merge_groups([_expand_group(g, str(raw["recipe"]), base, counter, i) for i, g in enumerate(groups)])
+    else:
+        runs = _expand_group(raw, str(raw["recipe"]), base, counter, None)
+    seeds = _check_seeds(raw.get("seeds"), base, runs)
+    runs = with_seeds(runs, seeds)
     ids = [r.run_id for r in runs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -184,16 +214,84 @@ def sweep_from_dict(raw: Mapping[str, Any], default_name: str = "sweep",
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc_per_node must be a positive integer, got {nproc!r}")
     check_measurement_options(raw.get("evaluate") or {}, raw.get("analysis") or {})
+    workers = raw.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    cluster = str(raw.get("cluster", "auto"))
+    if cluster not in CLUSTERS:
+        raise ValueError(f"unknown cluster {cluster!r}; valid: {', '.join(CLUSTERS)}")
     return SweepSpec(
         name=str(raw.get("name", default_name)), recipe=str(raw["recipe"]), runs=runs, base=base,
-        evaluate=dict(raw.get("evaluate") or {}), analysis=dict(raw.get("analysis") or {}), budget=budget,
+        evaluate=dict(raw.get("evaluate") or {}), analysis=dict(raw.get("analysis") or {}),
+        budget=dict(raw["budget"]) if raw.get("budget") else None,
         launcher=launcher, nproc_per_node=nproc, torchrun_args=[str(a) for a in raw.get("torchrun_args") or []],
-        description=str(raw.get("description", "")),
+        description=str(raw.get("description", "")), seeds=seeds,
+        groups=[str(g.get("name", f"group{i + 1}")) for i, g in enumerate(raw.get("groups") or [])],
+        workers=workers, cluster=cluster, slurm=slurm_parameters(raw), wait=bool(raw.get("wait", True)),
+        budget_groups=[str(g.get("name", f"group{i + 1}")) for i, g in enumerate(raw.get("groups") or []) if g.get("budget")]
+        or (["*"] if raw.get("budget") else []),
     )
 
 
+def _expand_group(raw: Mapping[str, Any], recipe: str, base: Mapping[str, Any],
+                  count_params: Callable[[str, Mapping[str, Any]], int], index: int | None) -> list[RunSpec]:
+    """The runs of one group (or of a sweep without groups): grid x configs, then the budget filter/fit."""
+    if index is not None:
+        unknown = sorted(set(raw) - set(GROUP_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in group {index + 1}; valid: {', '.join(GROUP_KEYS)}")
+    name = str(raw.get("name", f"group{index + 1}")) if index is not None else ""
+    extra = dict(raw.get("set") or {}) if index is not None else {}
+    points = [dict(p) for p in expand_grid(raw.get("grid"))] if raw.get("grid") or not raw.get("configs") else []
+    for entry in raw.get("configs") or []:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"each entry of 'configs' must be a mapping of overrides, got {entry!r}")
+        points.append(dict(entry))
+    runs = [RunSpec(run_id_for(p), {**extra, **{k: v for k, v in p.items() if k != "id"}}) for p in points]
+    if raw.get("budget"):
+        runs = apply_budget(runs, dict(raw["budget"]), recipe, base, count_params)
+    return [RunSpec(r.run_id, r.overrides, r.params, groups=(name,) if name else ()) for r in runs]
+
+
+def _merge_groups(groups: list[list[RunSpec]]) -> list[RunSpec]:
+    """Concatenate groups; a configuration in several groups (same id, same overrides) runs once, in all of them."""
+    merged: dict[str, RunSpec] = {}
+    for runs in groups:
+        for run in runs:
+            seen = merged.get(run.run_id)
+            if seen is None:
+                merged[run.run_id] = run
+            elif seen.overrides == run.overrides:
+                merged[run.run_id] = RunSpec(seen.run_id, seen.overrides, seen.params or run.params,
+                                             groups=seen.groups + tuple(g for g in run.groups if g not in seen.groups))
+            else:
+                raise ValueError(f"configuration id {run.run_id!r} appears in groups {seen.groups + run.groups} with "
+                                 "different overrides; give the entries distinct 'id' values")
+    return list(merged.values())
+
+
+def _check_seeds(seeds: Any, base: Mapping[str, Any], runs: Sequence[RunSpec]) -> list[int]:
+    if seeds is None:
+        return []
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, e.g. [0, 1, 2, 3, 4], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if SEED_KEY in base or any(SEED_KEY in r.overrides for r in runs):
+        raise ValueError(f"'seeds' sets {SEED_KEY} for every run; remove {SEED_KEY} from 'set', 'grid' and 'configs'")
+    return list(seeds)
+
+
+def with_seeds(runs: Sequence[RunSpec], seeds: Sequence[int]) -> list[RunSpec]:
+    """Each configuration once per seed: id ``<config>_s<seed>``, override ``run.seed``; unchanged without seeds."""
+    if not seeds:
+        return [RunSpec(r.run_id, r.overrides, r.params, r.run_id, None, r.groups) for r in runs]
+    return [RunSpec(f"{r.run_id}_s{seed}", {**r.overrides, SEED_KEY: seed}, r.params, r.run_id, seed, r.groups)
+            for r in runs for seed in seeds]
+
+
 EVALUATE_KEYS = ("attacks", "eps", "n", "checkpoint")
-ANALYSIS_FLAGS = ("spectral", "bound", "lower", "theory")
+ANALYSIS_FLAGS = ("spectral", "bound", "lower", "theory", "spectra")
 ANALYSIS_COUNTS = ("lower_points", "lower_iters", "attack_ratio_steps")
 
 
@@ -445,13 +543,19 @@ def _finished_training(train_dir: Path) -> dict | None:
 def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = None, launcher: str | None = None,
               nproc_per_node: int | None = None, dry_run: bool = False, only: Iterable[str] | None = None,
               aggregate_only: bool = False, device: str | None = None, runner: Runner | None = None,
-              progress: bool = True, report: bool = True) -> dict[str, Any]:
+              progress: bool = True, report: bool = True, workers: int | None = None, wait: bool | None = None,
+              executor: Any = None, threads: int | None = None) -> dict[str, Any]:
     """Run the sweep's unfinished runs (at most ``max_runs`` new ones), then aggregate whatever is finished.
 
     Returns counts (total, done, ran, skipped), the run ids of each kind and the paths written.
     ``report=False`` skips the plots and report.md (results.json and table.csv are always written).
+    ``workers`` (sequential launcher) runs that many runs in parallel processes; ``wait=False`` (submitit) submits
+    and returns; ``executor`` replaces the submitit executor the sweep file describes (tests); ``threads``: torch
+    threads of each local worker process.
     """
     out_dir = Path(out_dir)
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers must be a positive integer, got {workers}")
     if launcher is not None and launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     if max_runs is not None and max_runs < 0:
@@ -463,7 +567,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, max_runs: int | None = No
     with RunFolderLock(out_dir, "sweep"):
         return _run_sweep(spec, out_dir, max_runs=max_runs, launcher=launcher, nproc_per_node=nproc_per_node,
                           only=only, aggregate_only=aggregate_only, device=device, runner=runner, progress=progress,
-                          report=report)
+                          report=report, workers=workers, wait=wait, executor=executor, threads=threads)
 
 
 def _selected(spec: SweepSpec, only: Iterable[str] | None) -> list[RunSpec]:
@@ -493,60 +597,66 @@ def _dry_run(spec: SweepSpec, out_dir: Path, only: Iterable[str] | None, launche
 
 def _run_sweep(spec: SweepSpec, out_dir: Path, *, max_runs: int | None, launcher: str | None,
                nproc_per_node: int | None, only: Iterable[str] | None, aggregate_only: bool, device: str | None,
-               runner: Runner | None, progress: bool, report: bool) -> dict[str, Any]:
-    from experiments.cli import write_json
-
+               runner: Runner | None, progress: bool, report: bool, workers: int | None, wait: bool | None,
+               executor: Any, threads: int | None) -> dict[str, Any]:
     runs = _selected(spec, only)
-    options = {"launcher": launcher or spec.launcher, "nproc_per_node": nproc_per_node or spec.nproc_per_node, "device": device}
+    options = {"launcher": launcher or spec.launcher, "nproc_per_node": nproc_per_node or spec.nproc_per_node, "device": device,
+               "threads": threads}
     write_text(out_dir / "sweep.json", json.dumps({
         "name": spec.name, "recipe": spec.recipe, "source": spec.source, "base": spec.base,
         "runs": [{"run_id": r.run_id, "overrides": r.overrides, "params": r.params} for r in spec.runs],
-        "evaluate": spec.evaluate, "analysis": spec.analysis, "budget": spec.budget,
+        "evaluate": spec.evaluate, "analysis": spec.analysis, "budget": spec.budget, "seeds": spec.seeds,
+        "groups": spec.groups, "budget_groups": spec.budget_groups,
+        "configs": {r.config: {"groups": list(r.groups)} for r in spec.runs},
     }, indent=2, default=str) + "\n")
 
     skipped = [r.run_id for r in runs if is_finished(out_dir, r)]
     todo = [r for r in runs if not is_finished(out_dir, r)]
     result: dict[str, Any] = {"total": len(spec.runs), "skipped": len(skipped), "skipped_ids": skipped, "ran": 0, "ran_ids": []}
     if not aggregate_only:
-        runner = runner or train_run
+        from experiments import launch
+
         if max_runs is not None:
             todo = todo[:max_runs]
-        iterator = todo
-        if progress and todo:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(todo, desc=f"sweep {spec.name}", unit="run")
-        for run in iterator:
-            run_dir = out_dir / "runs" / run.run_id
-            remove_stale_temps(run_dir)  # the sweep's lock covers the run folder's own files
-            start = time.time()
-            record = runner(spec, run, run_dir, options)
-            record.setdefault("name", run.run_id)
-            record.setdefault("params", run.params)
-            record["run_seconds"] = time.time() - start
-            write_json(run_dir / "summary.json", record)
-            result["ran"] += 1
-            result["ran_ids"].append(run.run_id)
+        if options["launcher"] == "submitit":
+            submitted = launch.submit_runs(spec, todo, out_dir, options, runner, executor=executor,
+                                           wait=spec.wait if wait is None else wait)
+            result.update(job_ids=submitted["job_ids"], failed=submitted.get("failed", {}))
+            result["ran_ids"] = submitted.get("ran_ids", [])
+            if submitted.get("failed"):
+                first = next(iter(submitted["failed"].items()))
+                raise RuntimeError(f"{len(submitted['failed'])} submitit job(s) failed, e.g. {first[0]}: {first[1]} "
+                                   f"(logs in {out_dir / 'submitit'}); rerun the sweep to retry them")
+        else:
+            result["ran_ids"] = launch.run_local(spec, todo, out_dir, options, runner,
+                                                 workers=workers or spec.workers, progress=progress)
+        result["ran"] = len(result["ran_ids"])
     result["done"] = sum(is_finished(out_dir, r) for r in spec.runs)
     result.update(aggregate(spec, out_dir, report=report))
     return result
 
 
 def aggregate(spec: SweepSpec, out_dir: str | Path, report: bool = True) -> dict[str, Any]:
-    """Collect finished runs into results.json and table.csv, with rank correlations, plots and report.md."""
+    """Collect finished runs into results.json and table.csv, with rank correlations, plots and report.md; the
+    per-configuration statistics and claims (``experiments.study``) go to results.json["study"] and configs.csv."""
     from experiments import report as reporting
+    from experiments import study
     from experiments.cli import write_json
 
     out_dir = Path(out_dir)
     models = [json.loads(summary_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]
     if not models:
         return {"table": None, "report": None}
+    analysis = study.analyse(models, spec.budget_groups)
     results = {
         "kind": "sweep", "name": spec.name, "description": spec.description, "models": models,
-        "correlations": reporting.correlations(models),
-        "provenance": {"sweep_file": spec.source, "recipe": spec.recipe, "runs_finished": f"{len(models)} of {len(spec.runs)}"},
+        "correlations": reporting.correlations(models), "study": analysis,
+        "provenance": {"sweep_file": spec.source, "recipe": spec.recipe, "runs_finished": f"{len(models)} of {len(spec.runs)}",
+                       "seeds": spec.seeds or "one run per configuration (the recipe's run.seed)"},
     }
     write_json(out_dir / "results.json", results)
     table = reporting.write_csv(reporting.table_rows(models), out_dir / "table.csv")
+    configs = study.write_configuration_csv(analysis, out_dir / "configs.csv")
     path = reporting.write_report(out_dir, regenerate=f"archlip sweep {spec.source or spec.name} --out {out_dir} --aggregate-only") if report else None
-    return {"table": str(table), "report": None if path is None else str(path), "results": str(out_dir / "results.json")}
+    return {"table": str(table), "configs": None if configs is None else str(configs),
+            "report": None if path is None else str(path), "results": str(out_dir / "results.json")}

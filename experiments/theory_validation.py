@@ -17,6 +17,12 @@ inputs with 3 channels) and two weight regimes -- "init" (the model's own Kaimin
 Outputs: theory_validation.json, theory_summary.json, theory_layers.csv, theory_networks.csv and theory_*.png
 under ``out_dir``; the full run also writes the iid-kernel Monte Carlo (theory_conv_predictions.*) and the
 Gaussian tail-bound check (theory_tail_bound.*).
+
+Trained weights (used by ``experiments.demo.measure_model`` for every demo model and sweep run):
+``trained_theory`` evaluates the symbolic composition rule with a trained WRN's certified layer norms and
+batch-norm gains (``lipschitz.theory.trained``) and records the per-layer facts a trained-weight model is fitted
+on; ``spectra_record`` / ``spectrum_rows`` / ``compact_spectrum`` give the full spectra of the trained and initial
+weights against the random-matrix law (``spectral.spectrum``).
 """
 from __future__ import annotations
 
@@ -342,6 +348,167 @@ def plot_validation(configs: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
     return paths
 
+
+# ----------------------------------------------------------------------------------------------
+# trained weights: the symbolic composition with measured layer norms, and the facts a fitted model needs
+# ----------------------------------------------------------------------------------------------
+
+
+def _bn_gain(bn: nn.Module) -> float:
+    from lipschitz.rules import batchnorm_scale
+
+    return float(batchnorm_scale(bn).abs().max())
+
+
+def _block_parts(block: G.Node) -> tuple[list[nn.Module], list[nn.Module]] | None:
+    """(batch norms, conv layers) of a pre-activation block in forward order (shortcut last), or None."""
+    bns = [n.module for n in G.iter_nodes(block) if isinstance(n, G.BatchNorm)]
+    layers = [n.module for n in G.iter_nodes(block) if isinstance(n, G.Layer)]
+    return (bns, layers) if len(bns) == 2 and len(layers) in (2, 3) else None
+
+
+def wrn_values(model: nn.Module, input_shape: tuple[int, ...], layer_norm: Callable[[nn.Module], float]):
+    """``(WRNNorms, [LayerFact])`` of a pre-activation WideResNet from per-layer norms, or None for other models.
+
+    Batch-norm values are exact gains max|gamma / sqrt(var + eps)|; the pooling factor is 1/sqrt(h w) at the
+    real input size; an input normalisation contributes 1/min(std).
+    """
+    from lipschitz.theory.trained import BlockNorms, LayerFact, WRNNorms
+
+    if not hasattr(model, "lipschitz_graph") or not hasattr(model, "arch_config"):
+        return None
+    arch = model.arch_config()
+    depths, widths = list(arch.get("depths") or []), list(arch.get("widths") or [])
+    parts = {getattr(n, "role", None) and n.name: n for n in model.lipschitz_graph().children
+             if getattr(n, "role", None) in ("stem", "stage", "head")}
+    normalize = [n for n in model.lipschitz_graph().children if isinstance(n, G.Normalize)]
+    stem_layers = [n.module for n in G.iter_nodes(parts.get("stem")) if isinstance(n, G.Layer)] if "stem" in parts else []
+    head = parts.get("head")
+    if len(stem_layers) != 1 or head is None or len(widths) != len(depths) + 1:
+        return None
+    std = lambda m: float(m.weight.detach().double().std(correction=0))  # noqa: E731
+    facts = [LayerFact("stem", "conv", widths[0], 0, layer_norm(stem_layers[0]), std(stem_layers[0]))]
+    stages = []
+    for i, depth in enumerate(depths):
+        stage = parts.get(f"stage{i + 1}")
+        blocks = [_block_parts(b) for b in (stage.children if stage is not None else [])]
+        if stage is None or not blocks or any(b is None for b in blocks):
+            return None
+        name, w, norms = f"stage{i + 1}", widths[i + 1], []
+        for (bn1, bn2), layers in blocks:
+            values = [layer_norm(m) for m in layers]
+            norms.append(BlockNorms(_bn_gain(bn1), values[0], _bn_gain(bn2), values[1], values[2] if len(values) == 3 else None))
+            facts += [LayerFact(name, "bn", w, depth, _bn_gain(bn)) for bn in (bn1, bn2)]
+            facts += [LayerFact(name, "conv" if j < 2 else "shortcut", w, depth, v, std(m))
+                      for j, (m, v) in enumerate(zip(layers, values))]
+        stages.append(tuple(norms))
+    head_bns = [n.module for n in G.iter_nodes(head) if isinstance(n, G.BatchNorm)]
+    head_fc = [n.module for n in G.iter_nodes(head) if isinstance(n, G.Layer)]
+    pools = [n.module for n in G.iter_nodes(head) if isinstance(n, G.Pool)]
+    if len(head_bns) != 1 or len(head_fc) != 1 or len(pools) != 1:
+        return None
+    h, w_ = _layer_input_shapes(model, input_shape)[id(pools[0])][-2:]
+    fc = layer_norm(head_fc[0])
+    facts += [LayerFact("head", "bn", widths[-1], depths[-1], _bn_gain(head_bns[0])),
+              LayerFact("head", "fc", widths[-1], depths[-1], fc, std(head_fc[0]))]
+    scale = float(1.0 / normalize[0].std.abs().min()) if normalize else 1.0
+    return WRNNorms(layer_norm(stem_layers[0]), tuple(stages), _bn_gain(head_bns[0]), 1.0 / math.sqrt(h * w_), fc,
+                    scale), facts
+
+
+def trained_theory(model: nn.Module, input_shape: tuple[int, ...], layer_rows: list[dict] | None = None,
+                   rtol: float = 0.01) -> dict[str, Any]:
+    """The symbolic bound with each trained layer's certified norm (``theory_measured_norms``, certified_upper),
+    its stage factors, and the per-layer facts (``theory_facts``) a trained-weight model is fitted on.
+
+    ``layer_rows``: rows of ``spectral.analyze``; a row's ``upper`` is used when its gap is at most ``rtol`` and no
+    batch norm was folded into it (the rule multiplies the batch-norm gains itself), other layers are sandwiched here
+    to ``rtol`` (the rule multiplies every layer's slack, so loose uppers would inflate it). Models that are not
+    pre-activation WideResNets give ``{}``.
+    """
+    from dataclasses import asdict
+
+    from lipschitz.theory.trained import composed_bound
+    from spectral.guarantee import Guarantee
+
+    model = model.eval()
+    names = {id(m): n for n, m in model.named_modules()}
+    def value(v: Any) -> Any:
+        return v.get("value") if isinstance(v, dict) else v
+
+    uppers = {str(r.get("name")): value(r.get("upper")) for r in layer_rows or [] if not r.get("folded_batchnorm")
+              and isinstance(value(r.get("gap")), (int, float)) and value(r.get("gap")) <= rtol}
+    missing: dict[int, float] = {}
+
+    def layer_norm(m: nn.Module) -> float:
+        value = uppers.get(names.get(id(m), ""))
+        if isinstance(value, (int, float)):
+            return float(value)
+        if id(m) not in missing:
+            missing[id(m)] = _certified_layer_norm(model, m, input_shape, rtol)
+        return missing[id(m)]
+
+    found = wrn_values(model, tuple(input_shape), layer_norm)
+    if found is None:
+        return {}
+    norms, facts = found
+    bound = composed_bound(norms, Guarantee.UPPER, "symbolic_rule[certified layer norms]")
+    arch = model.arch_config()
+    return {"theory_measured_norms": bound.value, "theory_measured_stage_factors": bound.details["stages"],
+            "theory_measured_method": bound.method, "theory_facts": [asdict(f) for f in facts],
+            "theory_structure": {"depths": list(arch["depths"]), "widths": list(arch["widths"]),
+                                 "strides": list(arch.get("strides") or []) or None, "input_size": int(input_shape[-1]),
+                                 "input_scale": norms.input_scale}}
+
+
+def _certified_layer_norm(model: nn.Module, module: nn.Module, input_shape: tuple[int, ...], rtol: float) -> float:
+    from spectral.sandwich import sandwich
+
+    shape = _layer_input_shapes(model, tuple(input_shape))[id(module)]
+    if isinstance(module, nn.Linear):
+        return sandwich(module.weight.detach(), (shape[-1],), rtol=rtol).upper.value
+    return sandwich(module.weight.detach(), shape, stride=module.stride, padding=module.padding,
+                    padding_mode=module.padding_mode, dilation=module.dilation, groups=module.groups,
+                    rtol=rtol).upper.value
+
+
+def spectra_record(model: nn.Module, input_shape: tuple[int, ...], initial: nn.Module | None = None, *,
+                   seed: int = 0, top_k: int = 32) -> dict[str, Any]:
+    """Full spectra of every conv/linear layer of the trained model (and of its initial weights), compared with
+    the random-matrix law of the same entry std (``spectral.spectrum``), compacted for a sweep record.
+
+    Returns ``{"spectra": {"trained": [rows], "init": [rows]}}`` with rows of ``compact_spectrum``.
+    """
+    out = {}
+    for label, net in (("trained", model), ("init", initial)):
+        if net is not None:
+            out[label] = [compact_spectrum(r) for r in spectrum_rows(net, input_shape, seed=seed, top_k=top_k)]
+    return {"spectra": out}
+
+
+def spectrum_rows(model: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0, top_k: int = 32,
+                  progress: bool = False) -> list[dict[str, Any]]:
+    """``spectral.spectrum.model_spectra`` rows (all singular values kept) at the model's input size."""
+    from spectral.spectrum import model_spectra
+
+    device = next(model.parameters()).device
+    return model_spectra(model.eval(), torch.zeros((1, *input_shape), device=device), top_k=top_k, seed=seed,
+                         progress=progress)
+
+
+def compact_spectrum(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``model_spectra`` row without its values: stage, method, guarantee, top, bulk edge, outlier threshold and
+    count (and the random draw's), alpha (and the random draw's) and a rank profile scaled by the bulk edge."""
+    from experiments.report import stage_of
+
+    c = row["comparison"]
+    return {"name": row["name"], "stage": stage_of(row["name"]), "kind": row["kind"], "weight_shape": row["weight_shape"],
+            "method": row["method"], "guarantee": row["guarantee"], "n_values": row["n_values"],
+            "complete": row["complete"], "entry_std": c["entry_std"], "top": c["top"], "bulk_edge": c["bulk_edge"],
+            "threshold": c["threshold"], "n_outliers": c["n_outliers"], "random_top": c.get("random_top"),
+            "random_n_outliers": c.get("random_n_outliers"), "alpha": c["alpha"]["alpha"],
+            "alpha_n_tail": c["alpha"]["n_tail"], "random_alpha": (c.get("random_alpha") or {}).get("alpha"),
+            "profile": row["profile"]}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

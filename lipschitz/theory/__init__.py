@@ -1,6 +1,7 @@
 """Theory: random-matrix predictions of layer norms, a symbolic WideResNet bound, and budgeted architecture search.
 
-Import the submodules directly (``lipschitz.theory.random_matrix``, ``.symbolic``, ``.optimize``, ``.montecarlo``);
+Import the submodules directly (``lipschitz.theory.random_matrix``, ``.symbolic``, ``.optimize``, ``.montecarlo``,
+``.trained``);
 the names below are re-exported lazily so that importing the package does not import sympy or scipy.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ _EXPORTS = {
     "lipschitz_bound": "symbolic", "lipschitz_bound_expr": "symbolic", "wrn_symbols": "symbolic",
     "optimal_config": "optimize", "Configuration": "optimize", "ConfigSearch": "optimize",
     "validate_conv_predictions": "montecarlo", "validate_tail_bound": "montecarlo",
+    "composed_bound": "trained", "predicted_norms": "trained", "WRNNorms": "trained", "BlockNorms": "trained",
+    "fit_trained_model": "trained", "predict_norms": "trained", "leave_one_out": "trained",
 }
 
 __all__ = sorted(_EXPORTS)
