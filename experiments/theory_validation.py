@@ -375,13 +375,16 @@ def wrn_values(model: nn.Module, input_shape: tuple[int, ...], layer_norm: Calla
     """
     from lipschitz.theory.trained import BlockNorms, LayerFact, WRNNorms
 
-    if not hasattr(model, "lipschitz_graph") or not hasattr(model, "arch_config"):
+    from lipschitz import graph_from_module
+
+    if not hasattr(model, "arch_config"):
         return None
     arch = model.arch_config()
     depths, widths = list(arch.get("depths") or []), list(arch.get("widths") or [])
-    parts = {getattr(n, "role", None) and n.name: n for n in model.lipschitz_graph().children
+    graph = graph_from_module(model, tuple(input_shape))
+    parts = {getattr(n, "role", None) and n.name: n for n in graph.children
              if getattr(n, "role", None) in ("stem", "stage", "head")}
-    normalize = [n for n in model.lipschitz_graph().children if isinstance(n, G.Normalize)]
+    normalize = [n for n in graph.children if isinstance(n, G.Normalize)]
     stem_layers = [n.module for n in G.iter_nodes(parts.get("stem")) if isinstance(n, G.Layer)] if "stem" in parts else []
     head = parts.get("head")
     if len(stem_layers) != 1 or head is None or len(widths) != len(depths) + 1:

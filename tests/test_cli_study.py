@@ -30,8 +30,11 @@ def test_sweep_dry_run_of_the_digits_study_lists_55_runs(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["total"] == 55 and len(result["commands"]) == 55
     assert any("run.seed=4" in c for c in result["commands"])
-    sweep_json = json.loads((tmp_path / "sweep.json").read_text())
-    assert sweep_json["seeds"] == [0, 1, 2, 3, 4] and sweep_json["groups"] == ["last-stage", "budget"]
+    assert not (tmp_path / "sweep.json").exists()  # a dry run writes nothing
+    from experiments.sweep import load_sweep
+
+    spec = load_sweep("digits-study")
+    assert spec.seeds == [0, 1, 2, 3, 4] and spec.groups == ["last-stage", "budget"]
 
 
 def test_sweep_rejects_bad_launcher_options(capsys):
