@@ -29,7 +29,7 @@ def _mlp(dims, act=nn.ReLU, seed=0):
 
 
 def _program(model, shape):
-    g = graph_from_module(model)
+    g = graph_from_module(model, shape)
     shapes = {}
     interpret(g, torch.zeros((1,) + shape, dtype=torch.float64), shapes)
     return lower(g, shapes)
