@@ -578,7 +578,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     out = _out_dir(args, default="runs/eval")
     summary = evaluate(model, x, y, attacks, eps=eps, n=args.n, points=args.subset, seed=args.seed, out_dir=out,
-                       device=device, progress=not args.json)
+                       device=device, progress=not args.json,
+                       on_estimate=lambda e: print(e.describe(n_flag="--n"), file=sys.stderr, flush=True))
     payload = to_jsonable(summary)
     points = (payload.get("points") or {}).get("description", f"{payload.get('n')} points")
     lines = [f"{info['name']} on {info['dataset']} test data ({points}), {payload.get('norm', 'linf')} eps={eps:.4g}:",
