@@ -11,6 +11,7 @@ stops attacking broken points). The estimate is labelled an estimate: machine lo
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -49,14 +50,15 @@ class PlannedAttack:
     batch_size: int
 
 
-def _timed(fn: Callable[[], Any], repeats: int = 2) -> float:
+def _timed(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median wall seconds of ``fn()`` (after one warm-up call): what the run will see, load included."""
     fn()  # warm-up (kernel selection, allocator)
-    best = math.inf
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure_unit_costs(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> UnitCosts:
