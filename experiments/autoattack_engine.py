@@ -17,10 +17,11 @@ model calls whose answer is already known:
   FAB calls ``.backward()``, which computes them and accumulates them into the model's ``.grad``).
 
 Exactness rests on one property of the model, checked on the data before anything is swapped
-(``batch_invariance``): each point's logits and input gradient are bitwise the same whatever other points share
-its batch (batches of two or more; a lone point is padded with a copy of itself when upstream's batch had more
-than one). Then every point that stays robust follows exactly upstream's iterates, every broken point is broken
-by both, and the robust flags are identical. When the check fails (some GPU kernels, models that mix points),
+(``batch_invariance``): from some batch size on (found by the check; oneDNN switches kernels for few rows), each
+point's logits and input gradient are bitwise the same whatever other points share its batch. Smaller sub-batches
+are padded with copies of a row up to that size, never beyond the batch upstream itself sends, so every model
+call sees the kernels upstream's call would. Then every point that stays robust follows exactly upstream's
+iterates, every broken point is broken by both, and the robust flags are identical. When the check fails (some GPU kernels, models that mix points),
 or the installed pyautoattack is not the version these loops were checked against, the upstream loops run
 unchanged and the reason is recorded. The adversarial example returned for a broken point may differ: it is
 the first one found (APGD, Square) or the first within eps (FAB), not the last or smallest.
@@ -173,10 +174,6 @@ def _model_rows(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return model(torch.cat([x, filler]))[:k]
 
 
-def _keep(keep: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t[keep] for t in tensors]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # APGD
 
@@ -221,6 +218,7 @@ class _ExactAPGDLoop:
                 loss_steps = self._drop_broken(st, out, loss_steps)
             if st["pos"].numel() == 0:
                 break
+            self.stats.dropped_row_iterations += n - int(st["pos"].numel())
             self._step(st, i)
             self._gradient_with_reuse(st, rows)
             loss_steps[i] = self._record(st)
@@ -373,6 +371,7 @@ class _ExactFABLoop:
         adv, res2 = im2.clone(), 1e10 * torch.ones([bs]).to(self.device)
         rows = (min(bs, self.min_rows_backward), min(bs, self.min_rows_forward))  # upstream always sends bs rows
         for _ in range(self.n_iter):
+            self.stats.dropped_row_iterations += bs - int(st["pos"].numel())
             self._iteration(st, adv, res2, rows, is_targeted)
             done = res2[st["pos"]] <= self.eps
             if bool(done.any()):
@@ -468,10 +467,10 @@ class _ExactFABLoop:
             if is_adv.sum() > 0:
                 ia = self.check_shape(is_adv.nonzero().squeeze())
                 t = self._norm_rows((x1[ia] - im2[ia]).reshape([ia.shape[0], -1]), keepdim=False)
-                rows = pos[ia]
-                adv[rows] = x1[ia] * (t < res2[rows]).float().reshape([-1, *nd]) \
-                    + adv[rows] * (t >= res2[rows]).float().reshape([-1, *nd])
-                res2[rows] = t * (t < res2[rows]).float() + res2[rows] * (t >= res2[rows]).float()
+                hit = pos[ia]
+                adv[hit] = x1[ia] * (t < res2[hit]).float().reshape([-1, *nd]) \
+                    + adv[hit] * (t >= res2[hit]).float().reshape([-1, *nd])
+                res2[hit] = t * (t < res2[hit]).float() + res2[hit] * (t >= res2[hit]).float()
                 x1[ia] = im2[ia] + (x1[ia] - im2[ia]) * self.beta
         st["x1"] = x1
 

@@ -13,7 +13,9 @@ subset, checks every adversarial example (eps-ball, [0, 1], finite logits), and 
 
 AutoAttack runs through ``pyautoattack`` (the upstream code by Croce and Hein) with its own settings, one attack
 at a time on the points still robust, which is exactly its own loop (every attack reseeds), so its numbers equal
-a direct call on the same points and seed. See docs/evaluation.md.
+a direct call on the same points and seed; by default with ``experiments.autoattack_engine``'s exact inner loops
+(same flags, fewer model calls). Before the attacks, a duration estimate (``experiments.eval_estimate``).
+See docs/evaluation.md.
 
 References: Croce & Hein 2020 (AutoAttack); Croce et al. 2021 (RobustBench: first n test points);
 Yang et al. 2020 and Huang et al. 2021 (stable accuracy and local Lipschitz ratio logged beside PGD).
@@ -49,12 +51,12 @@ from experiments.attacks import (
 from experiments.autoattack_engine import (
     PROBE_POINTS,
     EngineInfo,
+    Work,
     accelerate,
     attack_work,
     engine_stats,
     frozen_parameters,
     set_iteration_hook,
-    Work,
 )
 from experiments.eval_estimate import DurationEstimate, PlannedAttack, estimate_duration, measure_unit_costs
 
@@ -630,6 +632,11 @@ def evaluate(
                        n_classes, lip, time.perf_counter() - t_start)
     if "estimate" in state:
         summary["estimate"] = state["estimate"]
+    for p in presets:  # AutoAttack: seconds and model rows per attack beside the engine's settings
+        if p.kind == "autoattack":
+            entry = state["attacks"][p.name]
+            summary["attacks"][p.name].update(attack_seconds=entry.get("attack_seconds"),
+                                              model_rows=entry.get("model_rows"))
     if out_path is not None:
         _write_outputs(out_path, summary, presets, state, idx, ys, clean_correct, clean_logits)
     return summary
