@@ -489,6 +489,29 @@ class _ExactFABLoop:
 MEMO_MAX_ROWS = 20_000_000  # (query, point) pairs remembered per batch at most (12 bytes each)
 
 
+class _Draws:
+    """Square's per-query random draws (``random_int`` twice, then ``random_choice([c, 1, 1])``), taken from the
+    global generator in one call: torch's CPU generator yields the same sequence whether drawn one value or many
+    at a time. ``leave_generator_after(k)`` then puts the generator where k queries of upstream would leave it."""
+
+    def __init__(self, n_queries: int, c: int) -> None:
+        self.c, self.state = c, torch.get_rng_state()
+        self.values = torch.rand(n_queries * (2 + c)).tolist()
+        self.pos = 0
+
+    def query(self, h_range: int, w_range: int) -> tuple[int, int, tuple[float, ...]]:
+        v, p, c = self.values, self.pos, self.c
+        self.pos += 2 + c
+        vh = int(np.float32(0) + np.float32(h_range) * np.float32(v[p]))  # low + (high - low) * u, in float32
+        vw = int(np.float32(0) + np.float32(w_range) * np.float32(v[p + 1]))
+        return vh, vw, tuple(1.0 if u > 0.5 else (0.0 if u == 0.5 else -1.0) for u in v[p + 2:p + 2 + c])
+
+    def leave_generator_after(self, queries: int) -> None:
+        torch.set_rng_state(self.state)
+        if queries:
+            torch.rand(queries * (2 + self.c))
+
+
 class _ExactSquareLoop:
     """``attack_single_run`` of pyautoattack 0.2.0's Square (Linf, margin loss) without repeated queries.
 
@@ -513,70 +536,75 @@ class _ExactSquareLoop:
             if (margin_min < 0.0).all():
                 return torch.ones(n).to(self.device), x_best
             st = {"x": x, "y": y, "x_best": x_best, "margin_min": margin_min, "loss_min": loss_min,
-                  "version": torch.zeros(n, dtype=torch.int64, device=x.device), "memo": {},
+                  "version": torch.zeros(n, dtype=torch.int64, device=x.device), "memo": {}, "improvements": 0,
                   "queries": torch.where(margin_min > 0.0, -1.0, 1.0)}  # -1: still queried
-            idx, i_iter = (margin_min > 0.0).nonzero().flatten(), 0
+            draws = _Draws(self.n_queries, c)  # upstream's per-query random draws, taken in one call
+            idx, ran = (margin_min > 0.0).nonzero().flatten(), 0
             for i_iter in range(self.n_queries):
                 if idx.numel() == 0:  # upstream would query an empty batch, then stop
                     break
                 s = min(max(int(round(math.sqrt(self.p_selection(i_iter) * n_features / c))), 1), min(h, w))
-                vh, vw, signs = self._draw(h - s), self._draw(w - s), self._draw_signs(c)
-                key = (s, vh, vw, signs)
+                key, ran = (s, *draws.query(h - s, w - s)), ran + 1
                 memo = st["memo"] if max(h - s, 1) * max(w - s, 1) * 2 ** c <= min(
                     self.n_queries, MEMO_MAX_ROWS // n) else None
                 few = idx.numel() < self.min_rows_forward  # upstream's few-row kernels: query exactly as upstream
                 if self._query(st, idx, key, None if few else memo, 0 if few else self.min_rows_forward):
                     active = st["margin_min"] > 0.0
-                    st["queries"][(~active) & (st["queries"] < 0)] = 1.0 + (i_iter + 1)
+                    st["queries"][(~active) & (st["queries"] < 0)] = 1.0 + ran
                     idx = active.nonzero().flatten()
                 if self.on_iteration is not None:
                     self.on_iteration(int(idx.numel()))
                 if idx.numel() == 0:
                     break
-            else:
-                i_iter = self.n_queries - 1
-            still = st["queries"] < 0  # upstream counts one query per point and iteration it took part in
-            st["queries"][still] = 1.0 + (i_iter + 1 if self.n_queries else 0)
+            draws.leave_generator_after(ran)
+            st["queries"][st["queries"] < 0] = 1.0 + ran  # upstream: one query per point and iteration it took part in
         return st["queries"], st["x_best"]
 
-    @staticmethod
-    def _draw(high: int) -> int:
-        """``random_int(0, high)`` of upstream: the same draw, in float32 arithmetic, as a Python int."""
-        r = np.float32(torch.rand([1]).item())
-        return int(np.float32(0) + np.float32(high) * r)
-
-    @staticmethod
-    def _draw_signs(c: int) -> tuple[float, ...]:
-        """``random_choice([c, 1, 1])`` of upstream: sign(2 u - 1) of the same uniform draws."""
-        return tuple(1.0 if u > 0.5 else (0.0 if u == 0.5 else -1.0) for u in torch.rand([c, 1, 1]).flatten().tolist())
-
     def _query(self, st, idx, key, memo, min_rows) -> bool:
-        """One query for the points ``idx``; only points whose answer is unknown go to the model and are updated
-        with upstream's arithmetic (the others would be left exactly as they are). True if any was updated."""
+        """One query for the points ``idx``: points whose answer is known (same query at the same best example,
+        or an input the query leaves unchanged) are left as they are, as upstream would leave them; the rest go
+        to the model and are updated with upstream's arithmetic. True if any point's best example changed."""
         version = st["version"]
         entry = memo.get(key) if memo is not None else None
-        rows = idx if entry is None else idx[entry[0][idx] != version[idx]]
-        if rows.numel() == 0:
+        if entry is not None and entry[3] == st["improvements"]:  # nothing improved since: every answer known
             self.stats.reused_rows += int(idx.numel())
             return False
-        s, vh, vw, signs = key
-        c, h, w = st["x"].shape[1:]
-        new_deltas = torch.zeros([c, h, w]).to(self.device)
-        new_deltas[:, vh:vh + s, vw:vw + s] = 2. * self.eps * torch.tensor(signs).view(c, 1, 1).to(self.device)
-        x_curr, x_best_curr = st["x"][rows], st["x_best"][rows]
-        x_new = torch.clamp(torch.min(torch.max(x_best_curr + new_deltas, x_curr - self.eps), x_curr + self.eps),
-                            0., 1.)
-        if min_rows:  # an unchanged input gets its stored margin back from the model and is rejected
-            changed = ~(x_new == x_best_curr).flatten(1).all(1)
-            rows, x_new, x_best_curr = rows[changed], x_new[changed], x_best_curr[changed]
+        rows = idx if entry is None else idx[entry[0][idx] != version[idx]]
+        if rows.numel():
+            s, vh, vw, signs = key
+            c, h, w = st["x"].shape[1:]
+            new_deltas = torch.zeros([c, h, w]).to(self.device)
+            new_deltas[:, vh:vh + s, vw:vw + s] = 2. * self.eps * torch.tensor(signs).view(c, 1, 1).to(self.device)
+            x_curr, x_best_curr = st["x"][rows], st["x_best"][rows]
+            x_new = torch.clamp(torch.min(torch.max(x_best_curr + new_deltas, x_curr - self.eps),
+                                          x_curr + self.eps), 0., 1.)
+            if min_rows:  # an unchanged input gets its stored margin back from the model and is rejected
+                changed = ~(x_new == x_best_curr).flatten(1).all(1)
+                if memo is not None:
+                    entry = entry if entry is not None else self._memo_entry(memo, key, st)
+                    same = rows[~changed]
+                    entry[0][same], entry[1][same], entry[2][same] = (version[same], st["margin_min"][same],
+                                                                      st["loss_min"][same])
+                rows, x_new, x_best_curr = rows[changed], x_new[changed], x_best_curr[changed]
         self.stats.reused_rows += int(idx.numel() - rows.numel())
-        if rows.numel() == 0:
-            return False
+        improved = self._update(st, rows, x_new, x_best_curr, min_rows, memo, key) if rows.numel() else 0
+        if memo is not None and key in memo:
+            memo[key][3] = st["improvements"] if improved == 0 else None
+        return improved > 0
+
+    @staticmethod
+    def _memo_entry(memo, key, st) -> list:
+        version = st["version"]
+        entry = memo[key] = [torch.full_like(version, -1), torch.empty_like(st["margin_min"]),
+                             torch.empty_like(st["loss_min"]), None]
+        return entry
+
+    def _update(self, st, rows, x_new, x_best_curr, min_rows, memo, key) -> int:
+        """Upstream's acceptance step for the queried points; returns how many changed their best example."""
+        version = st["version"]
         margin, loss = self._margin_rows(x_new, st["y"][rows], min_rows)
         if memo is not None:
-            if entry is None:
-                entry = memo[key] = [torch.full_like(version, -1), torch.empty_like(st["margin_min"]),
-                                     torch.empty_like(st["loss_min"])]
+            entry = memo[key] if key in memo else self._memo_entry(memo, key, st)
             entry[0][rows], entry[1][rows], entry[2][rows] = version[rows], margin, loss
         margin_min_curr, loss_min_curr = st["margin_min"][rows], st["loss_min"][rows]
         idx_improved = (loss < loss_min_curr).float()
@@ -584,10 +612,12 @@ class _ExactSquareLoop:
         idx_miscl = (margin <= 0.).float()
         idx_improved = torch.max(idx_improved, idx_miscl)
         st["margin_min"][rows] = idx_improved * margin + (1. - idx_improved) * margin_min_curr
-        version[rows[idx_improved > 0]] += 1
+        changed = rows[idx_improved > 0]
+        version[changed] += 1
+        st["improvements"] += int(changed.numel())
         idx_improved = idx_improved.reshape([-1, *[1] * (x_new.dim() - 1)])
         st["x_best"][rows] = idx_improved * x_new + (1. - idx_improved) * x_best_curr
-        return True
+        return int(changed.numel())
 
     def _margin_rows(self, x_rows, y_rows, min_rows):
         k = x_rows.shape[0]
