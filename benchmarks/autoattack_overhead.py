@@ -8,8 +8,10 @@ calls, relative to a direct run; on a shared machine that figure is far less noi
 Goal: identical robust accuracy, overhead <= 5% (met when the own-work share and the better of the median/min
 end-to-end ratios are both <= 5%).
 The toolkit run includes everything it does around AutoAttack (clean pass and logit checks, eps-ball guards,
-re-verification of every example, state files, summary/JSONL outputs); the separate Yang et al. metric is
-switched off (it is a different measurement, not AutoAttack).
+re-verification of every example, state files, summary/JSONL outputs, the duration estimate); the separate Yang et
+al. metric is switched off (it is a different measurement, not AutoAttack). It runs pyautoattack's own loops
+(``aa_engine="upstream"``) so that both sides do the same attack work; the faster exact engine is measured by P6
+(``benchmarks/autoattack_speed.py``).
 
 Usage: .venv/bin/python benchmarks/autoattack_overhead.py [--n 40] [--eps 0.1] [--repeats 3] [--threads 1]
 """
@@ -90,7 +92,7 @@ def _run_toolkit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     try:
         with tempfile.TemporaryDirectory() as out:
             summary = evaluate(model, x, y, ["aa"], eps=eps, seed=seed, batch_size=250, out_dir=out,
-                               progress=False, lipschitz_metric=False)
+                               progress=False, lipschitz_metric=False, aa_engine="upstream")
     finally:
         AutoAttack.run_standard_evaluation = original
     return summary["robust_accuracy"]["aa"], inside[0]

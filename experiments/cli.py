@@ -736,12 +736,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
         _positive(args.num_stages, "--num-stages")
     out = _out_dir(args, default="runs/theory-validation" if args.theory_command == "validate" else None)
     if args.theory_command == "optimal-config":
-        budget = parse_count(args.budget)
-        configs = _call_optimal_config(theory, budget, args)
-        rows = [to_jsonable(c) for c in configs][: args.top]
-        payload = {"budget": budget, "configs": rows}
-        columns = [c for c in ("depths", "widths", "params", "bound", "objective") if rows and c in rows[0]]
-        text = f"best configurations with at most {budget:,} parameters:\n" + format_table(rows, columns or (list(rows[0]) if rows else []))
+        payload, text = _optimal_config_report(theory, args)
     elif args.theory_command == "predict":
         depths = parse_int_list(args.depths)
         widths = parse_int_list(args.widths)
@@ -761,11 +756,55 @@ def cmd_theory(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _call_optimal_config(theory, budget: int, args: argparse.Namespace):
+def parse_range(text: str, what: str) -> tuple[int, int]:
+    """``"2-10"`` -> (2, 10); ``"5"`` -> (5, 5)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not match or int(match.group(1)) < 1 or int(match.group(2) or match.group(1)) < int(match.group(1)):
+        raise UserError(f"cannot read {text!r} as a {what} range; write e.g. 2-10 (low-high, low >= 1)")
+    return int(match.group(1)), int(match.group(2) or match.group(1))
+
+
+REFERENCE_ARCHITECTURES = ("wrn-34-10", "wrn-34-r")
+
+
+def _optimal_config_report(theory, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Ranked configurations, the objective and design space in words, and WRN-34-10 / WRN-34-R beside them."""
+    from experiments.models.registry import WRN_PRESETS
+
     info = dataset_info(args.data)
-    search = theory.optimal_config(budget, n_stages=args.num_stages, top_k=args.top, num_classes=info["num_classes"],
-                                   in_channels=info["input_shape"][0], input_size=info["input_shape"][-1])
-    return list(search)
+    budget = parse_count(args.budget)
+    kw = dict(weight_model=args.weight_model, std=args.std, num_classes=info["num_classes"],
+              in_channels=info["input_shape"][0], input_size=info["input_shape"][-1])
+    search = theory.optimal_config(
+        budget, n_stages=args.num_stages, top_k=args.top, depth_range=parse_range(args.depth_range, "depth"),
+        width_range=parse_range(args.width_range, "width"), width_step=args.width_step,
+        monotone_widths=not args.any_width_order, min_fraction=args.min_fraction,
+        max_width_ratio=args.max_width_ratio if args.max_width_ratio > 0 else None, **kw)
+    refs = {name.upper(): (WRN_PRESETS[name]["depths"], WRN_PRESETS[name]["widths"])
+            for name in REFERENCE_ARCHITECTURES if len(WRN_PRESETS[name]["depths"]) == args.num_stages}
+    references = theory.reference_configs(refs, search, budget, min_fraction=args.min_fraction, **kw)
+    rows = [{"rank": i + 1, **to_jsonable(c)} for i, c in enumerate(search)]
+    ref_rows = [to_jsonable(r) for r in references]
+    sp = search.space
+    shape = ("non-decreasing" if sp["monotone_widths"] else "in any order") + (
+        f", each stage at most {sp['max_width_ratio']:g}x the previous" if sp["max_width_ratio"] else "")
+    text = "\n".join([
+        f"minimises: {search.objective}",
+        f"design space: {sp['stages']} stages, {sp['depth_range'][0]}-{sp['depth_range'][1]} blocks each, stage widths "
+        f"{sp['width_range'][0]}-{sp['width_range'][1]} in steps of {sp['width_step']}, {shape}; stem {sp['stem_width']}; "
+        f"{sp['params'][0]:,} <= parameters <= {sp['params'][1]:,} (--depth-range, --width-range, --any-width-order, "
+        f"--max-width-ratio, --min-fraction change it)",
+        "best configurations:" if rows else "no configuration of the design space fits the budget",
+        format_table(rows, ["rank", "depths", "widths", "params", "bound", "objective"]) if rows else "",
+        "references (same objective and weight model):",
+        format_table(ref_rows, ["name", "depths", "widths", "params", "bound", "objective", "note"]),
+        "the predicted bound grows with every block and with width, so it keeps depth at the low end of the range and "
+        "spends the budget on width; it ranks architectures by a bound at random weights, not by robustness "
+        "(docs/theory.md, section 5)",
+    ])
+    payload = {"budget": budget, "objective": search.objective, "space": sp, "configs": rows,
+               "references": ref_rows, "relaxation": to_jsonable(search.relaxation)}
+    return payload, text
 
 
 def _theory_prediction(theory, depths, widths, args: argparse.Namespace) -> dict[str, Any]:
@@ -884,7 +923,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     x, y = load_eval_data(info["dataset"], root=args.data_root, seed=args.seed, download=args.download)
     options = {"batch_size": args.batch_size} if args.batch_size is not None else {}
     summary = evaluate(model, x, y, attacks, eps=eps, n=args.n, points=args.subset, seed=args.seed, out_dir=out,
-                       device=device, progress=not args.json, **options)
+                       device=device, progress=not args.json,
+                       on_estimate=lambda e: print(e.describe(n_flag="--n"), file=sys.stderr, flush=True), **options)
     payload = to_jsonable(summary)
     n = int(payload["n"])
     clean_ci = _interval(round(payload["clean_accuracy"] * n), n)
@@ -1183,6 +1223,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--top", type=int, default=10, help="how many ranked configurations to show (default 10)")
     tp.add_argument("--num-stages", type=int, default=3, help="number of stages (default 3)")
     tp.add_argument("--data", default="cifar10", choices=tuple(DATASETS), help="dataset for input size/channels/classes")
+    tp.add_argument("--depth-range", default="2-10", help="blocks per stage, low-high (default 2-10)")
+    tp.add_argument("--width-range", default="16-1024", help="stage widths, low-high (default 16-1024)")
+    tp.add_argument("--width-step", type=int, default=16, help="width grid step (default 16)")
+    tp.add_argument("--any-width-order", action="store_true",
+                    help="allow a stage narrower than the one before (default: non-decreasing widths)")
+    tp.add_argument("--max-width-ratio", type=float, default=4.0,
+                    help="each stage at most this many times wider than the previous (default 4; 0: no limit)")
+    tp.add_argument("--min-fraction", type=float, default=0.9,
+                    help="use at least this fraction of the budget (default 0.9)")
+    tp.add_argument("--weight-model", default="fixed",
+                    help="random weights the bound is predicted for: fixed (iid N(0, std^2), default), "
+                         "kaiming_normal_fan_out, kaiming_normal_fan_in, pytorch_default")
+    tp.add_argument("--std", type=float, default=0.05, help="entry std of the 'fixed' weight model (default 0.05)")
     _common(tp)
     tp = tsub.add_parser("validate", help="predicted vs measured norms at initialisation (plots, Spearman)",
                          epilog=EXAMPLES["validate"])

@@ -13,13 +13,16 @@ subset, checks every adversarial example (eps-ball, [0, 1], finite logits), and 
 
 AutoAttack runs through ``pyautoattack`` (the upstream code by Croce and Hein) with its own settings, one attack
 at a time on the points still robust, which is exactly its own loop (every attack reseeds), so its numbers equal
-a direct call on the same points and seed. See docs/evaluation.md.
+a direct call on the same points and seed; by default with ``experiments.autoattack_engine``'s exact inner loops
+(same flags, fewer model calls). Before the attacks, a duration estimate (``experiments.eval_estimate``).
+See docs/evaluation.md.
 
 References: Croce & Hein 2020 (AutoAttack); Croce et al. 2021 (RobustBench: first n test points);
 Yang et al. 2020 and Huang et al. 2021 (stable accuracy and local Lipschitz ratio logged beside PGD).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,10 +30,11 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +49,17 @@ from experiments.attacks import (
     model_mode,
 )
 from experiments.io import atomic_write, locks_folder, write_text
+from experiments.autoattack_engine import (
+    PROBE_POINTS,
+    EngineInfo,
+    Work,
+    accelerate,
+    attack_work,
+    engine_stats,
+    frozen_parameters,
+    set_iteration_hook,
+)
+from experiments.eval_estimate import DurationEstimate, PlannedAttack, estimate_duration, measure_unit_costs
 
 POINT_SELECTIONS = ("first", "random")
 EVAL_NORMS = {"linf": "Linf", "l2": "L2"}
@@ -54,6 +69,7 @@ SUMMARY_NAME = "summary.json"
 PER_EXAMPLE_NAME = "per_example.jsonl"
 TARGETED_AA = ("apgd-t", "fab-t")
 STANDARD_TARGET_CLASSES = 9
+AA_ENGINES = ("exact", "upstream")
 
 
 class LogitsError(ValueError):
@@ -351,76 +367,50 @@ def _absorb_interrupted_state(path: Path, entry: dict[str, Any], attack: str, sa
 def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
                 clean_logits: torch.Tensor, eps: float, norm: str, batch_size: int, seed: int, n_classes: int,
                 entry: dict[str, Any], save: Any, out_dir: Path | None, device: torch.device,
-                progress: bool = False) -> None:
+                progress: bool = False, engine: str = "exact") -> None:
     """Run pyautoattack one attack at a time on the points still robust (exactly what its own loop does, and
     every attack reseeds), keeping each broken point's example: every example is checked, and an interrupted
-    run resumes after the last finished attack (within an attack, from pyautoattack's per-batch state file)."""
-    from tqdm.auto import tqdm
-
+    run resumes after the last finished attack (within an attack, from pyautoattack's per-batch state file).
+    ``engine="exact"`` swaps in ``experiments.autoattack_engine``'s loops (same flags, fewer model calls) when
+    the model passes its batch-invariance check."""
     adversary, settings = build_autoattack(model, preset, eps=eps, norm=norm, seed=seed, n_classes=n_classes,
                                            device=device)
+    info = (accelerate(adversary, model, x[:PROBE_POINTS].to(device)) if engine == "exact"
+            else EngineInfo("upstream", "requested (pyautoattack's own loops)"))
     attacks = list(adversary.attacks_to_run)
     slug = _slug(preset.name)
     adv_path = out_dir / f"autoattack-{slug}.adv.safetensors" if out_dir is not None else None
-    clean_ok = clean_logits.argmax(dim=1) == y
-    entry["settings"] = settings
-    entry.setdefault("robust", clean_ok.tolist())
-    entry.setdefault("completed", [])
-    entry.setdefault("cumulative_robust_accuracy", {})
-    entry.setdefault("unverified", [])  # broken before an interruption inside an attack: example not returned
-    entry.setdefault("upstream_warnings", [])
-    entry.setdefault("state_files", {})
+    entry["settings"] = {**settings, "engine": info.to_dict()}
+    entry.setdefault("robust", (clean_logits.argmax(dim=1) == y).tolist())
+    for key, empty in (("completed", []), ("cumulative_robust_accuracy", {}), ("upstream_warnings", []),
+                       ("unverified", []), ("state_files", {}), ("attack_seconds", {})):
+        entry.setdefault(key, empty)  # unverified: broken before an interruption inside an attack
     store = _load_adv_store(adv_path)
     capture = _AALogCapture()
     aa_logger = logging.getLogger("auto-attack")
     aa_logger.addHandler(capture)
     rng_state = torch.get_rng_state()  # pyautoattack reseeds the global RNG; put it back afterwards
-    t0 = time.perf_counter()
     try:
-        bar = tqdm(attacks, desc=preset.name, disable=not progress, leave=False)
-        for attack in bar:
-            bar.set_postfix_str(attack)
-            if attack in entry["completed"]:
-                continue
-            state_path = None
-            if out_dir is not None:
-                state_path = (out_dir / f"autoattack-{slug}-{attack}.state.json").resolve()
-                entry["state_files"][attack] = str(state_path)
-                _absorb_interrupted_state(state_path, entry, attack, save)
-            robust = torch.tensor(entry["robust"], dtype=torch.bool)
-            idx = robust.nonzero().flatten()
-            if idx.numel() > 0:
-                adversary.attacks_to_run = [attack]
-                x_sub, y_sub = x[idx], y[idx]
-                x_adv, _ = adversary.run_standard_evaluation(x_sub, y_sub, batch_size=batch_size,
-                                                             state_path=state_path)
-                x_adv = x_adv.detach().cpu()
-                check_in_ball(x_adv, x_sub, eps, norm)
-                fooled = _forward_batched(model, x_adv, batch_size, device,
-                                          f"model output on {preset.name}/{attack} examples").argmax(dim=1) != y_sub
-                upstream_robust = _read_upstream_flags(state_path) if state_path is not None else None
-                if upstream_robust is None or upstream_robust.shape != fooled.shape:
-                    upstream_robust = ~(x_adv != x_sub).flatten(1).any(dim=1)  # upstream replaces broken points only
-                disagree = upstream_robust == fooled
-                if disagree.any():
-                    if preset.version != "rand":
-                        raise BallViolationError(
-                            f"{preset.name}/{attack}: pyautoattack's robust flags disagree with its returned examples "
-                            f"at points {idx[disagree].tolist()[:10]} (is the model deterministic in eval mode?)"
-                        )
-                    # a randomised model may classify the same example differently on a second draw
-                    entry["rand_disagreements"] = entry.get("rand_disagreements", 0) + int(disagree.sum())
-                broken = ~upstream_robust
-                for pos in broken.nonzero().flatten().tolist():
-                    store[int(idx[pos])] = x_adv[pos].clone()
-                robust[idx[broken]] = False
-                entry["robust"] = robust.tolist()
+        with frozen_parameters(model) if info.engine == "exact" else contextlib.nullcontext():
+            for attack in attacks:
+                if attack in entry["completed"]:
+                    continue
+                state_path = None
+                if out_dir is not None:
+                    state_path = (out_dir / f"autoattack-{slug}-{attack}.state.json").resolve()
+                    entry["state_files"][attack] = str(state_path)
+                    _absorb_interrupted_state(state_path, entry, attack, save)
+                t0 = time.perf_counter()
+                _one_aa_attack(adversary, attack, preset, x, y, entry, store, state_path, eps, norm, batch_size,
+                               device, progress, info.engine == "exact", n_classes)
                 _save_adv_store(adv_path, store)
-            entry["completed"].append(attack)
-            entry["cumulative_robust_accuracy"][attack] = _fraction(torch.tensor(entry["robust"], dtype=torch.bool))
-            entry["seconds"] = entry.get("seconds", 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            save()
+                entry["completed"].append(attack)
+                entry["cumulative_robust_accuracy"][attack] = _fraction(torch.tensor(entry["robust"], dtype=torch.bool))
+                spent = time.perf_counter() - t0
+                entry["attack_seconds"][attack] = entry["attack_seconds"].get(attack, 0.0) + spent
+                entry["seconds"] = entry.get("seconds", 0.0) + spent
+                entry["model_rows"] = engine_stats(adversary)
+                save()
     finally:
         torch.set_rng_state(rng_state)
         aa_logger.removeHandler(capture)
@@ -438,6 +428,57 @@ def _autoattack(model: nn.Module, preset: AttackPreset, x: torch.Tensor, y: torc
     entry["examples_checked"] = len(store)
     entry["done"] = True
     save()
+
+
+def _one_aa_attack(adversary: Any, attack: str, preset: AttackPreset, x: torch.Tensor, y: torch.Tensor,
+                   entry: dict[str, Any], store: dict[int, torch.Tensor], state_path: Path | None, eps: float,
+                   norm: str, batch_size: int, device: torch.device, progress: bool, exact: bool,
+                   n_classes: int) -> None:
+    """One pyautoattack attack on the points still robust, with a progress bar; checks and keeps its examples."""
+    from tqdm.auto import tqdm
+
+    robust = torch.tensor(entry["robust"], dtype=torch.bool)
+    idx = robust.nonzero().flatten()
+    if idx.numel() == 0:
+        return
+    adversary.attacks_to_run = [attack]
+    x_sub, y_sub = x[idx], y[idx]
+    work = attack_work(adversary, attack, n_classes, tuple(x.shape[1:]), exact)
+    total = math.ceil(idx.numel() / batch_size) * work.iterations
+    with tqdm(total=total, desc=f"{preset.name} {attack}", unit="it", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str(f"{idx.numel()} points still robust", refresh=False)
+
+        def tick(points_left: int) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"{points_left} points in this batch still robust", refresh=False)
+
+        set_iteration_hook(adversary, tick if progress else None)
+        try:
+            x_adv, _ = adversary.run_standard_evaluation(x_sub, y_sub, batch_size=batch_size, state_path=state_path)
+        finally:
+            set_iteration_hook(adversary, None)
+        bar.update(total - bar.n)
+    x_adv = x_adv.detach().cpu()
+    check_in_ball(x_adv, x_sub, eps, norm)
+    fooled = _forward_batched(adversary.model, x_adv, batch_size, device,
+                              f"model output on {preset.name}/{attack} examples").argmax(dim=1) != y_sub
+    upstream_robust = _read_upstream_flags(state_path) if state_path is not None else None
+    if upstream_robust is None or upstream_robust.shape != fooled.shape:
+        upstream_robust = ~(x_adv != x_sub).flatten(1).any(dim=1)  # upstream replaces broken points only
+    disagree = upstream_robust == fooled
+    if disagree.any():
+        if preset.version != "rand":
+            raise BallViolationError(
+                f"{preset.name}/{attack}: pyautoattack's robust flags disagree with its returned examples "
+                f"at points {idx[disagree].tolist()[:10]} (is the model deterministic in eval mode?)"
+            )
+        # a randomised model may classify the same example differently on a second draw
+        entry["rand_disagreements"] = entry.get("rand_disagreements", 0) + int(disagree.sum())
+    broken = ~upstream_robust
+    for pos in broken.nonzero().flatten().tolist():
+        store[int(idx[pos])] = x_adv[pos].clone()
+    robust[idx[broken]] = False
+    entry["robust"] = robust.tolist()
 
 
 def _square_check(entry: dict[str, Any], attacks: list[str], alpha: float = 0.002) -> None:
@@ -475,6 +516,8 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = True,
     lipschitz_metric: bool = True,
+    aa_engine: str = "exact",
+    on_estimate: Callable[[DurationEstimate], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``n`` points of ``(x, y)`` under the named ``attacks`` at radius ``eps`` (required).
 
@@ -485,7 +528,11 @@ def evaluate(
     ``lipschitz_metric=True`` adds ``lipschitz.lower.local_lipschitz_metric`` (Yang et al. 2020: its own PGD
     maximising the ratio, with its stable accuracy) on the points (linf, eps > 0).
     AutoAttack presets may carry ``extra={"autoattack_overrides": {"apgd": {"n_iter": 20}, ...}}`` for cheap
-    smoke runs; the summary then marks the number "non_standard".
+    smoke runs; the summary then marks the number "non_standard". ``aa_engine``: "exact" (default: pyautoattack
+    with ``experiments.autoattack_engine``'s loops, same robust flags, fewer model calls, when the model passes
+    its batch-invariance check) or "upstream" (pyautoattack's own loops). Before the attacks start, a duration
+    estimate (``experiments.eval_estimate``) goes to ``on_estimate``, or to stderr when ``progress``; it is
+    also stored in the summary beside the measured seconds.
     """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0 (e.g. 8/255 for linf on CIFAR), got {eps!r}")
@@ -493,6 +540,8 @@ def evaluate(
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(EVAL_NORMS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if aa_engine not in AA_ENGINES:
+        raise ValueError(f"unknown aa_engine {aa_engine!r}; valid: {', '.join(AA_ENGINES)}")
     presets = _resolve_attacks(attacks)
     for p in presets:
         if p.kind != "autoattack" and p.norm != norm:
@@ -548,6 +597,18 @@ def evaluate(
             raise ValueError(f"labels must be in [0, {n_classes - 1}] for a model with {n_classes} outputs")
         clean_correct = clean_logits.argmax(dim=1) == ys
         state["clean"] = {"accuracy": _fraction(clean_correct)}
+        plan = _plan(model, presets, state, eps, norm, seed, n_classes, batch_size, device, tuple(xs.shape[1:]),
+                     lipschitz_metric, aa_engine)
+        if plan:
+            estimate = estimate_duration(measure_unit_costs(model, xs, batch_size, device), plan, n_sel,
+                                         _fraction(clean_correct), device.type)
+            state["estimate"] = estimate.to_dict()
+            if on_estimate is not None:
+                on_estimate(estimate)
+            elif progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(estimate.describe(), file=sys.stderr)
         save()
         for preset in presets:
             entry = state["attacks"].setdefault(preset.name, {})
@@ -555,7 +616,7 @@ def evaluate(
                 continue
             if preset.kind == "autoattack":
                 _autoattack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, n_classes, entry,
-                            save, out_path, device, progress)
+                            save, out_path, device, progress, aa_engine)
             else:
                 _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
                                  progress, device)
@@ -564,9 +625,43 @@ def evaluate(
 
     summary = _summary(presets, state, clean_correct, clean_logits, ys, idx, eps, norm, points, seed, batch_size,
                        n_classes, lip, time.perf_counter() - t_start)
+    if "estimate" in state:
+        summary["estimate"] = state["estimate"]
+    for p in presets:  # AutoAttack: seconds and model rows per attack beside the engine's settings
+        if p.kind == "autoattack":
+            entry = state["attacks"][p.name]
+            summary["attacks"][p.name].update(attack_seconds=entry.get("attack_seconds"),
+                                              model_rows=entry.get("model_rows"))
     if out_path is not None:
         _write_outputs(out_path, summary, presets, state, idx, ys, clean_correct, clean_logits)
     return summary
+
+
+def _plan(model: nn.Module, presets: list[AttackPreset], state: dict[str, Any], eps: float, norm: str, seed: int,
+          n_classes: int, batch_size: int, device: torch.device, input_shape: tuple[int, ...],
+          lipschitz_metric: bool, aa_engine: str) -> list[PlannedAttack]:
+    """The work still to do, attack by attack (AutoAttack split into its attacks, with its settings)."""
+    plan: list[PlannedAttack] = []
+    for p in presets:
+        entry = state["attacks"].get(p.name, {})
+        if entry.get("done"):
+            continue
+        if p.kind != "autoattack":
+            steps = max(p.steps, 1) * p.restarts
+            plan.append(PlannedAttack(p.name, Work(1, steps, steps), "all", batch_size))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # build_autoattack warns again when the attack starts
+            adversary, _ = build_autoattack(model, p, eps=eps, norm=norm, seed=seed, n_classes=n_classes,
+                                            device=device)
+        exact = aa_engine == "exact"
+        for a in adversary.attacks_to_run:
+            if a not in entry.get("completed", []):
+                plan.append(PlannedAttack(f"{p.name} {a}", attack_work(adversary, a, n_classes, input_shape, exact),
+                                          "correct", batch_size))
+    if lipschitz_metric and norm == "linf" and eps > 0:
+        plan.append(PlannedAttack("local Lipschitz metric", Work(2, 10, 10), "all", batch_size))
+    return plan
 
 
 def _lipschitz_metric(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, eps: float, norm: str,

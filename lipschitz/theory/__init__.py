@@ -16,6 +16,7 @@ _EXPORTS = {
     "param_count": "symbolic", "param_count_expr": "symbolic", "macs": "symbolic", "macs_expr": "symbolic",
     "lipschitz_bound": "symbolic", "lipschitz_bound_expr": "symbolic", "wrn_symbols": "symbolic",
     "optimal_config": "optimize", "Configuration": "optimize", "ConfigSearch": "optimize",
+    "reference_configs": "optimize", "ReferenceConfiguration": "optimize", "scale_to_budget": "optimize",
     "validate_conv_predictions": "montecarlo", "validate_tail_bound": "montecarlo",
     "composed_bound": "trained", "predicted_norms": "trained", "WRNNorms": "trained", "BlockNorms": "trained",
     "fit_trained_model": "trained", "predict_norms": "trained", "leave_one_out": "trained",
