@@ -373,6 +373,20 @@ def _series_key(m: dict[str, Any]) -> str:
     return f"depths {depths}, widths {'-'.join(map(str, widths[:-1]))}-*" if widths else f"depths {depths}"
 
 
+def _binomial_yerr(members: Sequence[dict[str, Any]], y_key: str) -> list[list[float]] | None:
+    """Error bars of accuracies: each run's 95% Clopper-Pearson interval over its test points (None when a run
+    does not say how many points it used). Seed-to-seed variation is not in them."""
+    from experiments.stats import accuracy_interval
+    from experiments.study import eval_points
+
+    rows = [m for m in members if _finite(m.get(y_key))]
+    counts = [eval_points(m) for m in rows]
+    if not rows or any(not n for n in counts):
+        return None
+    cis = [accuracy_interval(float(m[y_key]), n) for m, n in zip(rows, counts)]
+    return [[float(m[y_key]) - ci.low for m, ci in zip(rows, cis)], [ci.high - float(m[y_key]) for m, ci in zip(rows, cis)]]
+
+
 def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path, *, xlabel: str,
                  title: str, logx: bool = False, y_keys: Sequence[str] = ("robust_acc", "clean_acc")) -> Path | None:
     """Accuracy (robust filled, clean hollow) against one property of each model.
@@ -403,9 +417,10 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
             robust = y_key == y_keys[0]
             label = ("robust accuracy" if robust else "clean accuracy") if len(series) == 1 else (
                 f"{key} ({'robust' if robust else 'clean'})")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if robust else "s", ls=(":" if joined else ""),
-                    color=colour if robust or len(series) > 1 else "#1f77b4", markerfacecolor=None if robust else "none",
-                    label=label)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=_binomial_yerr(members, y_key),
+                        marker="o" if robust else "s", ls=(":" if joined else ""), capsize=3,
+                        color=colour if robust or len(series) > 1 else "#1f77b4",
+                        markerfacecolor=None if robust else "none", label=label)
         if len(points) <= 4:
             for m in members:
                 ax.annotate(str(m.get("name", "")), (x_of(m), m[y_keys[0]]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -577,11 +592,11 @@ _CAPTIONS = {
     "training_curves": "Training loss (left) and accuracies (right) per epoch; validation accuracies are on the split held out of the training data.",
     "layer_norms": "Per-layer l2 operator norms by stage: certified upper bound (v) and lower bound (^) of each conv/linear layer at its real input size (eval-mode BatchNorm directly after a conv folded in), and the random-matrix baseline (x) of a kernel with the same entry std.",
     "certified_vs_empirical": "Network l2 Lipschitz constant: certified upper bounds (layer product, and the best composition) against lower bounds measured on data; the true constant lies between.",
-    "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage.",
+    "robustness_vs_last_width": "Clean and robust accuracy against the width of the last stage Bars: 95% Clopper-Pearson interval over the test points of each run (seed-to-seed variation not included).",
     "spectra": "Full singular-value spectra of every layer of the first model (exact: FFT or dense SVD; top-k by Lanczos for large layers), scaled by the random-matrix bulk edge of iid weights with the same entry std: trained weights (solid) against the model's initial weights (dashed).",
-    "robustness_vs_params": "Robust accuracy against parameter count.",
-    "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound.",
-    "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound.",
+    "robustness_vs_params": "Robust accuracy against parameter count Bars: 95% Clopper-Pearson interval over the test points of each run (seed-to-seed variation not included).",
+    "robustness_vs_certified": "Robust accuracy against the certified Lipschitz upper bound Bars: 95% Clopper-Pearson interval over the test points of each run (seed-to-seed variation not included).",
+    "robustness_vs_empirical": "Robust accuracy against the empirical Lipschitz lower bound Bars: 95% Clopper-Pearson interval over the test points of each run (seed-to-seed variation not included).",
     "robustness_vs_theory": "Robust accuracy against the theory's a-priori Lipschitz bound (iid random weights with std 0.05: a prediction made without the trained weights).",
     "training_history": "Per-epoch training history (metrics.jsonl): validation clean, PGD and stable accuracy, the local "
                         "Lipschitz ratio at the PGD examples (an estimate), and the learning rate.",
