@@ -99,6 +99,10 @@ class _Chain:
                             for v in state], 1)
         self.F_err = math.sqrt(sum(out[v].err ** 2 for v in out if v in state))
 
+    def work(self) -> float:
+        """Arithmetic of one pass of the elimination, in units of cubed state sizes (its factorisations)."""
+        return sum(float(len(keep) + len(drop)) ** 3 for _, _, keep, drop, _ in self.plan)
+
     @staticmethod
     def greedy_lam(Q: torch.Tensor, A: torch.Tensor, st, keep, drop):
         """ECLipsE-Fast rule: lambda = 1 / (2 m^2 lambda_max(A Q^-1 A^T)), halved until the step stays definite."""
@@ -236,7 +240,8 @@ def _certify_rows(Q: torch.Tensor, F: torch.Tensor, F_err: float, estimates: tor
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _optimise(ch: _Chain, lams: list[torch.Tensor], best_val: float, iters: int, lr: float, time_limit: float):
+def _optimise(ch: _Chain, lams: list[torch.Tensor], best_val: float, iters: int, lr: float,
+              time_limit: float | None):
     thetas = [torch.zeros_like(l, requires_grad=True) for l in lams]
     best = [l.clone() for l in lams]
     if iters <= 0 or not math.isfinite(best_val):
@@ -263,21 +268,26 @@ def _adam(ch, lams, thetas, opt, best, best_val, iters, time_limit, t0):
         opt.zero_grad()
         torch.log(val).backward()
         opt.step()
-        if time.perf_counter() - t0 > time_limit:
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
     return best, best_val
 
 
-def chain_bound(prog: Program, *, iters: int = 60, lr: float = 0.1, time_limit: float = 60.0,
-                rows: torch.Tensor | None = None, lams: list[torch.Tensor] | None = None) -> ChainResult:
+def chain_bound(prog: Program, *, iters: int = 60, lr: float = 0.1, time_limit: float | None = None,
+                max_work: float | None = None, rows: torch.Tensor | None = None, lams: list[torch.Tensor] | None = None) -> ChainResult:
     """Certified l2 Lipschitz bound of a dense program by LipSDP-Neuron chain elimination (see module doc).
 
     ``rows``: optional (r, n_out) matrix; then ``result.rows[i]`` certifies the Lipschitz constant of
     x -> rows[i] @ f(x) as well. ``iters``: Adam steps on the log-multipliers (0: the ECLipsE-Fast rule).
-    Raises ``ValueError`` if no certificate could be verified (callers fall back to other rules).
+    ``max_work``: optional cap on the Adam steps, ``floor(max_work / work of one step)`` with the work of a step
+    the sum of the cubed state sizes of the elimination (deterministic). ``time_limit``: optional wall-clock seconds for the Adam steps (the result then depends on the machine's
+    speed; None, the default, makes it deterministic). Raises ``ValueError`` if no certificate could be verified
+    (callers fall back to other rules).
     """
     t0 = time.perf_counter()
     ch = _Chain(prog)
+    if max_work is not None:
+        iters = min(iters, int(max_work // max(ch.work(), 1.0)))
     greedy = est = None
     if prog.steps and iters > 0:
         with torch.no_grad():
@@ -341,7 +351,12 @@ class SdpOptions:
     iters: int = 20  # Adam steps for the network's own windows (named sub-nodes use the ECLipsE-Fast rule)
     node_iters: int = 0
     lr: float = 0.2
-    time_limit: float = 5.0  # seconds of Adam per window (checked after each step)
+    # seconds of Adam per window (checked after each step); None: no clock, so the same weights always give the
+    # same bound (a wall-clock limit makes the value depend on the machine's load)
+    time_limit: float | None = None
+    # Adam steps per window at most max_work / (sum over elimination steps of the cubed state size): a budget in
+    # arithmetic, not in seconds, so the bound is reproducible; 1e11 is ~5 s of one core of the development machine
+    max_work: float | None = 1e11
 
 
 class SdpComposer:
@@ -385,7 +400,7 @@ class SdpComposer:
             if prog is not None:
                 try:
                     r = chain_bound(prog, iters=self.opt.iters if top else self.opt.node_iters, lr=self.opt.lr,
-                                    time_limit=self.opt.time_limit)
+                                    time_limit=self.opt.time_limit, max_work=self.opt.max_work)
                     value = r.value
                     self.records.append({"nodes": [getattr(n, "name", "") for n in nodes], "value": r.value,
                                          "greedy": r.greedy, "seconds": r.seconds, **r.details})
