@@ -33,7 +33,7 @@ def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options:
     The record gains ``config_id``, ``seed`` and ``groups`` (what aggregation groups runs by) and
     ``run_seconds``; ``summary.json`` is written last, atomically, so a run counts as finished only when complete.
     """
-    from experiments.cli import write_json
+    from experiments.io import write_json
     from experiments.io import remove_stale_temps
     from experiments.sweep import summary_path, train_run
 

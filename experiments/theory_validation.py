@@ -18,7 +18,7 @@ Outputs: theory_validation.json, theory_summary.json, theory_layers.csv, theory_
 under ``out_dir``; the full run also writes the iid-kernel Monte Carlo (theory_conv_predictions.*) and the
 Gaussian tail-bound check (theory_tail_bound.*).
 
-Trained weights (used by ``experiments.demo.measure_model`` for every demo model and sweep run):
+Trained weights (used by ``experiments.measure.measure_model`` for every demo model and sweep run):
 ``trained_theory`` evaluates the symbolic composition rule with a trained WRN's certified layer norms and
 batch-norm gains (``lipschitz.theory.trained``) and records the per-layer facts a trained-weight model is fitted
 on; ``spectra_record`` / ``spectrum_rows`` / ``compact_spectrum`` give the full spectra of the trained and initial

@@ -291,13 +291,13 @@ def test_text_file_as_checkpoint_says_not_a_checkpoint(capsys, tmp_path):
 
 
 def test_out_is_a_file_fails_before_the_analysis(capsys, tmp_path, monkeypatch):
-    import experiments.demo
+    import experiments.measure
 
     def never(*args, **kwargs):
         pytest.fail("the analysis ran although --out is a file")
 
-    monkeypatch.setattr(experiments.demo, "spectral_analyze", never)
-    monkeypatch.setattr(experiments.demo, "bound_summary", never)
+    monkeypatch.setattr(experiments.measure, "spectral_analyze", never)
+    monkeypatch.setattr(experiments.measure, "bound_summary", never)
     (tmp_path / "afile").write_text("x")
     for command in ("spectral", "bound"):
         code, _, err = run_cli(capsys, command, "wrn-tiny", "--data", "digits", "--out", str(tmp_path / "afile"))
@@ -422,6 +422,7 @@ def _no_work(monkeypatch) -> None:
     """Make every expensive step fail the test if it is reached."""
     import experiments.demo
     import experiments.evaluate
+    import experiments.measure
     import experiments.sweep
     import experiments.training
 
@@ -429,9 +430,9 @@ def _no_work(monkeypatch) -> None:
         pytest.fail("work started although an argument was invalid")
 
     for module, name in ((experiments.training, "train"), (experiments.evaluate, "evaluate"),
-                         (experiments.demo, "bound_summary"), (experiments.demo, "spectral_analyze"),
+                         (experiments.measure, "bound_summary"), (experiments.measure, "spectral_analyze"),
                          (experiments.demo, "run_demo"), (experiments.sweep, "train_run"),
-                         (experiments.demo, "data_lower_bounds")):
+                         (experiments.measure, "data_lower_bounds")):
         monkeypatch.setattr(module, name, never)
 
 

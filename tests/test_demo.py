@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments import report
-from experiments.demo import _read_network_bound
+from experiments.measure import _read_network_bound
 
 
 def _records():

@@ -270,7 +270,7 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
 def model_skeleton(cfg: TrainConfig) -> nn.Module:
     """The recipe's model on the meta device (no memory, no init, no random numbers): checks the model name and
     ``model.overrides`` and counts parameters before any data is read or any folder is written."""
-    from experiments.data import DATASETS
+    from experiments.datasets import DATASETS
     from experiments.models.registry import on_meta_device
 
     info = DATASETS.get(cfg.data.dataset, DATASETS["cifar10"])
