@@ -8,13 +8,14 @@ demo's models and every sweep run). The headline helpers (``bound_summary``, ``d
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from experiments.records import GUARANTEES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,46 +55,20 @@ def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02
     return [dict(row) for row in table.rows]
 
 
-def _scalar(value: Any) -> float | None:
-    if hasattr(value, "value") and not isinstance(value, dict):
-        value = value.value
-    if isinstance(value, dict):
-        value = value.get("value")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
-
-
 def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02) -> dict[str, Any]:
     """Certified l2 bounds of the network, its stages and blocks (``lipschitz.bounds.network_bound``).
 
-    Returns ``certified_lipschitz`` (the tightest certified network bound), ``certified_lipschitz_product``
-    (plain layer product), ``stage_bounds`` {stage: value}, ``block_bounds`` and the full ``bound`` dict.
+    Returns ``certified_lipschitz`` (the tightest certified network bound: every method evaluated is a certified
+    upper bound), ``certified_lipschitz_product`` (plain layer product), ``certified_methods`` {method: value},
+    ``stage_bounds`` and ``block_bounds`` {name: tightest value} and the full ``bound`` dict.
     """
     from lipschitz.bounds import network_bound
 
     bound = network_bound(model, tuple(input_shape), rtol=rtol)
-    full = bound.to_dict() if hasattr(bound, "to_dict") else dict(bound)
-    return {**_read_network_bound(full), "bound": full}
-
-
-def _read_network_bound(full: Mapping[str, Any]) -> dict[str, Any]:
-    """Headline numbers of ``NetworkBound.to_dict()``: every method there is a certified upper bound, so the
-    tightest (smallest) one is reported, per network, stage and block, with the plain layer product beside it."""
-    comparison = {k: float(v) for k, v in (full.get("comparison") or {}).items() if _scalar(v) is not None}
-    headline = _scalar(full.get("value"))
-    values = list(comparison.values()) + ([headline] if headline is not None else [])
-    out: dict[str, Any] = {
-        "certified_lipschitz": min(values) if values else None,
-        "certified_lipschitz_product": comparison.get("product"),
-        "certified_methods": comparison,
-        "stage_bounds": {}, "block_bounds": {},
-    }
-    for node in full.get("nodes") or []:
-        group = {"stage": "stage_bounds", "block": "block_bounds"}.get(node.get("role"))
-        if group is None:
-            continue
-        scalars = [float(node[m]) for m in comparison if _scalar(node.get(m)) is not None]
-        out[group][str(node.get("name"))] = min(scalars) if scalars else None
-    return out
+    methods = bound.certified_methods()
+    return {"certified_lipschitz": bound.tightest, "certified_lipschitz_product": methods.get("product"),
+            "certified_methods": methods, "stage_bounds": bound.stage_bounds(), "block_bounds": bound.block_bounds(),
+            "bound": bound.to_dict()}
 
 
 def data_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float, seed: int = 0,
@@ -179,11 +154,14 @@ THEORY_BASIS: dict[str, str] = {
 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str], eps: float,
-                   n: int | None, seed: int, out_dir: Path | None, progress: bool) -> dict[str, Any]:
-    """Clean and adversarial accuracy through ``experiments.evaluate`` (first ``n`` test points)."""
+                   n: int | None, seed: int, out_dir: Path | None, progress: bool,
+                   lipschitz_metric: bool = True) -> dict[str, Any]:
+    """Clean and adversarial accuracy through ``experiments.evaluate`` (first ``n`` test points);
+    ``lipschitz_metric``: also the evaluation's local Lipschitz metric (off when the record measures it)."""
     from experiments.evaluate import evaluate
 
-    summary = evaluate(model, x, y, list(attacks), eps=eps, n=n, seed=seed, out_dir=out_dir, progress=progress)
+    summary = evaluate(model, x, y, list(attacks), eps=eps, n=n, seed=seed, out_dir=out_dir, progress=progress,
+                       lipschitz_metric=lipschitz_metric)
     robust = summary["robust_accuracy"]
     main_attack = list(attacks)[0]
     return {
@@ -225,8 +203,10 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
     device = next(model.parameters()).device
     if "eval" in steps:
         _say(verbose, f"  [{name}] clean and adversarial accuracy ({', '.join(attacks)}, eps={eps:.4g})")
+        # the local Lipschitz metric is measured once: by the lower step when it runs, else by the evaluation
         _step(record, "eval", lambda: evaluate_model(model, x_test, y_test, attacks=attacks, eps=eps, n=eval_n, seed=seed,
-                                                     out_dir=None if out_dir is None else out_dir / "eval", progress=verbose), verbose)
+                                                     out_dir=None if out_dir is None else out_dir / "eval", progress=verbose,
+                                                     lipschitz_metric="lower" not in steps), verbose)
     if "spectral" in steps:
         _say(verbose, f"  [{name}] per-layer certified spectral norms (rtol {rtol})")
         _step(record, "spectral", lambda: {"layers": layer_table(model, input_shape, rtol=rtol, progress=verbose)}, verbose)
@@ -259,11 +239,7 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
 
         _say(verbose, f"  [{name}] full spectra vs the random-matrix law (trained{' and initial' if initial is not None else ''} weights)")
         _step(record, "spectra", lambda: spectra_record(model, tuple(input_shape), initial, seed=seed), verbose)
-    record["guarantees"] = {"certified_lipschitz": "certified_upper", "certified_lipschitz_product": "certified_upper",
-                            "empirical_lipschitz": "lower", "attack_lipschitz": "lower", "searched_lipschitz": "lower",
-                            "node_lower": "lower",
-                            "local_lipschitz": "estimate", "theory_prediction": "estimate",
-                            "theory_prediction_kaiming": "estimate", "theory_measured_norms": "certified_upper"}
+    record["guarantees"] = dict(GUARANTEES)
     return record
 
 

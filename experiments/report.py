@@ -24,20 +24,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from experiments.io import write_text
+from experiments.records import GUARANTEES
 
-#: Guarantee label of each scalar column (see spectral/guarantee.py). Robust accuracy under an attack is an
-#: upper bound of the true robust accuracy on the evaluated points (an attack that fails proves nothing).
-COLUMN_GUARANTEES: dict[str, str] = {
-    "robust_acc": "attack_upper_bound",
-    "certified_lipschitz": "certified_upper",
-    "certified_lipschitz_product": "certified_upper",
-    "empirical_lipschitz": "lower",
-    "attack_lipschitz": "lower",
-    "searched_lipschitz": "lower",
-    "local_lipschitz": "estimate",
-    "theory_prediction": "estimate",
-    "theory_measured_norms": "certified_upper",
-}
+#: Guarantee label of each scalar column: the record's one map (experiments.records.GUARANTEES).
+COLUMN_GUARANTEES: dict[str, str] = GUARANTEES
 
 #: What weights a column describes, where that is not the trained model's own (shown in headers).
 COLUMN_BASIS: dict[str, str] = {
