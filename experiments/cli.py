@@ -42,17 +42,11 @@ from experiments.targets import load_target
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 
-#: Exceptions that mean "the user asked for something impossible": one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    KeyError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+#: Exceptions that mean "the user asked for something impossible": one line, exit 2. ValueError is the library's
+#: bad-input error (every ``UserError``, ``ConfigError``, checkpoint mismatch ... is one); OSError covers missing,
+#: unreadable or unwritable files, a full disk and a locked run folder. A TypeError or KeyError is a bug, not a
+#: user error: it ends with a traceback (and exit status 1), so it cannot hide as "exit 2".
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -890,11 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _default_threads(args: argparse.Namespace) -> int | None:
@@ -944,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except (*USER_ERRORS, OSError) as exc:  # OSError: e.g. --download without network, a full disk
+    except USER_ERRORS as exc:
         if show_traceback:
             raise
         command = args.command if args.command != "theory" else f"theory {args.theory_command}"

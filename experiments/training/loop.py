@@ -141,11 +141,11 @@ class TrainData:
 
 def _check_images(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.dtype not in (torch.float32, torch.uint8):
-        raise TypeError(f"{what}: images must be float32 in [0, 1] or uint8, got {x.dtype}")
+        raise ValueError(f"{what}: images must be float32 in [0, 1] or uint8, got {x.dtype}")
     if x.dtype == torch.float32 and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"{what}: images must lie in [0, 1] (models normalise internally)")
     if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise TypeError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        raise ValueError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
 
 
 def load_training_data(cfg: TrainConfig) -> TrainData:
