@@ -404,7 +404,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
     root = config.data.root
-    downloading = args.download and config.data.dataset in ("cifar10", "cifar100")
+    downloading = args.download and config.data.dataset == "cifar10"  # the one trainable dataset to download
     if downloading and not root:
         raise UserError("--download needs a dataset folder: add --set data.root=DIR")
     if not downloading and config.data.dataset != "digits" and root and not Path(root).is_dir():
@@ -815,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (starts "
                                                          "afresh if it has none yet); with a larger run.epochs, extend it")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10/100 into data.root first if missing")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 into data.root first if missing")
     _common(p, "run directory (default runs/RECIPE)")
     p.set_defaults(func=cmd_train)
 

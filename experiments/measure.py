@@ -278,10 +278,9 @@ def train_facts(train_summary: Mapping[str, Any] | None) -> dict[str, Any]:
 def load_trained_model(train_dir: Path, train_summary: Mapping[str, Any] | None, device: str,
                        model_file: Path | None = None) -> nn.Module:
     from experiments.checkpoints import load_checkpoint
-    from experiments.targets import _unpack_loaded_checkpoint
 
     path = model_file if model_file is not None else find_trained_model(train_dir, train_summary)
-    model, _ = _unpack_loaded_checkpoint(load_checkpoint(path))
+    model = load_checkpoint(path).model
     return model.to(device).eval()
 
 

@@ -7,7 +7,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 from experiments.datasets import DATASETS, dataset_info
 from experiments.parsing import UserError
@@ -98,7 +97,7 @@ def load_target(target: str, *, data: str | None, device, seed: int = 0, input_s
             loaded = load_checkpoint(path, model=model_name)
         else:
             loaded = load_checkpoint_into(path, build_user_model(model_spec, model_kwargs))
-        model, metadata = _unpack_loaded_checkpoint(loaded)
+        model, metadata = loaded.model, dict(loaded.metadata or {})
         recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
         if data is not None and recorded is not None and data != recorded:
             raise UserError(f"{path} was trained on {recorded} but --data {data} was given; drop --data or pass --data {recorded}")
@@ -180,22 +179,6 @@ def _checkpoint_in_dir(directory: Path) -> Path:
     if not candidates:
         raise FileNotFoundError(f"no checkpoint file ({', '.join(_CKPT_SUFFIXES)}) in directory {directory}; pass the file itself")
     raise UserError(f"several checkpoints in {directory} ({', '.join(p.name for p in candidates)}); pass one of them")
-
-
-def _unpack_loaded_checkpoint(loaded: Any):
-    """``load_checkpoint`` may return a model, (model, metadata) or an object with .model/.metadata."""
-    from torch import nn
-
-    if isinstance(loaded, nn.Module):
-        return loaded, {}
-    if isinstance(loaded, tuple) and loaded and isinstance(loaded[0], nn.Module):
-        return loaded[0], (loaded[1] if len(loaded) > 1 and isinstance(loaded[1], dict) else {})
-    model = getattr(loaded, "model", None)
-    if isinstance(model, nn.Module):
-        return model, dict(getattr(loaded, "metadata", {}) or {})
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), nn.Module):
-        return loaded["model"], dict(loaded.get("metadata") or {})
-    raise TypeError("the checkpoint loader returned no model; pass a checkpoint written by archlip or a WideResNet state_dict")
 
 
 def _metadata_input_shape(metadata: dict) -> tuple[int, ...] | None:
