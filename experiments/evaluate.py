@@ -48,7 +48,7 @@ from experiments.attacks import (
     logit_margin,
     model_mode,
 )
-from experiments.io import atomic_write, locks_folder, write_text
+from experiments.io import atomic_write, locks_folder, write_json, write_text
 from experiments.autoattack_engine import (
     PROBE_POINTS,
     EngineInfo,
@@ -125,10 +125,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
 def _model_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -194,7 +190,7 @@ def _load_state(path: Path, fingerprint: dict[str, Any], resume: bool) -> dict[s
 
 def _save_state(path: Path | None, state: dict[str, Any]) -> None:
     if path is not None:
-        _atomic_write_text(path, json.dumps(state))
+        write_json(path, state, indent=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -796,8 +792,8 @@ def _write_outputs(out_path: Path, summary: dict[str, Any], presets: list[Attack
             worst = worst and bool(entry["robust"][i])
         row["robust_worst_case"] = worst
         lines.append(json.dumps(row))
-    _atomic_write_text(out_path / PER_EXAMPLE_NAME, "\n".join(lines) + "\n")
-    _atomic_write_text(out_path / SUMMARY_NAME, json.dumps(summary, indent=2))
+    write_text(out_path / PER_EXAMPLE_NAME, "\n".join(lines) + "\n")
+    write_json(out_path / SUMMARY_NAME, summary)
 
 
 __all__ = [

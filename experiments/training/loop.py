@@ -28,7 +28,7 @@ from torch import nn
 
 from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
                                 effective_attack_numbers, load_config, save_config)
-from experiments.io import LOG, RunFolderLock, read_jsonl, write_text
+from experiments.io import LOG, RunFolderLock, read_jsonl, write_json, write_text
 from experiments.training import distributed as D
 from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, capture_rng_states,
@@ -48,13 +48,15 @@ CONFIG_FILE = "resolved_config.yaml"
 # environment: device, determinism, speed switches
 
 
-def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    want = cfg.run.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("run.device is cuda but no CUDA device is available; use run.device: cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def run_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device of this process for ``run.device`` (auto/cpu/cuda; resolved by ``experiments.runtime``):
+    cuda:LOCAL_RANK under torchrun."""
+    from experiments.runtime import resolve_device
+
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is cuda but no CUDA device is available; use run.device: cpu")
+    device = resolve_device(cfg.run.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
 def check_speed_switches(cfg: TrainConfig, device: torch.device, image_dims: int) -> None:
@@ -492,7 +494,7 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
     if warning:
         LOG.warning("warning: %s", warning)
     rank, world, local_rank = D.env_world()
-    device = resolve_device(cfg, local_rank)
+    device = run_device(cfg, local_rank)
     # one writer per run folder (rank 0 writes for every rank); taken before the process group, so a second
     # writer fails at once
     with RunFolderLock(out_dir, "training") if rank == 0 else contextlib.nullcontext():
@@ -807,7 +809,7 @@ class _Trainer:
                     _model_metadata(cfg, total - 1, prog.global_step, self.last_val, "final"))
                 if prog.best_epoch >= 0:
                     summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
-            write_text(out_dir / SUMMARY_FILE, json.dumps(json_safe(summary, nonfinite="null"), indent=2))
+            write_json(out_dir / SUMMARY_FILE, summary)
         D.barrier(ctx)
         return summary
 
