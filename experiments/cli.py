@@ -199,7 +199,7 @@ def _spectrum(args: argparse.Namespace, model, info: dict[str, Any], out: Path |
             "law for iid weights of the same entry std; n_outliers: values above max(edge, top of a Gaussian draw through "
             "the same operator); alpha: power-law exponent of s^2; random_*: the Gaussian draw's):\n" + format_table(table, columns))
     if out is not None:
-        from experiments.report import write_csv
+        from experiments.render import write_csv
         from experiments.study_report import plot_spectra
 
         write_json(out / "spectrum.json", payload)

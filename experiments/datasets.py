@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiments.parsing import UserError
+from experiments.errors import UserError
 
 if TYPE_CHECKING:
     import torch

@@ -10,11 +10,9 @@ import math
 import re
 from fractions import Fraction
 
+from experiments.errors import UserError
+
 LOG = logging.getLogger("archlip")
-
-
-class UserError(ValueError):
-    """A bad input (a flag, a name, a value) detected before any work: one line, exit status 2 in the CLI."""
 
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9, "b": 10**9, "B": 10**9}

@@ -18,3 +18,10 @@ GUARANTEES: dict[str, str] = {
     "theory_prediction_kaiming": "estimate",
     "theory_measured_norms": "certified_upper",
 }
+
+#: Columns of the aggregate table, in order.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
+    "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
+    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction", "theory_measured_norms",
+)

@@ -24,7 +24,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from experiments.io import write_text
-from experiments.records import GUARANTEES
+from experiments.records import GUARANTEES, TABLE_COLUMNS  # noqa: F401  (TABLE_COLUMNS re-exported)
+from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
+from experiments.render import csv_header, write_csv  # noqa: F401  (write_csv re-exported)
+from experiments.render import finite as _finite
+from experiments.render import fmt as _fmt
+from experiments.render import pyplot as _pyplot
+from experiments.render import save_figure as _save
+from experiments.render import value as _value
 
 #: Guarantee label of each scalar column: the record's one map (experiments.records.GUARANTEES).
 COLUMN_GUARANTEES: dict[str, str] = GUARANTEES
@@ -35,12 +42,6 @@ COLUMN_BASIS: dict[str, str] = {
     "theory_measured_norms": "theory rule with the trained layer norms",
 }
 
-#: Columns of the aggregate table, in order.
-TABLE_COLUMNS: tuple[str, ...] = (
-    "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
-    "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
-    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction", "theory_measured_norms",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,44 +196,6 @@ def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
 
 
-def csv_header(column: str) -> str:
-    """A CSV column name with its guarantee label: ``certified_lipschitz [certified_upper]``."""
-    return f"{column} [{COLUMN_GUARANTEES[column]}]" if column in COLUMN_GUARANTEES else column
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows to CSV atomically (lists joined with '-', e.g. depths 5-5-5); headers carry guarantee labels."""
-    import csv
-    import io as textio
-
-    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
-    buffer = textio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([csv_header(c) for c in columns])
-    for row in rows:
-        writer.writerow(["-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in
-                         (row.get(c) for c in columns)])
-    return write_text(path, buffer.getvalue())
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}" if abs(v) >= 10000 else str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return "-".join(str(x) for x in v)
-    return str(v)
-
-
 def _last_width(m: dict[str, Any]) -> float | None:
     widths = m.get("widths")
     return float(widths[-1]) if isinstance(widths, (list, tuple)) and widths else None
@@ -241,19 +204,6 @@ def _last_width(m: dict[str, Any]) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # plots (matplotlib, Agg backend selected inside each function)
 # ----------------------------------------------------------------------------------------------
-
-_STAGE_COLOURS = {"stem": "#555555", "stage1": "#1f77b4", "stage2": "#ff7f0e", "stage3": "#2ca02c",
-                  "stage4": "#9467bd", "head": "#d62728", "other": "#8c564b"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 16,
                      per_row: int = 4) -> Path | None:
@@ -414,20 +364,6 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, path)
-
-
-def _value(v: Any) -> float | None:
-    if isinstance(v, dict):
-        v = v.get("value")
-    return float(v) if _finite(v) else None
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
-from experiments.parsing import UserError
+from experiments.errors import UserError
 
 
 def resolve_device(name: str | None):

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from experiments.io import RunFolderLock, write_text
+from experiments.launch import summary_path
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
 LAUNCHERS = ("sequential", "torchrun", "submitit")
@@ -440,10 +441,6 @@ def to_override_strings(overrides: Mapping[str, Any]) -> list[str]:
 Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], dict]
 
 
-def summary_path(out_dir: Path, run: RunSpec) -> Path:
-    return Path(out_dir) / "runs" / run.run_id / "summary.json"
-
-
 def is_finished(out_dir: Path, run: RunSpec) -> bool:
     """A run is finished when its summary.json exists and parses."""
     path = summary_path(out_dir, run)
@@ -616,6 +613,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, *, max_runs: int | None, launcher
     if not aggregate_only:
         from experiments import launch
 
+        runner = runner or train_run
         if max_runs is not None:
             todo = todo[:max_runs]
         if options["launcher"] == "submitit":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from experiments.datasets import DATASETS, dataset_info
-from experiments.parsing import UserError
+from experiments.errors import UserError
 
 _CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".tar")
 

@@ -29,7 +29,7 @@ from torch import nn
 from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
                                 effective_attack_numbers, load_config, save_config)
 from experiments.io import LOG, RunFolderLock, read_jsonl, write_json, write_text
-from experiments.training import distributed as D
+import experiments.training.distributed as D
 from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, capture_rng_states,
                                                 load_resume_state, restore_rng_states)
