@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 from experiments.datasets import DATASETS, dataset_info, load_eval_data  # noqa: F401  (re-exported)
 from experiments.io import to_jsonable, write_json  # noqa: F401  (re-exported)
-from experiments.parsing import (  # noqa: F401  (re-exported: the CLI's readers live in experiments.parsing)
-    UserError, check_positive, parse_attacks, parse_count, parse_eps, parse_fraction, parse_int_list, parse_range,  # noqa: F401
+from experiments.parsing import (  # noqa: F401  (parse_fraction re-exported: the readers live in experiments.parsing)
+    UserError, check_positive, parse_attacks, parse_count, parse_eps, parse_fraction, parse_int_list, parse_range,
     parse_rtol, parse_shape,
 )
 from experiments.runtime import resolve_device, torch_threads  # noqa: F401  (re-exported)
@@ -100,13 +100,6 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(json.dumps(to_jsonable(payload), indent=2))
     else:
         print(text)
-
-
-def _note(text: str) -> None:
-    """A note or warning on stderr (through the ``archlip`` logger, as the library's notes)."""
-    import logging
-
-    logging.getLogger("archlip").warning(text)
 
 
 def _eps(given: float | None, info: dict[str, Any]) -> float:
