@@ -52,7 +52,8 @@ WHY = {
 def _setup(checkpoint: str | None, n: int, work: Path):
     import torch
 
-    from experiments.cli import load_eval_data, load_target
+    from experiments.datasets import load_eval_data
+    from experiments.targets import load_target
 
     if checkpoint is None:
         checkpoint = str(work / "train" / "model_best.safetensors")

@@ -53,12 +53,12 @@ def worker(workload: str, checkpoint: str, threads: int | None) -> None:
         evaluate(model, x, y, attacks, eps=0.1, n=128 if workload == "pgd" else 16, progress=False,
                  lipschitz_metric=False)
     elif workload == "bound":
-        from experiments.demo import bound_summary, data_lower_bounds
+        from experiments.measure import bound_summary, data_lower_bounds
 
         bound_summary(model, (1, 8, 8), rtol=0.05)
         data_lower_bounds(model, x[:32], y[:32], eps=0.1, n_iter=20, attack_steps=10)
     else:
-        from experiments.demo import layer_table
+        from experiments.measure import layer_table
         from experiments.models import create_model
 
         torch.manual_seed(0)

@@ -23,207 +23,30 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shlex
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from experiments.datasets import DATASETS, dataset_info, load_eval_data  # noqa: F401  (re-exported)
+from experiments.io import to_jsonable, write_json  # noqa: F401  (re-exported)
+from experiments.parsing import (  # noqa: F401  (parse_fraction re-exported: the readers live in experiments.parsing)
+    UserError, check_positive, parse_attacks, parse_count, parse_eps, parse_fraction, parse_int_list, parse_range,
+    parse_rtol, parse_shape,
+)
+from experiments.runtime import resolve_device, torch_threads  # noqa: F401  (re-exported)
+from experiments.targets import load_target
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 
-#: Input shape (C, H, W) and number of classes per dataset name.
-DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {"input_shape": (1, 8, 8), "num_classes": 10},
-    "cifar10": {"input_shape": (3, 32, 32), "num_classes": 10},
-    "cifar100": {"input_shape": (3, 32, 32), "num_classes": 100},
-    "svhn": {"input_shape": (3, 32, 32), "num_classes": 10},
-}
-
-#: Exceptions that mean "the user asked for something impossible": one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    KeyError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
-
-
-class UserError(ValueError):
-    """A bad input detected by the CLI itself."""
-
-
-# ----------------------------------------------------------------------------------------------
-# small pure parsers (unit-tested)
-# ----------------------------------------------------------------------------------------------
-
-_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9, "b": 10**9, "B": 10**9}
-
-
-def parse_count(text: str | int | float) -> int:
-    """``"68M"`` -> 68_000_000, ``"1.5k"`` -> 1500, ``"46160000"`` -> 46160000."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
-            raise UserError(f"count must be positive, got {text}")
-        return int(round(text))
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMgGbB]?)\s*", str(text))
-    if not match:
-        raise UserError(f"cannot read {text!r} as a count; write e.g. 68M, 1.5k or 46160000")
-    value = float(match.group(1)) * _SUFFIX[match.group(2)]
-    if value <= 0:
-        raise UserError(f"count must be positive, got {text!r}")
-    return int(round(value))
-
-
-def parse_fraction(text: str | float) -> float:
-    """``"8/255"`` -> 0.03137..., ``"0.031"`` -> 0.031."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    try:
-        return float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.031") from None
-
-
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"5,5,5"`` -> (5, 5, 5)."""
-    try:
-        values = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v != "")
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as integers; write e.g. 5,5,5") from None
-    if not values:
-        raise UserError(f"empty list {text!r}; write e.g. 5,5,5")
-    return values
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"3x32x32"`` or ``"3,32,32"`` -> (3, 32, 32); an empty or dangling part (``"1x8x8x"``) is an error."""
-    cleaned = str(text).strip().lower().replace(" ", "")
-    if not re.fullmatch(r"[0-9]+(?:[x,*][0-9]+)*", cleaned):
-        raise UserError(f"cannot read {text!r} as an input shape; write e.g. 3x32x32 (no batch dimension)")
-    shape = tuple(int(p) for p in re.split(r"[x,*]", cleaned))
-    if any(s <= 0 for s in shape):
-        raise UserError(f"input shape {text!r} must be positive integers, e.g. 3x32x32")
-    return shape
-
-
-def parse_rtol(value: float) -> float:
-    """A sandwich tolerance: the target relative gap upper/lower - 1, in (0, 1]."""
-    if not math.isfinite(value) or not 0 < value <= 1:
-        raise UserError(f"--rtol {value:g} is out of range; give the target relative gap upper/lower - 1 in (0, 1], "
-                        f"e.g. 0.02")
-    return value
-
-
-def parse_eps(text: str, norm: str = "linf") -> float:
-    """``--eps`` as a radius for [0, 1] inputs (linf: at most 1; a warning above 0.5)."""
-    from experiments.config import ConfigError, check_eps
-
-    eps = parse_fraction(text)
-    try:
-        warning = check_eps(eps, norm, "--eps")
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    if warning:
-        _note(f"warning: {warning}")
-    return eps
-
-
-def _positive(value: int | None, flag: str, allow_zero: bool = False) -> int | None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"{flag} must be {'>= 0' if allow_zero else 'a positive integer'}, got {value}")
-    return value
-
-
-def parse_attacks(text: str) -> list[str]:
-    """``"pgd20,cw20,aa"`` -> ["pgd20", "cw20", "aa"]."""
-    names = [a.strip() for a in str(text).split(",") if a.strip()]
-    if not names:
-        raise UserError("--attacks is empty; write e.g. --attacks pgd20,cw20,aa")
-    return names
-
-
-def resolve_device(name: str | None):
-    """Validate ``--device`` and return a ``torch.device`` (never silently falls back to CPU)."""
-    import torch
-
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0..cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif device.type not in ("cpu", "mps"):
-        raise UserError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
-    return device
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Use ``n`` torch CPU threads inside the block and restore the previous count after (None: unchanged)."""
-    if n is None:
-        yield
-        return
-    if n < 1:
-        raise UserError(f"--threads must be >= 1, got {n}")
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert tensors, numpy values, enums, dataclasses and paths to JSON values."""
-    import dataclasses
-    import enum
-
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else (None if math.isnan(obj) else str(obj))
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_jsonable(obj.to_dict())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    try:
-        import numpy as np
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            return to_jsonable(obj.detach().cpu().tolist())
-        if isinstance(obj, np.generic):
-            return to_jsonable(obj.item())
-        if isinstance(obj, np.ndarray):
-            return to_jsonable(obj.tolist())
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)
+#: Exceptions that mean "the user asked for something impossible": one line, exit 2. ValueError is the library's
+#: bad-input error (every ``UserError``, ``ConfigError``, checkpoint mismatch ... is one); OSError covers missing,
+#: unreadable or unwritable files, a full disk and a locked run folder. A TypeError or KeyError is a bug, not a
+#: user error: it ends with a traceback (and exit status 1), so it cannot hide as "exit 2".
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -257,254 +80,6 @@ def format_mapping(payload: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {text(v)}" for k, v in payload.items())
 
 
-def write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON atomically (:func:`experiments.io.write_json`)."""
-    from experiments import io
-
-    return io.write_json(path, to_jsonable(payload))
-
-
-# ----------------------------------------------------------------------------------------------
-# models and data through the experiments API
-# ----------------------------------------------------------------------------------------------
-
-_CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".tar")
-
-
-def dataset_info(name: str) -> dict[str, Any]:
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    return DATASETS[name]
-
-
-def build_user_model(spec: str, kwargs_json: str | None = None):
-    """``package.module:Class`` (importable, or from the working directory) or ``path/to/file.py:Class``, built
-    with the keyword arguments of the JSON object ``kwargs_json``."""
-    import importlib
-    import importlib.util
-
-    from torch import nn
-
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"--model must look like package.module:Class or path/to/file.py:Class, got {spec!r}")
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--model-kwargs is not valid JSON ({exc}); e.g. --model-kwargs '{{\"depth\": 28}}'") from None
-    if not isinstance(kwargs, dict):
-        raise UserError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json}")
-    if module_name.endswith(".py"):
-        file = Path(module_name).expanduser()
-        if not file.is_file():
-            raise UserError(f"--model file {file} not found")
-        module_spec = importlib.util.spec_from_file_location(f"archlip_user_model_{file.stem}", file)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise UserError(f"--model: cannot import {module_name!r} ({exc}); run from the folder that holds it, "
-                            f"set PYTHONPATH, or pass path/to/file.py:{attr}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"--model: {module_name} has no {attr!r}")
-        obj = getattr(obj, part)
-    try:
-        model = obj(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"--model: cannot build {spec} with --model-kwargs {kwargs}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UserError(f"--model: {spec}(...) returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def load_target(target: str, *, data: str | None, device, seed: int = 0, input_shape: tuple[int, ...] | None = None,
-                model: str | None = None, model_kwargs: str | None = None):
-    """Resolve ``CKPT|PRESET`` to an eval-mode model on ``device``; ``model`` is either a registry name for the
-    architecture a checkpoint's keys cannot settle (a pre-activation ResNet's shortcut, a DM model's activation)
-    or a user class ``package.module:Class`` (built with ``model_kwargs``, JSON).
-
-    Returns ``(model, info)`` with ``info`` holding ``source`` ("checkpoint"/"preset"), ``name``, ``dataset``
-    and ``input_shape``. ``data=None`` means the checkpoint's recorded dataset, else cifar10. A preset is
-    built with random weights drawn under ``seed``. A ``model`` of the form ``package.module:Class``: build that
-    class with ``model_kwargs`` (JSON) and load the checkpoint strictly into it, as it is.
-    """
-    import torch
-
-    from experiments import models as model_zoo
-
-    if data is not None:
-        dataset_info(data)
-    model_spec = model if model is not None and ":" in model else None
-    model_name = model if model is not None and ":" not in model else None
-    if model_name is not None and model_name not in model_zoo.list_models():
-        raise UserError(f"--model {model_name!r} is neither an archlip architecture (archlip list presets) nor a "
-                        "class given as package.module:Class or path/to/file.py:Class")
-    if model_kwargs is not None and model_spec is None:
-        raise UserError("--model-kwargs needs --model package.module:Class")
-    path = Path(target)
-    if model_spec is not None and not path.exists():
-        raise FileNotFoundError(f"checkpoint {target!r} not found; --model loads a checkpoint file into your class")
-    if path.exists():
-        if path.is_dir():
-            path = _checkpoint_in_dir(path)
-        from experiments.checkpoints import load_checkpoint, load_checkpoint_into
-
-        _check_checkpoint_format(path)
-        if model_spec is None:
-            loaded = load_checkpoint(path, model=model_name)
-        else:
-            loaded = load_checkpoint_into(path, build_user_model(model_spec, model_kwargs))
-        model, metadata = _unpack_loaded_checkpoint(loaded)
-        recorded = metadata.get("dataset") if metadata.get("dataset") in DATASETS else None
-        if data is not None and recorded is not None and data != recorded:
-            raise UserError(f"{path} was trained on {recorded} but --data {data} was given; drop --data or pass --data {recorded}")
-        data = data or recorded or "cifar10"
-        shape = input_shape or _metadata_input_shape(metadata) or DATASETS[data]["input_shape"]
-        result = {"source": "checkpoint", "name": str(path), "dataset": data, "input_shape": tuple(shape),
-                  "metadata": metadata, "weights": "trained (checkpoint)"}
-        if model_spec is not None:
-            result["model_class"] = model_spec
-    else:
-        presets = list(model_zoo.list_models())
-        if target not in presets:
-            _zoo_hint(target)
-            if target.endswith(_CKPT_SUFFIXES) or os.sep in target:
-                raise FileNotFoundError(f"checkpoint {target!r} not found; check the path (or name a preset: {', '.join(presets)})")
-            raise UserError(f"{target!r} is neither a checkpoint file nor a model preset; presets: {', '.join(presets)} "
-                            f"(archlip list presets)")
-        if model_name is not None:
-            raise UserError(f"--model names the architecture of a checkpoint file; {target!r} is already a preset: drop --model")
-        data = data or "cifar10"
-        torch.manual_seed(seed)
-        shape = tuple(input_shape or DATASETS[data]["input_shape"])
-        model = model_zoo.create_model(target, num_classes=DATASETS[data]["num_classes"], in_channels=shape[0])
-        result = {"source": "preset", "name": target, "dataset": data, "input_shape": shape, "metadata": {},
-                  "seed": seed, "weights": f"random (preset, seed {seed}; not a trained model)"}
-    model = model.to(device).eval()
-    _check_input_shape(model, result["input_shape"], device)
-    return model, result
-
-
-#: RobustBench model-zoo names: AuthorYearKeyword[_variant], e.g. Huang2021Exploring_WRN-34-R, Carmon2019Unlabeled.
-_ZOO_NAME = re.compile(r"^(?:[A-Z][A-Za-z]+(?:19|20)[0-9]{2}[A-Z][A-Za-z0-9]*(?:_[A-Za-z0-9.-]+)*|Standard(?:_R50)?)$")
-
-
-def _zoo_hint(target: str) -> None:
-    """A model-zoo name given where a checkpoint file is expected: say how to get the file."""
-    name = Path(target).name
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in _CKPT_SUFFIXES else name
-    if _ZOO_NAME.match(stem):
-        raise FileNotFoundError(
-            f"{target!r} is not a file here; it looks like the RobustBench model {stem!r}: archlip reads its checkpoint "
-            f"file, so download it first (from the RobustBench model zoo, github.com/RobustBench/robustbench, or with "
-            f"robustbench's load_model(model_name={stem!r}, model_dir='models')) and pass the path, e.g. "
-            f"models/cifar10/Linf/{stem}.pt --data cifar10")
-
-
-def _check_input_shape(model, input_shape: tuple[int, ...], device) -> None:
-    """One forward pass on zeros, so a wrong --input-shape is a one-line error instead of a deep traceback."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the model cannot take inputs of shape {'x'.join(map(str, input_shape))} ({first}); "
-                        f"pass --input-shape C x H x W matching the model (e.g. 3x32x32) or the right --data") from None
-
-
-def _check_checkpoint_format(path: Path) -> None:
-    """Reject files that are none of the checkpoint formats (torch zip/pickle/tar, safetensors) by their first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(512)
-    if not head or path.suffix == ".safetensors":
-        return  # the loader reports empty or corrupted files itself
-    if head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{" or head[257:262] == b"ustar":
-        return
-    raise UserError(f"{path} is not a checkpoint (neither a torch.save .pt/.pth file nor safetensors); "
-                    f"pass a checkpoint file or a preset name")
-
-
-def _checkpoint_in_dir(directory: Path) -> Path:
-    candidates = [p for p in sorted(directory.iterdir()) if p.suffix in _CKPT_SUFFIXES]
-    preferred = [p for p in candidates if p.stem in ("best", "final", "model")]
-    if preferred:
-        return preferred[0]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint file ({', '.join(_CKPT_SUFFIXES)}) in directory {directory}; pass the file itself")
-    raise UserError(f"several checkpoints in {directory} ({', '.join(p.name for p in candidates)}); pass one of them")
-
-
-def _unpack_loaded_checkpoint(loaded: Any):
-    """``load_checkpoint`` may return a model, (model, metadata) or an object with .model/.metadata."""
-    from torch import nn
-
-    if isinstance(loaded, nn.Module):
-        return loaded, {}
-    if isinstance(loaded, tuple) and loaded and isinstance(loaded[0], nn.Module):
-        return loaded[0], (loaded[1] if len(loaded) > 1 and isinstance(loaded[1], dict) else {})
-    model = getattr(loaded, "model", None)
-    if isinstance(model, nn.Module):
-        return model, dict(getattr(loaded, "metadata", {}) or {})
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), nn.Module):
-        return loaded["model"], dict(loaded.get("metadata") or {})
-    raise TypeError("the checkpoint loader returned no model; pass a checkpoint written by archlip or a WideResNet state_dict")
-
-
-def _metadata_input_shape(metadata: dict) -> tuple[int, ...] | None:
-    """Input shape recorded with a checkpoint: ``input_shape``, or the shape of its ``dataset``."""
-    if metadata.get("input_shape"):
-        return tuple(int(v) for v in metadata["input_shape"])
-    dataset = metadata.get("dataset")
-    if dataset is None and isinstance(metadata.get("config"), dict):
-        dataset = (metadata["config"].get("data") or {}).get("dataset")
-    if isinstance(dataset, str) and dataset in DATASETS:
-        return DATASETS[dataset]["input_shape"]
-    return None
-
-
-def load_eval_data(name: str, *, root: str | None, n: int | None = None, split: str = "test", seed: int = 0,
-                   subset: str = "first", download: bool = False):
-    """Return ``(x, y)`` of a dataset split (all points, the first ``n``, or a seeded subset of ``n``)."""
-    import torch
-
-    from experiments.data import load_dataset
-
-    dataset_info(name)
-    if name != "digits" and root is None:
-        raise UserError(
-            f"dataset {name} needs --data-root DIR (the folder holding its standard files, e.g. cifar-10-batches-py/ "
-            f"or cifar-10-python.tar.gz); add --download to fetch CIFAR there, see docs/models-and-data.md"
-        )
-    x, y = load_dataset(name, root, split, seed=seed, download=download)
-    if n is not None:
-        if n <= 0:
-            raise UserError(f"--n must be positive, got {n}")
-        if subset == "first":
-            x, y = x[:n], y[:n]
-        elif subset == "random":
-            generator = torch.Generator().manual_seed(seed)
-            index = torch.randperm(x.shape[0], generator=generator)[:n]
-            x, y = x[index], y[index]
-        else:
-            raise UserError(f"unknown subset {subset!r}; valid: first, random")
-    return x, y
-
-
-# ----------------------------------------------------------------------------------------------
-# subcommands
-# ----------------------------------------------------------------------------------------------
-
-
 def _out_dir(args: argparse.Namespace, default: str | None = None) -> Path | None:
     """``--out`` (else ``default``), checked before any work: not a file, and writable (or creatable); the
     folder itself is created by whoever writes into it, so a rejected command leaves none behind."""
@@ -527,13 +102,6 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(text)
 
 
-def _note(text: str) -> None:
-    """A note or warning on stderr (through the ``archlip`` logger, as the library's notes)."""
-    import logging
-
-    logging.getLogger("archlip").warning(text)
-
-
 def _eps(given: float | None, info: dict[str, Any]) -> float:
     """``--eps`` (already parsed), else the eps the checkpoint was trained with, else 8/255."""
     if given is not None:
@@ -552,7 +120,7 @@ def _described(info: dict[str, Any]) -> str:
 def cmd_spectral(args: argparse.Namespace) -> int:
     import torch
 
-    from experiments.demo import spectral_analyze
+    from experiments.measure import spectral_analyze
 
     rtol = parse_rtol(args.rtol)
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
@@ -624,7 +192,7 @@ def _spectrum(args: argparse.Namespace, model, info: dict[str, Any], out: Path |
             "law for iid weights of the same entry std; n_outliers: values above max(edge, top of a Gaussian draw through "
             "the same operator); alpha: power-law exponent of s^2; random_*: the Gaussian draw's):\n" + format_table(table, columns))
     if out is not None:
-        from experiments.report import write_csv
+        from experiments.render import write_csv
         from experiments.study_report import plot_spectra
 
         write_json(out / "spectrum.json", payload)
@@ -636,11 +204,11 @@ def _spectrum(args: argparse.Namespace, model, info: dict[str, Any], out: Path |
 
 
 def cmd_bound(args: argparse.Namespace) -> int:
-    from experiments.demo import bound_summary, data_lower_bounds
+    from experiments.measure import bound_summary, data_lower_bounds
 
-    _positive(args.n, "--n", allow_zero=True)  # 0 skips the data lower bounds
+    check_positive(args.n, "--n", allow_zero=True)  # 0 skips the data lower bounds
     if args.local:
-        _positive(args.local_n, "--local-n")
+        check_positive(args.local_n, "--local-n")
         if not 0 < args.local_eps_max <= 1e3:
             raise UserError(f"--local-eps-max must be a positive radius, got {args.local_eps_max}")
     rtol = parse_rtol(args.rtol)
@@ -732,8 +300,8 @@ def cmd_theory(args: argparse.Namespace) -> int:
     from lipschitz import theory
 
     if args.theory_command == "optimal-config":
-        _positive(args.top, "--top")
-        _positive(args.num_stages, "--num-stages")
+        check_positive(args.top, "--top")
+        check_positive(args.num_stages, "--num-stages")
     out = _out_dir(args, default="runs/theory-validation" if args.theory_command == "validate" else None)
     if args.theory_command == "optimal-config":
         payload, text = _optimal_config_report(theory, args)
@@ -754,14 +322,6 @@ def cmd_theory(args: argparse.Namespace) -> int:
         write_json(out / f"theory-{args.theory_command}.json", payload)
     _emit(args, payload, text)
     return EXIT_OK
-
-
-def parse_range(text: str, what: str) -> tuple[int, int]:
-    """``"2-10"`` -> (2, 10); ``"5"`` -> (5, 5)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
-    if not match or int(match.group(1)) < 1 or int(match.group(2) or match.group(1)) < int(match.group(1)):
-        raise UserError(f"cannot read {text!r} as a {what} range; write e.g. 2-10 (low-high, low >= 1)")
-    return int(match.group(1)), int(match.group(2) or match.group(1))
 
 
 REFERENCE_ARCHITECTURES = ("wrn-34-10", "wrn-34-r")
@@ -808,7 +368,7 @@ def _optimal_config_report(theory, args: argparse.Namespace) -> tuple[dict[str, 
 
 
 def _theory_prediction(theory, depths, widths, args: argparse.Namespace) -> dict[str, Any]:
-    from experiments.demo import theory_prediction
+    from experiments.measure import theory_prediction
 
     info = dataset_info(args.data)
     if len(widths) != len(depths) + 1:
@@ -837,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("run.progress=false")
     config = load_config(args.recipe, overrides=overrides)
     root = config.data.root
-    downloading = args.download and config.data.dataset in ("cifar10", "cifar100")
+    downloading = args.download and config.data.dataset == "cifar10"  # the one trainable dataset to download
     if downloading and not root:
         raise UserError("--download needs a dataset folder: add --set data.root=DIR")
     if not downloading and config.data.dataset != "digits" and root and not Path(root).is_dir():
@@ -911,8 +471,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in attacks:
         get_attack_preset(name)  # an unknown name fails before the model and the data are loaded
     eps_given = parse_eps(args.eps) if args.eps is not None else None
-    _positive(args.n, "--n")
-    _positive(args.batch_size, "--batch-size")
+    check_positive(args.n, "--n")
+    check_positive(args.batch_size, "--batch-size")
     if args.out is not None:
         _out_dir(args)
     device = resolve_device(args.device)
@@ -957,8 +517,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.seed_given:
         raise UserError("archlip sweep does not take --seed: each run's seed is run.seed of its recipe; set it under "
                         "'set:' in the sweep file, or vary it in the grid (run.seed: [0, 1, 2])")
-    _positive(args.max_runs, "--max-runs", allow_zero=True)
-    _positive(args.nproc_per_node, "--nproc-per-node")
+    check_positive(args.max_runs, "--max-runs", allow_zero=True)
+    check_positive(args.nproc_per_node, "--nproc-per-node")
     spec = sweep.load_sweep(args.sweep_file)
     out = _out_dir(args, default=str(Path("runs") / "sweeps" / spec.name))
     device = resolve_device(args.device)  # auto: cuda when available, for training and the measurements
@@ -1248,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (starts "
                                                          "afresh if it has none yet); with a larger run.epochs, extend it")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10/100 into data.root first if missing")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 into data.root first if missing")
     _common(p, "run directory (default runs/RECIPE)")
     p.set_defaults(func=cmd_train)
 
@@ -1317,11 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _default_threads(args: argparse.Namespace) -> int | None:
@@ -1371,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except (*USER_ERRORS, OSError) as exc:  # OSError: e.g. --download without network, a full disk
+    except USER_ERRORS as exc:
         if show_traceback:
             raise
         command = args.command if args.command != "theory" else f"theory {args.theory_command}"

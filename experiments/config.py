@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from experiments.datasets import TRAINABLE
 from experiments.io import write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -47,7 +48,8 @@ def _f(default: Any, **meta: Any) -> Any:
 # schema
 
 METHODS = ("standard", "pgd_at", "trades", "mart", "fgsm_rs")
-DATASETS = ("digits", "cifar10", "synthetic")
+#: Datasets a recipe may train on (experiments.datasets.TRAINABLE: the registry is the one home of dataset names).
+DATASETS = TRAINABLE
 
 
 @dataclass
@@ -68,7 +70,6 @@ class DataConfig:
     epoch_size: Optional[int] = _f(None, lo=1, help="with extra_data: an epoch is ceil(epoch_size / run.batch_size) "
                                                     "steps; null = the dataset's training split before the "
                                                     "validation hold-out (CIFAR-10: 50000), as the reference code")
-    synthetic_size: int = _f(512, lo=2, help="examples for the 'synthetic' dataset (tests)")
 
 
 @dataclass
@@ -174,7 +175,6 @@ class RunConfig:
     deterministic: bool = _f(True, help="torch.use_deterministic_algorithms (needed for bit-exact resume)")
     num_threads: Optional[int] = _f(None, lo=1, help="torch intra-op threads for this run; null = leave as is")
     progress: bool = _f(True, help="tqdm progress bars (rank 0)")
-    eval_batch_size: int = _f(256, lo=1)
 
 
 @dataclass
@@ -353,9 +353,23 @@ def effective_attack_numbers(attack: AttackConfig) -> tuple[float, float]:
     return attack.eps, attack.step_size
 
 
+#: Keys earlier versions wrote into saved configs that no longer do anything: read (and dropped) so that runs
+#: made before their removal still resume and report.
+RETIRED_KEYS: dict[str, tuple[str, ...]] = {"data": ("synthetic_size",), "run": ("eval_batch_size",)}
+
+
+def _without_retired(data: Mapping) -> dict:
+    out = dict(data)
+    for section, keys in RETIRED_KEYS.items():
+        if isinstance(out.get(section), Mapping) and any(k in out[section] for k in keys):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
 def config_from_dict(data: Mapping) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from a nested mapping (missing keys take defaults)."""
-    cfg = _build(TrainConfig, data or {}, "")
+    """Build and validate a :class:`TrainConfig` from a nested mapping (missing keys take defaults; the
+    ``RETIRED_KEYS`` of older saved configs are dropped)."""
+    cfg = _build(TrainConfig, _without_retired(data or {}), "")
     _cross_checks(cfg)
     return cfg
 

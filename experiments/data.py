@@ -393,30 +393,6 @@ def load_pseudo_labeled(path: str | Path, *, dtype: torch.dtype = torch.uint8) -
     return _to_tensors(data, targets, dtype)
 
 
-# ------------------------------------------------------------------------------------------------ dispatch
-
-DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {"input_shape": (1, 8, 8), "num_classes": 10, "splits": DIGITS_SPLITS},
-    "cifar10": {"input_shape": (3, 32, 32), "num_classes": 10, "splits": ("train", "test")},
-    "cifar100": {"input_shape": (3, 32, 32), "num_classes": 100, "splits": ("train", "test")},
-    "svhn": {"input_shape": (3, 32, 32), "num_classes": 10, "splits": SVHN_SPLITS},
-}
-
-
-def load_dataset(name: str, root: str | Path | None = None, split: str = "train", *, seed: int = 0,
-                 download: bool = False, dtype: torch.dtype = torch.float32) -> Split:
-    """Load dataset ``name`` (one of ``DATASETS``); ``root`` is required for all but digits."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if name == "digits":
-        return load_digits(split, seed=seed, dtype=dtype)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs root= (the folder holding its standard files)")
-    if name == "svhn":
-        return load_svhn(root, split, dtype=dtype)
-    return load_cifar(name, root, split, download=download, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------------------------ loader
 
 

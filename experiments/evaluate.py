@@ -48,7 +48,7 @@ from experiments.attacks import (
     logit_margin,
     model_mode,
 )
-from experiments.io import atomic_write, locks_folder, write_text
+from experiments.io import atomic_write, locks_folder, write_json, write_text
 from experiments.autoattack_engine import (
     PROBE_POINTS,
     EngineInfo,
@@ -125,10 +125,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
 def _model_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -194,7 +190,7 @@ def _load_state(path: Path, fingerprint: dict[str, Any], resume: bool) -> dict[s
 
 def _save_state(path: Path | None, state: dict[str, Any]) -> None:
     if path is not None:
-        _atomic_write_text(path, json.dumps(state))
+        write_json(path, state, indent=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -534,6 +530,66 @@ def evaluate(
     estimate (``experiments.eval_estimate``) goes to ``on_estimate``, or to stderr when ``progress``; it is
     also stored in the summary beside the measured seconds.
     """
+    presets = _check_inputs(model, x, y, attacks, eps, norm, batch_size, aa_engine)
+    device = _evaluation_device(model, device)
+    idx = select_points(x.shape[0], n, points, seed)
+    xs, ys = x[idx].detach().cpu(), y[idx].detach().cpu()
+    if torch.isnan(xs).any() or xs.min() < 0 or xs.max() > 1:
+        raise ValueError("inputs must lie in [0, 1] without NaN; models take unnormalised images "
+                         "(put normalisation inside the model)")
+    fingerprint = {
+        "eps": float(eps), "norm": norm, "n": xs.shape[0], "points": points, "seed": seed, "batch_size": batch_size,
+        "attacks": [p.to_dict() for p in presets], "indices": _tensor_digest(idx), "data": _tensor_digest(xs),
+        "labels": _tensor_digest(ys), "model": _model_digest(model),
+    }
+    out_path, state_path, state = _open_state(out_dir, fingerprint, resume)
+
+    def save() -> None:
+        _save_state(state_path, state)
+
+    t_start = time.perf_counter()
+    with model_mode(model, "eval"):
+        clean_logits, n_classes = _clean_pass(model, xs, ys, batch_size, device)
+        clean_correct = clean_logits.argmax(dim=1) == ys
+        state["clean"] = {"accuracy": _fraction(clean_correct)}
+        plan = _plan(model, presets, state, eps, norm, seed, n_classes, batch_size, device, tuple(xs.shape[1:]),
+                     lipschitz_metric, aa_engine)
+        _announce_estimate(model, xs, clean_correct, plan, state, batch_size, device, on_estimate, progress)
+        save()
+        for preset in presets:
+            entry = state["attacks"].setdefault(preset.name, {})
+            if entry.get("done"):
+                continue
+            if preset.kind == "autoattack":
+                _autoattack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, n_classes, entry,
+                            save, out_path, device, progress, aa_engine)
+            else:
+                _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
+                                 progress, device)
+        lip = (_lipschitz_metric(model, xs, ys, eps, norm, batch_size, seed, device) if lipschitz_metric
+               else {"available": False, "reason": "not requested (lipschitz_metric=False)"})
+
+    summary = _summary(presets, state, clean_correct, clean_logits, ys, idx, eps, norm, points, seed, batch_size,
+                       n_classes, lip, time.perf_counter() - t_start)
+    if out_path is not None:
+        _write_outputs(out_path, summary, presets, state, idx, ys, clean_correct, clean_logits)
+    return summary
+
+
+def _open_state(out_dir: str | os.PathLike | None, fingerprint: dict[str, Any],
+                resume: bool) -> tuple[Path | None, Path | None, dict[str, Any]]:
+    """(out folder, state file, state): the saved state of an earlier run of the same evaluation when resuming,
+    else a fresh one; without ``out_dir`` nothing is saved."""
+    if out_dir is None:
+        return None, None, {"fingerprint": fingerprint, "attacks": {}}
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    return out_path, out_path / STATE_NAME, _load_state(out_path / STATE_NAME, fingerprint, resume)
+
+
+def _check_inputs(model: nn.Module, x: Any, y: Any, attacks: Any, eps: Any, norm: str, batch_size: Any,
+                  aa_engine: str) -> list[AttackPreset]:
+    """The arguments of :func:`evaluate`, checked before any work; returns the resolved attack presets."""
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0 (e.g. 8/255 for linf on CIFAR), got {eps!r}")
     if norm not in EVAL_NORMS:
@@ -553,88 +609,51 @@ def evaluate(
         raise TypeError(f"y must be int64 labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be float images in [0, 1], got dtype {x.dtype}")
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
     param_dtypes = {p.dtype for p in model.parameters()}
     if param_dtypes and x.dtype not in param_dtypes:
         raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {sorted(map(str, param_dtypes))}; "
                         "convert one of them explicitly")
+    return presets
 
-    idx = select_points(x.shape[0], n, points, seed)
-    xs, ys = x[idx].detach().cpu(), y[idx].detach().cpu()
-    if torch.isnan(xs).any() or xs.min() < 0 or xs.max() > 1:
-        raise ValueError("inputs must lie in [0, 1] without NaN; models take unnormalised images "
-                         "(put normalisation inside the model)")
-    n_sel = xs.shape[0]
 
-    out_path = Path(out_dir) if out_dir is not None else None
-    state_path = None
-    if out_path is not None:
-        out_path.mkdir(parents=True, exist_ok=True)
-        state_path = out_path / STATE_NAME
-    fingerprint = {
-        "eps": float(eps), "norm": norm, "n": n_sel, "points": points, "seed": seed, "batch_size": batch_size,
-        "attacks": [p.to_dict() for p in presets], "indices": _tensor_digest(idx), "data": _tensor_digest(xs),
-        "labels": _tensor_digest(ys), "model": _model_digest(model),
-    }
-    state = _load_state(state_path, fingerprint, resume) if state_path is not None else {
-        "fingerprint": fingerprint, "attacks": {}}
+def _evaluation_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, else the device of the model's parameters (cpu for a model without any)."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    return torch.device(device)
 
-    def save() -> None:
-        _save_state(state_path, state)
 
-    t_start = time.perf_counter()
-    with model_mode(model, "eval"):
-        with torch.no_grad():
-            clean_logits = torch.cat([
-                check_logits(model(xs[i:i + batch_size].to(device)), "model output on clean inputs").cpu()
-                for i in range(0, n_sel, batch_size)
-            ])
-        n_classes = clean_logits.shape[1]
-        if int(ys.max()) >= n_classes or int(ys.min()) < 0:
-            raise ValueError(f"labels must be in [0, {n_classes - 1}] for a model with {n_classes} outputs")
-        clean_correct = clean_logits.argmax(dim=1) == ys
-        state["clean"] = {"accuracy": _fraction(clean_correct)}
-        plan = _plan(model, presets, state, eps, norm, seed, n_classes, batch_size, device, tuple(xs.shape[1:]),
-                     lipschitz_metric, aa_engine)
-        if plan:
-            estimate = estimate_duration(measure_unit_costs(model, xs, batch_size, device), plan, n_sel,
-                                         _fraction(clean_correct), device.type)
-            state["estimate"] = estimate.to_dict()
-            if on_estimate is not None:
-                on_estimate(estimate)
-            elif progress:
-                from tqdm.auto import tqdm
+def _clean_pass(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, batch_size: int,
+                device: torch.device) -> tuple[torch.Tensor, int]:
+    """Clean logits (on the CPU) of every point, and the number of classes (labels checked against it)."""
+    with torch.no_grad():
+        clean_logits = torch.cat([
+            check_logits(model(xs[i:i + batch_size].to(device)), "model output on clean inputs").cpu()
+            for i in range(0, xs.shape[0], batch_size)
+        ])
+    n_classes = clean_logits.shape[1]
+    if int(ys.max()) >= n_classes or int(ys.min()) < 0:
+        raise ValueError(f"labels must be in [0, {n_classes - 1}] for a model with {n_classes} outputs")
+    return clean_logits, n_classes
 
-                tqdm.write(estimate.describe(), file=sys.stderr)
-        save()
-        for preset in presets:
-            entry = state["attacks"].setdefault(preset.name, {})
-            if entry.get("done"):
-                continue
-            if preset.kind == "autoattack":
-                _autoattack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, n_classes, entry,
-                            save, out_path, device, progress, aa_engine)
-            else:
-                _gradient_attack(model, preset, xs, ys, clean_logits, eps, norm, batch_size, seed, entry, save,
-                                 progress, device)
-        lip = (_lipschitz_metric(model, xs, ys, eps, norm, batch_size, seed, device) if lipschitz_metric
-               else {"available": False, "reason": "not requested (lipschitz_metric=False)"})
 
-    summary = _summary(presets, state, clean_correct, clean_logits, ys, idx, eps, norm, points, seed, batch_size,
-                       n_classes, lip, time.perf_counter() - t_start)
-    if "estimate" in state:
-        summary["estimate"] = state["estimate"]
-    for p in presets:  # AutoAttack: seconds and model rows per attack beside the engine's settings
-        if p.kind == "autoattack":
-            entry = state["attacks"][p.name]
-            summary["attacks"][p.name].update(attack_seconds=entry.get("attack_seconds"),
-                                              model_rows=entry.get("model_rows"))
-    if out_path is not None:
-        _write_outputs(out_path, summary, presets, state, idx, ys, clean_correct, clean_logits)
-    return summary
+def _announce_estimate(model: nn.Module, xs: torch.Tensor, clean_correct: torch.Tensor, plan: list[PlannedAttack],
+                       state: dict[str, Any], batch_size: int, device: torch.device,
+                       on_estimate: Callable[[DurationEstimate], None] | None, progress: bool) -> None:
+    """The duration estimate of the work still planned: stored in ``state``, given to ``on_estimate`` (else
+    written to stderr when ``progress``)."""
+    if not plan:
+        return
+    estimate = estimate_duration(measure_unit_costs(model, xs, batch_size, device), plan, xs.shape[0],
+                                 _fraction(clean_correct), device.type)
+    state["estimate"] = estimate.to_dict()
+    if on_estimate is not None:
+        on_estimate(estimate)
+    elif progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(estimate.describe(), file=sys.stderr)
 
 
 def _plan(model: nn.Module, presets: list[AttackPreset], state: dict[str, Any], eps: float, norm: str, seed: int,
@@ -723,7 +742,7 @@ def _summary(presets: list[AttackPreset], state: dict[str, Any], clean_correct: 
                 info["stable_accuracy_yang2020"] = lip["stable_accuracy"]
         per_attack[p.name] = info
     accs = {name: info["robust_accuracy"] for name, info in per_attack.items()}
-    return {
+    summary = {
         "clean_accuracy": _fraction(clean_correct),
         "robust_accuracy": accs,
         "worst_case": {
@@ -747,6 +766,14 @@ def _summary(presets: list[AttackPreset], state: dict[str, Any], clean_correct: 
         "versions": _versions(),
         "seconds": seconds,
     }
+    if "estimate" in state:
+        summary["estimate"] = state["estimate"]
+    for p in presets:  # AutoAttack: seconds and model rows per attack beside the engine's settings
+        if p.kind == "autoattack":
+            entry = state["attacks"][p.name]
+            summary["attacks"][p.name].update(attack_seconds=entry.get("attack_seconds"),
+                                              model_rows=entry.get("model_rows"))
+    return summary
 
 
 def _write_outputs(out_path: Path, summary: dict[str, Any], presets: list[AttackPreset], state: dict[str, Any],
@@ -765,8 +792,8 @@ def _write_outputs(out_path: Path, summary: dict[str, Any], presets: list[Attack
             worst = worst and bool(entry["robust"][i])
         row["robust_worst_case"] = worst
         lines.append(json.dumps(row))
-    _atomic_write_text(out_path / PER_EXAMPLE_NAME, "\n".join(lines) + "\n")
-    _atomic_write_text(out_path / SUMMARY_NAME, json.dumps(summary, indent=2))
+    write_text(out_path / PER_EXAMPLE_NAME, "\n".join(lines) + "\n")
+    write_json(out_path / SUMMARY_NAME, summary)
 
 
 __all__ = [

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from experiments.io import write_json
+
 FORMATS = ("robustbench",)
 ZOO_CLASSES = {"wideresnet": "RobustWideResNet", "preact-resnet": "PreActResNet", "resnet": "ResNet",
                "dm-wideresnet": "DMWideResNet", "dm-preact-resnet": "DMPreActResNet"}
@@ -134,5 +136,5 @@ def export_robustbench(target: str | Path, out_dir: str | Path, *, name: str | N
         "notes": _notes(arch),
     }
     card_path = out_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_json(card_path, card)
     return {"weights": weights, "card": card_path}

@@ -159,9 +159,51 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with only JSON types: the one conversion rule of archlip's result files and ``--json`` output.
+
+    Tensors, numpy values, enums (their value, e.g. a Guarantee label), dataclasses (``to_dict()`` when they have
+    one), paths and containers are converted recursively; unknown objects become ``str(obj)``. Non-finite
+    floats: NaN becomes ``null`` (no value), +-inf the strings ``"inf"``/``"-inf"`` (a value that is unbounded).
+    """
+    import dataclasses
+    import enum
+    import math
+
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else (None if math.isnan(obj) else str(obj))
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    try:
+        import numpy as np
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            return to_jsonable(obj.detach().cpu().tolist())
+        if isinstance(obj, np.generic):
+            return to_jsonable(obj.item())
+        if isinstance(obj, np.ndarray):
+            return to_jsonable(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 2) -> Path:
-    """:func:`atomic_write` of ``json.dumps(payload)`` (payload already JSON-ready) with a final newline."""
-    return write_text(path, json.dumps(payload, indent=indent) + "\n")
+    """:func:`atomic_write` of ``json.dumps(to_jsonable(payload))`` with a final newline."""
+    return write_text(path, json.dumps(to_jsonable(payload), indent=indent) + "\n")
 
 
 def check_writable_folder(folder: str | os.PathLike, label: str = "output folder") -> None:
@@ -423,5 +465,5 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["atomic_write", "write_text", "write_json", "check_writable_folder", "remove_stale_temps", "RunFolderLock", "locked_folder",
+__all__ = ["atomic_write", "write_text", "write_json", "to_jsonable", "check_writable_folder", "remove_stale_temps", "RunFolderLock", "locked_folder",
            "locks_folder", "read_jsonl", "WriteFailedError", "RunFolderLockedError", "current_umask", "LOCK_NAME"]

@@ -26,22 +26,25 @@ if TYPE_CHECKING:  # pragma: no cover
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
+def summary_path(out_dir: str | Path, run: "RunSpec") -> Path:
+    """Where a run's record is written (``<out>/runs/<run_id>/summary.json``); its presence marks the run finished."""
+    return Path(out_dir) / "runs" / run.run_id / "summary.json"
+
+
 def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options: Mapping[str, Any],
-                runner: Callable[..., dict] | None = None) -> dict:
-    """Train and measure one run with ``runner`` (default ``sweep.train_run``); write and return its record.
+                runner: Callable[..., dict]) -> dict:
+    """Train and measure one run with ``runner`` (the sweep's ``train_run``); write and return its record.
 
     The record gains ``config_id``, ``seed`` and ``groups`` (what aggregation groups runs by) and
     ``run_seconds``; ``summary.json`` is written last, atomically, so a run counts as finished only when complete.
     """
-    from experiments.cli import write_json
-    from experiments.io import remove_stale_temps
-    from experiments.sweep import summary_path, train_run
+    from experiments.io import remove_stale_temps, write_json
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "runs" / run.run_id
     remove_stale_temps(run_dir)  # only this run's own temp files; one process runs one run folder at a time
     start = time.time()
-    record = (runner or train_run)(spec, run, run_dir, options)
+    record = runner(spec, run, run_dir, options)
     record.setdefault("name", run.run_id)
     record.setdefault("params", run.params)
     record["config_id"] = run.config

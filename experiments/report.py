@@ -24,20 +24,17 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from experiments.io import write_text
+from experiments.records import GUARANTEES, TABLE_COLUMNS  # noqa: F401  (TABLE_COLUMNS re-exported)
+from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
+from experiments.render import csv_header, write_csv  # noqa: F401  (write_csv re-exported)
+from experiments.render import finite as _finite
+from experiments.render import fmt as _fmt
+from experiments.render import pyplot as _pyplot
+from experiments.render import save_figure as _save
+from experiments.render import value as _value
 
-#: Guarantee label of each scalar column (see spectral/guarantee.py). Robust accuracy under an attack is an
-#: upper bound of the true robust accuracy on the evaluated points (an attack that fails proves nothing).
-COLUMN_GUARANTEES: dict[str, str] = {
-    "robust_acc": "attack_upper_bound",
-    "certified_lipschitz": "certified_upper",
-    "certified_lipschitz_product": "certified_upper",
-    "empirical_lipschitz": "lower",
-    "attack_lipschitz": "lower",
-    "searched_lipschitz": "lower",
-    "local_lipschitz": "estimate",
-    "theory_prediction": "estimate",
-    "theory_measured_norms": "certified_upper",
-}
+#: Guarantee label of each scalar column: the record's one map (experiments.records.GUARANTEES).
+COLUMN_GUARANTEES: dict[str, str] = GUARANTEES
 
 #: What weights a column describes, where that is not the trained model's own (shown in headers).
 COLUMN_BASIS: dict[str, str] = {
@@ -45,12 +42,6 @@ COLUMN_BASIS: dict[str, str] = {
     "theory_measured_norms": "theory rule with the trained layer norms",
 }
 
-#: Columns of the aggregate table, in order.
-TABLE_COLUMNS: tuple[str, ...] = (
-    "name", "depths", "widths", "params", "clean_acc", "robust_acc", "robust_attack",
-    "certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "attack_lipschitz",
-    "searched_lipschitz", "local_lipschitz", "stable_acc", "theory_prediction", "theory_measured_norms",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,44 +196,6 @@ def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
 
 
-def csv_header(column: str) -> str:
-    """A CSV column name with its guarantee label: ``certified_lipschitz [certified_upper]``."""
-    return f"{column} [{COLUMN_GUARANTEES[column]}]" if column in COLUMN_GUARANTEES else column
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows to CSV atomically (lists joined with '-', e.g. depths 5-5-5); headers carry guarantee labels."""
-    import csv
-    import io as textio
-
-    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
-    buffer = textio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([csv_header(c) for c in columns])
-    for row in rows:
-        writer.writerow(["-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in
-                         (row.get(c) for c in columns)])
-    return write_text(path, buffer.getvalue())
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}" if abs(v) >= 10000 else str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return "-".join(str(x) for x in v)
-    return str(v)
-
-
 def _last_width(m: dict[str, Any]) -> float | None:
     widths = m.get("widths")
     return float(widths[-1]) if isinstance(widths, (list, tuple)) and widths else None
@@ -251,19 +204,6 @@ def _last_width(m: dict[str, Any]) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # plots (matplotlib, Agg backend selected inside each function)
 # ----------------------------------------------------------------------------------------------
-
-_STAGE_COLOURS = {"stem": "#555555", "stage1": "#1f77b4", "stage2": "#ff7f0e", "stage3": "#2ca02c",
-                  "stage4": "#9467bd", "head": "#d62728", "other": "#8c564b"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 16,
                      per_row: int = 4) -> Path | None:
@@ -439,20 +379,6 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, path)
-
-
-def _value(v: Any) -> float | None:
-    if isinstance(v, dict):
-        v = v.get("value")
-    return float(v) if _finite(v) else None
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
@@ -649,105 +575,137 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += study_markdown(study, models, {k: v for k, v in figures.items() if k.startswith("study_")},
                                 report_dir, regenerate)
         figures = {k: v for k, v in figures.items() if not k.startswith("study_")}
-    rows = table_rows(models)
-    shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
-    if rows and shown:
-        lines += ["## Results" + (" (one row per run)" if study is not None else ""), ""]
-        header = [f"{c} ({'; '.join(x for x in (COLUMN_GUARANTEES.get(c), COLUMN_BASIS.get(c)) if x)})"
-                  if c in COLUMN_GUARANTEES else c for c in shown]
-        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
-        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
-        lines.append("")
-        eps = {m.get("eps") for m in models if m.get("eps") is not None}
-        if eps:
-            lines += [f"Robust accuracy: attack `{models[0].get('robust_attack', '?')}` at linf eps = {', '.join(_fmt(e) for e in eps)}"
-                      f"{'; ' + str(models[0]['eval_points']) if models[0].get('eval_points') else ''}.", ""]
-
-    trained = [m for m in models if isinstance(m.get("train"), dict) and m["train"]]
-    if trained:
-        lines += ["## Training", "",
-                  "| model | recipe | method | epochs | seconds | val clean acc | val PGD acc | selection |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for m in trained:
-            t = m["train"]
-            selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
-            if t.get("measured_checkpoint"):
-                selection += f"; measured: {t['measured_checkpoint']}"
-            lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
-                         f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
-                         f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
-        lines += ["", "Validation accuracies are on a split held out of the training data (model selection never sees the test set).", ""]
-
-    stage_models = [m for m in models if m.get("stage_bounds")]
-    if stage_models:
-        stages = sorted({s for m in stage_models for s in m["stage_bounds"]})
-        lines += ["## Certified per-stage bounds (certified_upper)", "",
-                  "| model | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
-        lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
-        lines.append("")
-
+    lines += _results_lines(models, study is not None)
+    lines += _training_lines(models)
+    lines += _stage_lines(models)
     lines += block_tightness_lines(models)
-
     if study is None:
         lines += theory_lines(models)
-    tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
-             and m["empirical_lipschitz"] > 0]
-    if tight:
-        lines += ["## How tight is the certificate", "",
-                  "The true l2 Lipschitz constant lies between the data lower bound and the certified upper bound.", ""]
-        for m in tight:
-            ratio = m["certified_lipschitz"] / m["empirical_lipschitz"]
-            product = m.get("certified_lipschitz_product")
-            extra = (f"; the plain layer product ({_fmt(product)}) is {product / m['certified_lipschitz']:.3g}x looser than the best composition"
-                     if _finite(product) and m["certified_lipschitz"] > 0 else "")
-            lines.append(f"- {m.get('name')}: {_fmt(m['empirical_lipschitz'])} <= L <= {_fmt(m['certified_lipschitz'])} "
-                         f"(ratio {ratio:.3g}){extra}.")
-        lines.append("")
+    lines += _tightness_lines(models)
     corr = results.get("correlations") or (correlations(models) if len(models) >= 3 else None)
     if study is None and corr:
-        lines += ["## Rank correlations (Spearman)", "",
-                  "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho. "
-                  "One run per model: these correlations mix configuration effects with seed noise.", "",
-                  "| pair | rho | p-value | n |", "|---|---|---|---|"]
-        for pair, c in corr.items():
-            lines.append(f"| {pair} | {_fmt(c.get('rho'))} | {_fmt(c.get('p_value'))} | {c.get('n')}"
-                         f"{' (' + c['note'] + ')' if c.get('note') else ''} |")
-        lines.append("")
-
-    if figures:
-        lines += ["## Figures", ""]
-        for key, path in figures.items():
-            rel = Path(path).resolve().relative_to(report_dir.resolve()) if Path(path).resolve().is_relative_to(report_dir.resolve()) else Path(path)
-            lines += [f"![{key}]({rel.as_posix()})", "", f"*{_CAPTIONS.get(key, key)}* Regenerate: `{regenerate}`.", ""]
-
-    shown_configs: set[str] = set()
-    for m in models:
-        config = str(m.get("config_id") or m.get("name"))
-        if study is not None and config in shown_configs:
-            continue  # a study shows one per-layer table per configuration (its first seed)
-        shown_configs.add(config)
-        if m.get("layers"):
-            lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
-                      "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
-                      "x random = upper bound / random-matrix baseline (a random kernel with the same entry std; an estimate).", "",
-                      "| layer | stage | weight | input | lower | upper | gap | x random | upper method |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-            for row in m["layers"]:
-                lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(row.get('weight_shape'))} | "
-                             f"{_fmt(row.get('input_size'))} | {_fmt(_value(row.get('lower')))} | "
-                             f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('ratio_to_random'))} | "
-                             f"{_fmt(row.get('upper_method', row.get('method')))} |")
-            lines.append("")
-
+        lines += _correlation_lines(corr)
+    lines += _figure_lines(figures, report_dir, regenerate)
+    lines += _layer_lines(models, study is not None)
     missing = [(m.get("name"), step, why) for m in models for step, why in (m.get("unavailable") or {}).items()]
     if missing:
         lines += ["## Not measured", "", "These steps could not run in this installation:", ""]
         lines += [f"- {name}: {step} ({why})" for name, step, why in missing] + [""]
-
     provenance = results.get("provenance")
     if provenance:
         lines += ["## Provenance", ""] + [f"- {k}: {_fmt(v)}" for k, v in provenance.items()] + [""]
     return "\n".join(lines)
+
+
+def _results_lines(models: Sequence[dict[str, Any]], is_study: bool) -> list[str]:
+    """The aggregate table (one row per model or run), headers labelled with guarantees, and the attack used."""
+    rows = table_rows(models)
+    shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    if not (rows and shown):
+        return []
+    lines = ["## Results" + (" (one row per run)" if is_study else ""), ""]
+    header = [f"{c} ({'; '.join(x for x in (COLUMN_GUARANTEES.get(c), COLUMN_BASIS.get(c)) if x)})"
+              if c in COLUMN_GUARANTEES else c for c in shown]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
+    lines.append("")
+    eps = {m.get("eps") for m in models if m.get("eps") is not None}
+    if eps:
+        lines += [f"Robust accuracy: attack `{models[0].get('robust_attack', '?')}` at linf eps = {', '.join(_fmt(e) for e in eps)}"
+                  f"{'; ' + str(models[0]['eval_points']) if models[0].get('eval_points') else ''}.", ""]
+    return lines
+
+
+def _training_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    trained = [m for m in models if isinstance(m.get("train"), dict) and m["train"]]
+    if not trained:
+        return []
+    lines = ["## Training", "",
+             "| model | recipe | method | epochs | seconds | val clean acc | val PGD acc | selection |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in trained:
+        t = m["train"]
+        selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
+        if t.get("measured_checkpoint"):
+            selection += f"; measured: {t['measured_checkpoint']}"
+        lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
+                     f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
+                     f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
+    return lines + ["", "Validation accuracies are on a split held out of the training data (model selection never sees the test set).", ""]
+
+
+def _stage_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    stage_models = [m for m in models if m.get("stage_bounds")]
+    if not stage_models:
+        return []
+    stages = sorted({s for m in stage_models for s in m["stage_bounds"]})
+    lines = ["## Certified per-stage bounds (certified_upper)", "",
+             "| model | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
+    lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
+    return lines + [""]
+
+
+def _tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
+             and m["empirical_lipschitz"] > 0]
+    if not tight:
+        return []
+    lines = ["## How tight is the certificate", "",
+             "The true l2 Lipschitz constant lies between the data lower bound and the certified upper bound.", ""]
+    for m in tight:
+        ratio = m["certified_lipschitz"] / m["empirical_lipschitz"]
+        product = m.get("certified_lipschitz_product")
+        extra = (f"; the plain layer product ({_fmt(product)}) is {product / m['certified_lipschitz']:.3g}x looser than the best composition"
+                 if _finite(product) and m["certified_lipschitz"] > 0 else "")
+        lines.append(f"- {m.get('name')}: {_fmt(m['empirical_lipschitz'])} <= L <= {_fmt(m['certified_lipschitz'])} "
+                     f"(ratio {ratio:.3g}){extra}.")
+    return lines + [""]
+
+
+def _correlation_lines(corr: Mapping[str, Any]) -> list[str]:
+    lines = ["## Rank correlations (Spearman)", "",
+             "A lower Lipschitz value should go with higher robustness: agreement shows as a negative rho. "
+             "One run per model: these correlations mix configuration effects with seed noise.", "",
+             "| pair | rho | p-value | n |", "|---|---|---|---|"]
+    for pair, c in corr.items():
+        lines.append(f"| {pair} | {_fmt(c.get('rho'))} | {_fmt(c.get('p_value'))} | {c.get('n')}"
+                     f"{' (' + c['note'] + ')' if c.get('note') else ''} |")
+    return lines + [""]
+
+
+def _figure_lines(figures: dict[str, Path], report_dir: Path, regenerate: str) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for key, path in figures.items():
+        rel = Path(path).resolve().relative_to(report_dir.resolve()) if Path(path).resolve().is_relative_to(report_dir.resolve()) else Path(path)
+        lines += [f"![{key}]({rel.as_posix()})", "", f"*{_CAPTIONS.get(key, key)}* Regenerate: `{regenerate}`.", ""]
+    return lines
+
+
+def _layer_lines(models: Sequence[dict[str, Any]], is_study: bool) -> list[str]:
+    """One per-layer sandwich table per model (a study: per configuration, its first seed)."""
+    lines: list[str] = []
+    shown_configs: set[str] = set()
+    for m in models:
+        config = str(m.get("config_id") or m.get("name"))
+        if is_study and config in shown_configs:
+            continue
+        shown_configs.add(config)
+        if not m.get("layers"):
+            continue
+        lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
+                  "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
+                  "x random = upper bound / random-matrix baseline (a random kernel with the same entry std; an estimate).", "",
+                  "| layer | stage | weight | input | lower | upper | gap | x random | upper method |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in m["layers"]:
+            lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(row.get('weight_shape'))} | "
+                         f"{_fmt(row.get('input_size'))} | {_fmt(_value(row.get('lower')))} | "
+                         f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('ratio_to_random'))} | "
+                         f"{_fmt(row.get('upper_method', row.get('method')))} |")
+        lines.append("")
+    return lines
 
 
 def _has_seeds(results: dict[str, Any]) -> bool:

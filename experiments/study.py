@@ -311,7 +311,7 @@ def configuration_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_configuration_csv(study: dict[str, Any], path: str | Path) -> Path | None:
-    from experiments.report import write_csv
+    from experiments.render import write_csv
 
     rows = configuration_rows(study)
     if not rows:

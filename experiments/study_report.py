@@ -9,7 +9,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.report import _fmt, _pyplot, _save
+from experiments.render import fmt as _fmt
+from experiments.render import pyplot as _pyplot
+from experiments.render import save_figure as _save
 
 POINTS = 100.0  # accuracies are shown in points (percent)
 
@@ -200,7 +202,7 @@ def plot_theory(study: dict[str, Any], path: str | Path) -> Path | None:
 
 def plot_spectra(models: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Per stage: singular values / bulk edge against rank for every layer of one run, trained vs initial weights."""
-    from experiments.report import _STAGE_COLOURS
+    from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
 
     run = next((m for m in models if (m.get("spectra") or {}).get("trained")), None)
     if run is None:

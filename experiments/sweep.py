@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from experiments.io import RunFolderLock, write_text
+from experiments.launch import summary_path
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
 LAUNCHERS = ("sequential", "torchrun", "submitit")
@@ -364,7 +365,7 @@ def apply_budget(runs: list[RunSpec], budget: Mapping[str, Any], recipe: str, ba
     ``fit: last_width`` changes only the last stage's width. The factor is found by bisection on the
     real parameter count, widths rounded to ``multiple_of``.
     """
-    from experiments.cli import parse_count
+    from experiments.parsing import parse_count
 
     unknown = sorted(set(budget) - set(BUDGET_KEYS))
     if unknown:
@@ -440,10 +441,6 @@ def to_override_strings(overrides: Mapping[str, Any]) -> list[str]:
 Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], dict]
 
 
-def summary_path(out_dir: Path, run: RunSpec) -> Path:
-    return Path(out_dir) / "runs" / run.run_id / "summary.json"
-
-
 def is_finished(out_dir: Path, run: RunSpec) -> bool:
     """A run is finished when its summary.json exists and parses."""
     path = summary_path(out_dir, run)
@@ -470,7 +467,7 @@ def torchrun_command(spec: SweepSpec, run: RunSpec, train_dir: Path, nproc_per_n
 def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str, Any]) -> dict:
     """Train one run (resuming an interrupted one), then measure it; returns the run's record."""
     from experiments.config import load_config, save_config
-    from experiments.demo import measure_trained_run
+    from experiments.measure import measure_trained_run
 
     overrides = {**spec.base, **run.overrides}
     if options.get("device"):
@@ -513,7 +510,7 @@ def measured_checkpoint(train_dir: Path, train_summary: Mapping[str, Any] | None
     avoids robust overfitting after the first decay); a run without selection (``selection.metric: last``)
     has none, and its final model is measured, saying so. ``"final"``: the last weights.
     """
-    from experiments.demo import find_trained_model
+    from experiments.measure import find_trained_model
 
     summary = dict(train_summary or {})
     final = find_trained_model(train_dir, summary)
@@ -616,6 +613,7 @@ def _run_sweep(spec: SweepSpec, out_dir: Path, *, max_runs: int | None, launcher
     if not aggregate_only:
         from experiments import launch
 
+        runner = runner or train_run
         if max_runs is not None:
             todo = todo[:max_runs]
         if options["launcher"] == "submitit":
@@ -641,7 +639,7 @@ def aggregate(spec: SweepSpec, out_dir: str | Path, report: bool = True) -> dict
     per-configuration statistics and claims (``experiments.study``) go to results.json["study"] and configs.csv."""
     from experiments import report as reporting
     from experiments import study
-    from experiments.cli import write_json
+    from experiments.io import write_json
 
     out_dir = Path(out_dir)
     models = [json.loads(summary_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]

@@ -18,7 +18,7 @@ Outputs: theory_validation.json, theory_summary.json, theory_layers.csv, theory_
 under ``out_dir``; the full run also writes the iid-kernel Monte Carlo (theory_conv_predictions.*) and the
 Gaussian tail-bound check (theory_tail_bound.*).
 
-Trained weights (used by ``experiments.demo.measure_model`` for every demo model and sweep run):
+Trained weights (used by ``experiments.measure.measure_model`` for every demo model and sweep run):
 ``trained_theory`` evaluates the symbolic composition rule with a trained WRN's certified layer norms and
 batch-norm gains (``lipschitz.theory.trained``) and records the per-layer facts a trained-weight model is fitted
 on; ``spectra_record`` / ``spectrum_rows`` / ``compact_spectrum`` give the full spectra of the trained and initial
@@ -40,6 +40,7 @@ from torch import nn
 
 from lipschitz import graph as G
 from lipschitz.trace import graph_from_module
+from experiments.io import write_json
 from experiments.report import spearman
 
 BASE_DEPTHS = (2, 2, 2)
@@ -240,7 +241,7 @@ def run_validation(out_dir: str | Path, quick: bool = False, *, seed: int = 0, p
     summary["cpu_seconds"] = time.process_time() - t_cpu
     summary["wall_seconds"] = time.perf_counter() - t_wall
     summary["torch"] = torch.__version__
-    (out / "theory_validation.json").write_text(json.dumps({"summary": summary, "configs": configs}, indent=2))
+    write_json(out / "theory_validation.json", {"summary": summary, "configs": configs})
     _write_csv(out / "theory_layers.csv", [{"regime": c["regime"], "multipliers": "x".join(map(str, c["multipliers"])),
                                            **l} for c in configs for l in c["layers"]])
     _write_csv(out / "theory_networks.csv", [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
@@ -258,7 +259,7 @@ def run_validation(out_dir: str | Path, quick: bool = False, *, seed: int = 0, p
         summary["figures"].append(str(out / "theory_conv_predictions.png"))
     summary["cpu_seconds"] = time.process_time() - t_cpu
     summary["wall_seconds"] = time.perf_counter() - t_wall
-    (out / "theory_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "theory_summary.json", summary)
     return summary
 
 

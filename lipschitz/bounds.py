@@ -82,6 +82,10 @@ def _modules_of(node: G.Node) -> list[nn.Module]:
 
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class NetworkBound:
     """Certified l2 Lipschitz bounds of a network and of its layers, blocks and stages.
@@ -108,6 +112,36 @@ class NetworkBound:
     @property
     def stages(self) -> list[dict[str, Any]]:
         return [n for n in self.nodes if n.get("role") == "stage"]
+
+    def certified_methods(self) -> dict[str, float]:
+        """{method: whole-network bound} of every evaluated method with a finite value (all certified upper)."""
+        return {k: float(v) for k, v in self.comparison.items() if _finite_number(v)}
+
+    @property
+    def tightest(self) -> float | None:
+        """The smallest certified upper bound of the whole network over ``comparison`` and ``value`` (every one
+        of them is certified, so the smallest is as valid as each); None when none is finite."""
+        values = list(self.certified_methods().values())
+        if _finite_number(self.value.value):
+            values.append(float(self.value.value))
+        return min(values) if values else None
+
+    def stage_bounds(self) -> dict[str, float | None]:
+        """{stage name: the tightest certified bound of that stage alone over the evaluated methods}."""
+        return self._role_bounds("stage")
+
+    def block_bounds(self) -> dict[str, float | None]:
+        """{block name: the tightest certified bound of that block alone over the evaluated methods}."""
+        return self._role_bounds("block")
+
+    def _role_bounds(self, role: str) -> dict[str, float | None]:
+        methods = self.certified_methods()
+        out: dict[str, float | None] = {}
+        for node in self.nodes:
+            if node.get("role") == role:
+                values = [float(node[m]) for m in methods if _finite_number(node.get(m))]
+                out[str(node.get("name"))] = min(values) if values else None
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),

@@ -1,29 +1,36 @@
-"""Independent references for tests: the checkpoint key layouts in ../shared/reference (CI clones shared/
-beside the repo), and the hand-written Lipschitz graphs archlip's models carried before tracing."""
+"""Independent references for tests: the checkpoint key layouts (tests/fixtures/reference, copies of
+../shared/reference), and the hand-written Lipschitz graphs archlip's models carried before tracing."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from torch import nn
 
 from lipschitz import graph as G
 
+#: The key lists shipped with the tests (copies of ../shared/reference, so the tests never skip without it).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
+#: The shared originals (CI clones shared/ beside the repo); tests check the copies still agree with them.
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
-def read_reference(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a reference key list (``key<TAB>d1,d2,...`` lines); skips the test if it is absent."""
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference key list {path} absent (CI clones shared/ beside the repo)")
+def parse_reference(text: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a key list (``key<TAB>d1,d2,...`` lines; ``#`` comments)."""
     out = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("#") or not line.strip():
             continue
         key, _, shape = line.partition("\t")
         out[key] = tuple(int(s) for s in shape.split(",")) if shape.strip() else ()
     return out
+
+
+def read_reference(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the shipped reference key list ``name`` (tests/fixtures/reference)."""
+    path = FIXTURES / name
+    if not path.exists():
+        raise FileNotFoundError(f"reference key list {path} is missing from the test fixtures")
+    return parse_reference(path.read_text())
 
 
 def handwritten_graph(model: nn.Module) -> G.Node:

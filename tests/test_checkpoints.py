@@ -276,3 +276,16 @@ def test_safetensors_recognised_by_content(tmp_path):
     loaded = ck.load_checkpoint(renamed)
     assert loaded.source_format == "safetensors"
     torch.testing.assert_close(loaded.model(X), model(X), rtol=0, atol=0)
+
+
+def test_shipped_reference_key_lists_match_the_shared_originals():
+    """tests/fixtures/reference are copies of ../shared/reference: where the originals are present, they agree."""
+    from tests.reference import FIXTURES, REFERENCE, parse_reference
+
+    names = sorted(p.name for p in FIXTURES.glob("*.tsv"))
+    assert names == ["wrn-34-10_classic_keys.tsv", "wrn-34-r_robustwideresnet_keys.tsv"]
+    for name in names:
+        keys = read_reference(name)
+        assert len(keys) > 100 and all(isinstance(s, tuple) for s in keys.values())
+        if (REFERENCE / name).exists():
+            assert parse_reference((REFERENCE / name).read_text()) == keys

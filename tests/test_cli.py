@@ -56,10 +56,10 @@ def test_format_table_and_jsonable():
     from spectral.guarantee import Guarantee, NormValue
 
     payload = cli.to_jsonable({"t": torch.tensor([1.0, 2.0]), "g": Guarantee.UPPER, "nan": float("nan"),
-                               "nv": NormValue(1.0, Guarantee.LOWER, "power"), "p": Path("/x")})
-    assert json.loads(json.dumps(payload)) == {"t": [1.0, 2.0], "g": "certified_upper", "nan": None,
-                                               "nv": payload["nv"], "p": "/x"}
-    assert payload["nv"]["guarantee"] == "lower"
+                               "inf": float("-inf"), "nv": NormValue(1.0, Guarantee.LOWER, "power"), "p": Path("/x")})
+    assert json.loads(json.dumps(payload)) == {
+        "t": [1.0, 2.0], "g": "certified_upper", "nan": None, "inf": "-inf", "p": "/x",
+        "nv": {"value": 1.0, "guarantee": "lower", "method": "power", "iterations": None, "seconds": 0.0, "details": {}}}
 
 
 def test_norm_value_repr_is_short_in_a_notebook():
@@ -291,13 +291,13 @@ def test_text_file_as_checkpoint_says_not_a_checkpoint(capsys, tmp_path):
 
 
 def test_out_is_a_file_fails_before_the_analysis(capsys, tmp_path, monkeypatch):
-    import experiments.demo
+    import experiments.measure
 
     def never(*args, **kwargs):
         pytest.fail("the analysis ran although --out is a file")
 
-    monkeypatch.setattr(experiments.demo, "spectral_analyze", never)
-    monkeypatch.setattr(experiments.demo, "bound_summary", never)
+    monkeypatch.setattr(experiments.measure, "spectral_analyze", never)
+    monkeypatch.setattr(experiments.measure, "bound_summary", never)
     (tmp_path / "afile").write_text("x")
     for command in ("spectral", "bound"):
         code, _, err = run_cli(capsys, command, "wrn-tiny", "--data", "digits", "--out", str(tmp_path / "afile"))
@@ -422,6 +422,7 @@ def _no_work(monkeypatch) -> None:
     """Make every expensive step fail the test if it is reached."""
     import experiments.demo
     import experiments.evaluate
+    import experiments.measure
     import experiments.sweep
     import experiments.training
 
@@ -429,9 +430,9 @@ def _no_work(monkeypatch) -> None:
         pytest.fail("work started although an argument was invalid")
 
     for module, name in ((experiments.training, "train"), (experiments.evaluate, "evaluate"),
-                         (experiments.demo, "bound_summary"), (experiments.demo, "spectral_analyze"),
+                         (experiments.measure, "bound_summary"), (experiments.measure, "spectral_analyze"),
                          (experiments.demo, "run_demo"), (experiments.sweep, "train_run"),
-                         (experiments.demo, "data_lower_bounds")):
+                         (experiments.measure, "data_lower_bounds")):
         monkeypatch.setattr(module, name, never)
 
 
@@ -697,3 +698,28 @@ def test_sweep_report_shows_every_run_and_labels_csv_headers(capsys, tmp_path, m
     header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
     assert "robust_acc [attack_upper_bound]" in header and "certified_lipschitz [certified_upper]" in header
     assert "empirical_lipschitz [lower]" in header and "name" in header
+
+
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand"), KeyError("stage_bounds")])
+def test_an_internal_bug_is_not_reported_as_a_user_error(bug, capsys, monkeypatch):
+    """Only ValueError (UserError, ConfigError, ...) and OSError are user errors (exit 2); a TypeError or KeyError
+    raised inside a command is a bug and propagates with its traceback."""
+    import experiments.measure
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(experiments.measure, "bound_summary", broken)
+    assert not issubclass(type(bug), cli.USER_ERRORS)
+    with pytest.raises(type(bug)):
+        cli.main(["bound", "wrn-tiny", "--data", "digits", "--n", "0", "--threads", "1"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_deliberate_user_errors_are_value_or_os_errors():
+    from experiments.config import ConfigError
+    from experiments.io import RunFolderLockedError, WriteFailedError
+    from experiments.training.loop import RunExistsError
+
+    for cls in (cli.UserError, ConfigError, WriteFailedError, RunFolderLockedError, RunExistsError):
+        assert issubclass(cls, cli.USER_ERRORS), cls

@@ -158,3 +158,14 @@ def test_resolved_config_is_written_atomically_with_the_umask_mode(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["resolved_config.yaml"]
+
+
+def test_retired_keys_of_old_saved_configs_are_read_and_dropped():
+    """Configs saved before data.synthetic_size and run.eval_batch_size were removed still load (resume)."""
+    from experiments.config import ConfigError, config_from_dict, config_to_dict
+
+    cfg = config_from_dict({"data": {"dataset": "digits", "synthetic_size": 512}, "run": {"eval_batch_size": 256}})
+    saved = config_to_dict(cfg)
+    assert "synthetic_size" not in saved["data"] and "eval_batch_size" not in saved["run"]
+    with pytest.raises(ConfigError, match="synthetic"):
+        config_from_dict({"data": {"dataset": "synthetic"}})

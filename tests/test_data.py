@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import data
+from experiments import data, datasets
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -84,11 +84,11 @@ def test_cifar_named_loaders_and_dispatch(tmp_path):
     write_cifar(tmp_path, "cifar100")
     assert data.load_cifar10(tmp_path, split="test")[0].shape == (3, 3, 32, 32)
     assert data.load_cifar100(tmp_path, split="test")[1].max() < 100
-    assert torch.equal(data.load_dataset("cifar10", tmp_path, "test")[0], data.load_cifar10(tmp_path, "test")[0])
+    assert torch.equal(datasets.load_dataset("cifar10", tmp_path, "test")[0], data.load_cifar10(tmp_path, "test")[0])
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*cifar10"):
-        data.load_dataset("mnist")
+        datasets.load_dataset("mnist")
     with pytest.raises(ValueError, match="needs root"):
-        data.load_dataset("svhn")
+        datasets.load_dataset("svhn")
     with pytest.raises(ValueError, match="split 'val'"):
         data.load_cifar10(tmp_path, "val")
 
@@ -173,7 +173,7 @@ def test_svhn_mat(tmp_path):
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
     assert labels.tolist() == [0, 1, 2, 0, 9] and labels.dtype == torch.int64
     assert x[3, 1, 4, 6] == X[4, 6, 1, 3] / 255.0
-    assert torch.equal(data.load_dataset("svhn", tmp_path, "test")[1], labels)
+    assert torch.equal(datasets.load_dataset("svhn", tmp_path, "test")[1], labels)
     with pytest.raises(FileNotFoundError, match="train_32x32.mat.*ufldl"):
         data.load_svhn(tmp_path, "train")
     scipy.io.savemat(tmp_path / "extra_32x32.mat", {"images": X})
@@ -339,3 +339,10 @@ def test_loader_augments_on_the_gpu_and_resumes():
     resumed.load_state_dict(part.state_dict())
     for (xa, ya), (xb, yb) in zip(full, head + batches(resumed)):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_registry_splits_agree_with_the_readers():
+    """experiments.datasets names the splits the file readers of experiments.data accept."""
+    assert datasets.DATASETS["digits"]["splits"] == data.DIGITS_SPLITS
+    assert datasets.DATASETS["svhn"]["splits"] == data.SVHN_SPLITS
+    assert set(datasets.TRAINABLE) <= set(datasets.DATASETS)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from experiments import report
-from experiments.demo import _read_network_bound
 
 
 def _records():
@@ -55,15 +54,21 @@ def test_stage_of_and_spearman():
     assert report.spearman([1, 2, 3, None, float("nan")], [3, 2, 1, 0, 0])["n"] == 3
 
 
-def test_read_network_bound_picks_tightest_certified_value():
-    full = {"value": {"value": 12.0, "guarantee": "certified_upper"}, "method": "folded+liplt",
-            "comparison": {"product": 100.0, "folded": 20.0, "folded+liplt": 12.0},
-            "nodes": [{"name": "stage1", "role": "stage", "product": 5.0, "folded": 3.0, "folded+liplt": 3.5},
-                      {"name": "stage1.block0", "role": "block", "product": 2.0, "folded": 2.5},
-                      {"name": "stem", "role": "stem", "product": 1.0}]}
-    out = _read_network_bound(full)
-    assert out["certified_lipschitz"] == 12.0 and out["certified_lipschitz_product"] == 100.0
-    assert out["stage_bounds"] == {"stage1": 3.0} and out["block_bounds"] == {"stage1.block0": 2.0}
+def test_network_bound_answers_tightest_stage_and_block_bounds():
+    from lipschitz.bounds import NetworkBound
+    from spectral.guarantee import Guarantee, NormValue
+
+    nb = NetworkBound(NormValue(12.0, Guarantee.UPPER, "network_folded+liplt"), "folded+liplt", (1, 8, 8),
+                      {"product": 100.0, "folded": 20.0, "folded+liplt": 12.0, "lipsdp": float("inf")},
+                      nodes=[{"name": "stage1", "role": "stage", "product": 5.0, "folded": 3.0, "folded+liplt": 3.5},
+                             {"name": "stage1.block0", "role": "block", "product": 2.0, "folded": 2.5},
+                             {"name": "stage2", "role": "stage", "lipsdp": 1.0},
+                             {"name": "stem", "role": "stem", "product": 1.0}])
+    assert nb.tightest == 12.0 and nb.certified_methods() == {"product": 100.0, "folded": 20.0, "folded+liplt": 12.0}
+    assert nb.stage_bounds() == {"stage1": 3.0, "stage2": None} and nb.block_bounds() == {"stage1.block0": 2.0}
+    smaller = NetworkBound(NormValue(7.0, Guarantee.UPPER, "network_lipsdp"), "lipsdp", (1, 8, 8), {"product": 9.0})
+    assert smaller.tightest == 7.0
+    assert NetworkBound(NormValue(float("inf"), Guarantee.UPPER, "x"), "x", (1,), {}).tightest is None
 
 
 @pytest.mark.slow

@@ -277,7 +277,7 @@ def test_rows_say_whether_rtol_was_reached_in_json_csv_and_cli(tmp_path, capsys,
     code = cli.main(["spectral", "wrn-tiny", "--data", "digits", "--rtol", "0.01", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "0 of 11 rows above rtol=0.01" in out
-    import experiments.demo as demo
+    import experiments.measure as demo
 
     starved = lambda: (lambda *a, **k: analyze(*a, **k, dense_max_entries=0, budget_seconds=1e-6))  # noqa: E731
     monkeypatch.setattr(demo, "spectral_analyze", starved)

@@ -184,7 +184,7 @@ def test_shipped_sweeps_parse():
 def test_real_sweep_trains_measures_and_resumes(tmp_path):
     """Two tiny digits runs through the real runner (train -> evaluate -> bounds -> theory), interrupted
     after the first by --max-runs, then resumed: the finished run is not retrained."""
-    from experiments.cli import torch_threads
+    from experiments.runtime import torch_threads
 
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump({

@@ -92,7 +92,7 @@ def test_trained_theory_is_a_certified_bound_close_to_the_certified_product():
 
 
 def test_trained_theory_with_real_analyze_rows_equals_the_rule_with_exact_norms():
-    from experiments.demo import layer_table
+    from experiments.measure import layer_table
 
     model = _perturbed_wrn(seed=4)
     rows = layer_table(model, (1, 8, 8), rtol=1e-3)

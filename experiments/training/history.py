@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from experiments.config import TrainConfig, effective_attack_numbers
-from experiments.training import distributed as D
+import experiments.training.distributed as D
 
 HISTORY_KEYS = ("val_hist_clean_acc", "val_hist_pgd_acc", "val_hist_stable_acc", "val_hist_local_lipschitz",
                 "val_hist_yang_lipschitz", "val_hist_yang_stable_acc")

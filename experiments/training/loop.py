@@ -28,8 +28,8 @@ from torch import nn
 
 from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
                                 effective_attack_numbers, load_config, save_config)
-from experiments.io import LOG, RunFolderLock, read_jsonl, write_text
-from experiments.training import distributed as D
+from experiments.io import LOG, RunFolderLock, read_jsonl, write_json, write_text
+import experiments.training.distributed as D
 from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, capture_rng_states,
                                                 load_resume_state, restore_rng_states)
@@ -48,13 +48,15 @@ CONFIG_FILE = "resolved_config.yaml"
 # environment: device, determinism, speed switches
 
 
-def resolve_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    want = cfg.run.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("run.device is cuda but no CUDA device is available; use run.device: cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def run_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device of this process for ``run.device`` (auto/cpu/cuda; resolved by ``experiments.runtime``):
+    cuda:LOCAL_RANK under torchrun."""
+    from experiments.runtime import resolve_device
+
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is cuda but no CUDA device is available; use run.device: cpu")
+    device = resolve_device(cfg.run.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
 def check_speed_switches(cfg: TrainConfig, device: torch.device, image_dims: int) -> None:
@@ -141,11 +143,11 @@ class TrainData:
 
 def _check_images(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.dtype not in (torch.float32, torch.uint8):
-        raise TypeError(f"{what}: images must be float32 in [0, 1] or uint8, got {x.dtype}")
+        raise ValueError(f"{what}: images must be float32 in [0, 1] or uint8, got {x.dtype}")
     if x.dtype == torch.float32 and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"{what}: images must lie in [0, 1] (models normalise internally)")
     if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise TypeError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        raise ValueError(f"{what}: labels must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
 
 
 def load_training_data(cfg: TrainConfig) -> TrainData:
@@ -270,7 +272,7 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
 def model_skeleton(cfg: TrainConfig) -> nn.Module:
     """The recipe's model on the meta device (no memory, no init, no random numbers): checks the model name and
     ``model.overrides`` and counts parameters before any data is read or any folder is written."""
-    from experiments.data import DATASETS
+    from experiments.datasets import DATASETS
     from experiments.models.registry import on_meta_device
 
     info = DATASETS.get(cfg.data.dataset, DATASETS["cifar10"])
@@ -492,7 +494,7 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
     if warning:
         LOG.warning("warning: %s", warning)
     rank, world, local_rank = D.env_world()
-    device = resolve_device(cfg, local_rank)
+    device = run_device(cfg, local_rank)
     # one writer per run folder (rank 0 writes for every rank); taken before the process group, so a second
     # writer fails at once
     with RunFolderLock(out_dir, "training") if rank == 0 else contextlib.nullcontext():
@@ -552,128 +554,177 @@ def _seed_all(seed: int) -> None:
 
 def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch.device, ctx: D.DistContext,
            stop: StopFlag) -> dict:
-    resume_path = out_dir / RESUME_FILE
-    if resume and not resume_path.is_file():  # killed before its first checkpoint: nothing to continue
+    return _Trainer(cfg, out_dir, resume, on_step, device, ctx, stop).run()
+
+
+class _Trainer:
+    """One training run inside its environment (device, process group, stop flag): :meth:`setup` (data, model,
+    optimiser), :meth:`restore` (a resume checkpoint, or a fresh run folder), :meth:`train_epoch` (the optimiser
+    steps of one epoch), :meth:`end_epoch` (metrics, validation, model selection, checkpoint), :meth:`finish`
+    (final model and summary). The order of random draws is that of a plain loop, so a resumed run is bit-exact."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch.device,
+                 ctx: D.DistContext, stop: StopFlag) -> None:
+        self.cfg, self.out_dir, self.on_step, self.device, self.ctx, self.stop = cfg, out_dir, on_step, device, ctx, stop
+        self.resume_path = out_dir / RESUME_FILE
+        self.resume = self._prepare_folder(resume)
+        self.prog = _Progress()
+        self.resume_loaders = None
+        self.status = "completed"
+        self.lr: float | None = None
+
+    def _prepare_folder(self, resume: bool) -> bool:
+        """Whether there is a run to resume; the folder exists (and holds no other run) on return."""
+        out_dir, ctx = self.out_dir, self.ctx
+        if resume and not self.resume_path.is_file():  # killed before its first checkpoint: nothing to continue
+            if ctx.is_main:
+                LOG.warning("note: %s holds no resume checkpoint (%s) yet, so the run starts from the beginning",
+                            out_dir, RESUME_FILE)
+            resume = False
         if ctx.is_main:
-            LOG.warning("note: %s holds no resume checkpoint (%s) yet, so the run starts from the beginning",
-                        out_dir, RESUME_FILE)
-        resume = False
-    if ctx.is_main:
-        if not resume and resume_path.exists():
-            raise RunExistsError(f"{out_dir} already holds a training run ({RESUME_FILE}); resume it (raising "
-                                 f"run.epochs extends a finished run) or train into another folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
-    D.barrier(ctx)
-    D.check_global_batch(cfg.run.batch_size, ctx.world_size)
+            if not resume and self.resume_path.exists():
+                raise RunExistsError(f"{out_dir} already holds a training run ({RESUME_FILE}); resume it (raising "
+                                     f"run.epochs extends a finished run) or train into another folder")
+            out_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier(ctx)
+        D.check_global_batch(self.cfg.run.batch_size, ctx.world_size)
+        return resume
 
-    data = load_training_data(cfg)
-    check_speed_switches(cfg, device, data.x.dim())
-    autocast = autocast_factory(cfg, device)
+    def setup(self) -> None:
+        """Data, model (identical initial weights on every rank), optimiser, EMA and the random streams."""
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        self.data = load_training_data(cfg)
+        check_speed_switches(cfg, device, self.data.x.dim())
+        self.autocast = autocast_factory(cfg, device)
+        _seed_all(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg, self.data.x.shape[1], self.data.num_classes).to(device)
+        if cfg.speed.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.core, self.trainer = D.wrap_model(model, ctx, device, cfg.distributed.sync_bn)
+        self.attack_net: nn.Module = self.core
+        if cfg.speed.compile:
+            self.attack_net = torch.compile(self.core)
+            self.trainer = torch.compile(self.trainer) if ctx.enabled else self.attack_net
+        self.optimizer = torch.optim.SGD(self.core.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                         nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        if cfg.optim.nesterov and cfg.optim.momentum == 0:
+            raise ValueError("optim.nesterov needs optim.momentum > 0")
+        self.ema = ModelEMA(self.core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.bn) if cfg.ema.enabled else None
+        _seed_all(cfg.run.seed + 1 + ctx.rank)  # per-rank stream for dropout etc.
+        self.noise_gen = torch.Generator(device=device)
+        self.noise_gen.manual_seed(cfg.run.seed + 7)  # same on every rank: global-batch noise is sliced per rank
 
-    _seed_all(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg, data.x.shape[1], data.num_classes).to(device)
-    if cfg.speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    core, trainer = D.wrap_model(model, ctx, device, cfg.distributed.sync_bn)
-    attack_net: nn.Module = core
-    if cfg.speed.compile:
-        attack_net = torch.compile(core)
-        trainer = torch.compile(trainer) if ctx.enabled else attack_net
-    optimizer = torch.optim.SGD(core.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.nesterov and cfg.optim.momentum == 0:
-        raise ValueError("optim.nesterov needs optim.momentum > 0")
-    ema = ModelEMA(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.bn) if cfg.ema.enabled else None
-    _seed_all(cfg.run.seed + 1 + ctx.rank)  # per-rank stream for dropout etc.
-    noise_gen = torch.Generator(device=device)
-    noise_gen.manual_seed(cfg.run.seed + 7)  # same on every rank: global-batch noise is sliced per rank
-
-    prog = _Progress()
-    resume_loaders = None
-    if resume:
-        state = load_resume_state(resume_path, map_location=device)
-        saved_cfg = config_from_dict(state["config"])
-        notes = resume_config_changes(saved_cfg, cfg, int(state["progress"]["epoch"]))
+    def restore(self) -> None:
+        """Continue from the resume checkpoint (recipe checked against the saved one), or start the run files."""
+        cfg, ctx, out_dir = self.cfg, self.ctx, self.out_dir
+        if not self.resume:
+            if ctx.is_main:
+                save_config(cfg, out_dir / CONFIG_FILE)
+                (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
+            return
+        state = load_resume_state(self.resume_path, map_location=self.device)
+        notes = resume_config_changes(config_from_dict(state["config"]), cfg, int(state["progress"]["epoch"]))
         if ctx.is_main:
             for note in notes:
                 LOG.warning("note: %s", note)
             if notes:
                 save_config(cfg, out_dir / CONFIG_FILE)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        self.core.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         p = state["progress"]
-        prog = _Progress(p["epoch"], p["batch"], p["global_step"], dict(p["accum"]), p["best_value"],
-                         p["best_epoch"], p["seconds"])
+        self.prog = _Progress(p["epoch"], p["batch"], p["global_step"], dict(p["accum"]), p["best_value"],
+                              p["best_epoch"], p["seconds"])
         rngs = state["rng"]
         if len(rngs) != ctx.world_size:
             raise ValueError(f"checkpoint was written by {len(rngs)} processes, now running {ctx.world_size}")
-        restore_rng_states(rngs[ctx.rank], {"noise": noise_gen})
-        resume_loaders = state["loaders"]
+        restore_rng_states(rngs[ctx.rank], {"noise": self.noise_gen})
+        self.resume_loaders = state["loaders"]
         if ctx.is_main:
-            _truncate_metrics(out_dir / METRICS_FILE, prog.epoch)
-    elif ctx.is_main:
-        save_config(cfg, out_dir / CONFIG_FILE)
-        (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
+            _truncate_metrics(out_dir / METRICS_FILE, self.prog.epoch)
 
-    loader, extra, steps_per_epoch = make_loaders(cfg, data)
-    stream_state: dict = {}  # live iterators of the cycling loaders (extra-data training)
-    total = cfg.run.epochs
-    select_model = lambda: ema.shadow if (ema is not None and cfg.selection.use_ema) else core  # noqa: E731
-    need_pgd = cfg.selection.metric == "pgd_acc"
+    def select_model(self) -> nn.Module:
+        return self.ema.shadow if (self.ema is not None and self.cfg.selection.use_ema) else self.core
 
-    def checkpoint() -> None:
-        rng = D.gather_objects(capture_rng_states({"noise": noise_gen}), ctx)
+    def checkpoint(self) -> None:
+        """Write the resume checkpoint (rank 0; every rank's random states gathered)."""
+        prog, ctx = self.prog, self.ctx
+        rng = D.gather_objects(capture_rng_states({"noise": self.noise_gen}), ctx)
         if ctx.is_main:
-            state = {"format": "archlip-train-resume", "version": FORMAT_VERSION, "config": config_to_dict(cfg),
-                     "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None, "rng": rng,
+            state = {"format": "archlip-train-resume", "version": FORMAT_VERSION, "config": config_to_dict(self.cfg),
+                     "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng,
                      "progress": {"epoch": prog.epoch, "batch": prog.batch, "global_step": prog.global_step,
                                   "accum": dict(prog.accum), "best_value": prog.best_value,
                                   "best_epoch": prog.best_epoch, "seconds": prog.seconds},
-                     "loaders": {"train": loader.state_dict(),
-                                 "extra": extra.state_dict() if extra is not None else None},
+                     "loaders": {"train": self.loader.state_dict(),
+                                 "extra": self.extra.state_dict() if self.extra is not None else None},
                      "torch_version": str(torch.__version__)}
-            atomic_torch_save(state, resume_path)
+            atomic_torch_save(state, self.resume_path)
         D.barrier(ctx)
 
-    if not resume:
-        checkpoint()  # a run folder always holds a resumable state, even if stopped before the first step
+    def run(self) -> dict:
+        self.setup()
+        self.restore()
+        self.loader, self.extra, self.steps_per_epoch = make_loaders(self.cfg, self.data)
+        self.stream_state: dict = {}  # live iterators of the cycling loaders (extra-data training)
+        if not self.resume:
+            self.checkpoint()  # a run folder always holds a resumable state, even if stopped before the first step
+        self.last_val: dict = _last_validation(self.out_dir / METRICS_FILE) if self.resume else {}
+        self.t_start = time.perf_counter() - self.prog.seconds
+        while self.prog.epoch < self.cfg.run.epochs:
+            t_epoch = time.perf_counter()
+            self.train_epoch()
+            self.prog.seconds = time.perf_counter() - self.t_start
+            if self.prog.batch < self.steps_per_epoch:  # interrupted mid-epoch
+                self.checkpoint()
+                self.status = "interrupted"
+                break
+            self.end_epoch(t_epoch)
+            if D.any_rank(self.stop.raised, self.ctx, self.device):
+                self.status = "interrupted" if self.prog.epoch < self.cfg.run.epochs else "completed"
+                break
+        return self.finish()
 
-    status = "completed"
-    last_val: dict = _last_validation(out_dir / METRICS_FILE) if resume else {}
-    t_start = time.perf_counter() - prog.seconds
-    while prog.epoch < total:
-        epoch = prog.epoch
-        if resume_loaders is not None:  # continue exactly where the checkpoint left the data order
-            loader.load_state_dict(resume_loaders["train"])
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The epoch's global batches, continuing exactly where a resume checkpoint left the data order."""
+        loader, extra = self.loader, self.extra
+        if self.resume_loaders is not None:
+            loader.load_state_dict(self.resume_loaders["train"])
             if extra is not None:
-                extra.load_state_dict(resume_loaders["extra"])
-            resume_loaders = None
+                extra.load_state_dict(self.resume_loaders["extra"])
+            self.resume_loaders = None
         elif extra is None:  # with extra data both loaders cycle through their own passes
             loader.set_epoch(epoch)
-        batches = ((xg, yg, None) for xg, yg in loader) if extra is None else mixed_batches(
-            loader, extra, stream_state, steps_per_epoch - prog.batch, cfg.run.seed, prog.global_step)
-        t_epoch = time.perf_counter()
+        if extra is None:
+            return ((xg, yg, None) for xg, yg in loader)
+        return mixed_batches(loader, extra, self.stream_state, self.steps_per_epoch - self.prog.batch,
+                             self.cfg.run.seed, self.prog.global_step)
+
+    def train_epoch(self) -> None:
+        """The optimiser steps of the current epoch (until its end or a stop signal seen by any rank)."""
+        cfg, ctx, prog, device = self.cfg, self.ctx, self.prog, self.device
+        epoch, total = prog.epoch, cfg.run.epochs
+        batches = self._batches(epoch)
         bar = None
         if ctx.is_main and cfg.run.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch + 1}/{total}", leave=False)
+            bar = tqdm(total=self.steps_per_epoch, initial=prog.batch, desc=f"epoch {epoch + 1}/{total}", leave=False)
         for xg, yg, from_extra in batches:
             b = prog.batch
             lo, hi = D.shard_bounds(xg.shape[0], ctx.rank, ctx.world_size)
             xb, yb = xg[lo:hi].to(device, non_blocking=True), yg[lo:hi].to(device, non_blocking=True)
             if cfg.speed.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            lr = lr_from_config(cfg.schedule, cfg.optim.lr, epoch + b / steps_per_epoch, total)
-            for group in optimizer.param_groups:
+            self.lr = lr = lr_from_config(cfg.schedule, cfg.optim.lr, epoch + b / self.steps_per_epoch, total)
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            sums = training_step(cfg, attack_net, trainer, optimizer, xb, yb, generator=noise_gen,
-                                 noise_slice=(lo, hi, xg.shape[0]) if ctx.enabled else None, autocast=autocast)
-            if ema is not None:
-                ema.update(core)
+            sums = training_step(cfg, self.attack_net, self.trainer, self.optimizer, xb, yb, generator=self.noise_gen,
+                                 noise_slice=(lo, hi, xg.shape[0]) if ctx.enabled else None, autocast=self.autocast)
+            if self.ema is not None:
+                self.ema.update(self.core)
             for k in ACCUM_KEYS:
                 prog.accum[k] += sums[k]
             prog.batch += 1
@@ -681,77 +732,86 @@ def _train(cfg: TrainConfig, out_dir: Path, resume: bool, on_step, device: torch
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss_sum'] / sums['n']:.3f}", lr=f"{lr:.3g}")
-            if on_step is not None:
-                on_step({"epoch": epoch, "batch": b, "global_step": prog.global_step, "rank": ctx.rank,
-                         "loss": sums["loss_sum"] / sums["n"], "lr": lr,
-                         "extra_in_shard": None if from_extra is None else int(from_extra[lo:hi].sum()),
-                         "shard_size": hi - lo})
-            if D.any_rank(stop.raised, ctx, device):
+            if self.on_step is not None:
+                self.on_step({"epoch": epoch, "batch": b, "global_step": prog.global_step, "rank": ctx.rank,
+                              "loss": sums["loss_sum"] / sums["n"], "lr": lr,
+                              "extra_in_shard": None if from_extra is None else int(from_extra[lo:hi].sum()),
+                              "shard_size": hi - lo})
+            if D.any_rank(self.stop.raised, ctx, device):
                 break
         if bar is not None:
             bar.close()
-        prog.seconds = time.perf_counter() - t_start
-        if prog.batch < steps_per_epoch:  # interrupted mid-epoch
-            checkpoint()
-            status = "interrupted"
-            break
-        # end of epoch: metrics, validation, selection, checkpoint
+
+    def end_epoch(self, t_epoch: float) -> None:
+        """End of a full epoch: training metrics, validation and model selection, history, checkpoint."""
+        cfg, ctx, prog = self.cfg, self.ctx, self.prog
+        epoch = prog.epoch
         tot = D.all_reduce_sum(torch.tensor([prog.accum[k] for k in ACCUM_KEYS], dtype=torch.float64), ctx)
         acc = dict(zip(ACCUM_KEYS, tot.tolist()))
-        row = {"epoch": epoch, "global_step": prog.global_step, "lr": lr,
+        row = {"epoch": epoch, "global_step": prog.global_step, "lr": self.lr,
                "train_loss": acc["loss_sum"] / max(acc["n"], 1.0),
                "train_clean_acc": acc["clean_correct"] / acc["clean_n"] if acc["clean_n"] else None,
                "train_adv_acc": acc["adv_correct"] / acc["adv_n"] if acc["adv_n"] else None,
                "epoch_seconds": time.perf_counter() - t_epoch}
         row["images_per_sec"] = acc["n"] / max(row["epoch_seconds"], 1e-9)
-        is_last = epoch + 1 == total
-        if data.x_val.shape[0] and ((epoch + 1) % cfg.selection.every == 0 or is_last):
-            last_val = evaluate_split(cfg, select_model(), data.x_val, data.y_val, device, ctx, epoch,
-                                      with_pgd=need_pgd or is_last)
-            row.update(last_val)
-            if cfg.selection.metric != "last":
-                value = last_val["val_pgd_acc" if need_pgd else "val_clean_acc"]
-                if value > prog.best_value:
-                    prog.best_value, prog.best_epoch = value, epoch
-                    row["best"] = True
-                    if ctx.is_main:
-                        prog.best_path = _save_model_file(out_dir / "model_best", select_model(),
-                                                          _model_metadata(cfg, epoch, prog.global_step, last_val, "best"))
+        self.validate(epoch, row)
         if history_due(cfg, epoch):
-            row.update(robustness_history(cfg, select_model(), data.x_val, data.y_val, device, ctx, epoch))
+            row.update(robustness_history(cfg, self.select_model(), self.data.x_val, self.data.y_val, self.device,
+                                          ctx, epoch))
         if ctx.is_main:
-            _append_jsonl(out_dir / METRICS_FILE, row)
+            _append_jsonl(self.out_dir / METRICS_FILE, row)
         prog.epoch += 1
         prog.batch = 0
         prog.accum = {k: 0.0 for k in ACCUM_KEYS}
-        prog.seconds = time.perf_counter() - t_start
-        checkpoint()
-        if D.any_rank(stop.raised, ctx, device):
-            status = "interrupted" if prog.epoch < total else "completed"
-            break
+        prog.seconds = time.perf_counter() - self.t_start
+        self.checkpoint()
 
-    summary = {"status": status, "name": cfg.name, "method": cfg.method.name, "model": cfg.model.name,
-               "epochs_completed": prog.epoch, "epochs": total, "global_step": prog.global_step,
-               "world_size": ctx.world_size, "seconds": prog.seconds, "out_dir": str(out_dir),
-               "steps_per_epoch": steps_per_epoch,
-               "selection": {"metric": cfg.selection.metric, "best_epoch": prog.best_epoch,
-                             "best_value": prog.best_value if prog.best_epoch >= 0 else None},
-               "final_val": last_val, "files": {"config": CONFIG_FILE, "metrics": METRICS_FILE,
-                                                "resume": RESUME_FILE}}
-    if cfg.history.enabled:
-        summary["history"] = history_settings(cfg)
-    if stop.raised:
-        summary["signal"] = int(stop.signal)
-    if ctx.is_main:
-        if status == "completed":
-            final = select_model()
-            summary["files"]["final_model"] = _save_model_file(
-                out_dir / "model_final", final, _model_metadata(cfg, total - 1, prog.global_step, last_val, "final"))
-            if prog.best_epoch >= 0:
-                summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
-        write_text(out_dir / SUMMARY_FILE, json.dumps(json_safe(summary, nonfinite="null"), indent=2))
-    D.barrier(ctx)
-    return summary
+    def validate(self, epoch: int, row: dict) -> None:
+        """Validation when due (every ``selection.every`` epochs and at the last) and best-model selection."""
+        cfg, prog, data = self.cfg, self.prog, self.data
+        need_pgd = cfg.selection.metric == "pgd_acc"
+        is_last = epoch + 1 == cfg.run.epochs
+        if not (data.x_val.shape[0] and ((epoch + 1) % cfg.selection.every == 0 or is_last)):
+            return
+        self.last_val = evaluate_split(cfg, self.select_model(), data.x_val, data.y_val, self.device, self.ctx, epoch,
+                                       with_pgd=need_pgd or is_last)
+        row.update(self.last_val)
+        if cfg.selection.metric == "last":
+            return
+        value = self.last_val["val_pgd_acc" if need_pgd else "val_clean_acc"]
+        if value > prog.best_value:
+            prog.best_value, prog.best_epoch = value, epoch
+            row["best"] = True
+            if self.ctx.is_main:
+                prog.best_path = _save_model_file(self.out_dir / "model_best", self.select_model(),
+                                                  _model_metadata(cfg, epoch, prog.global_step, self.last_val, "best"))
+
+    def finish(self) -> dict:
+        """The run's summary (written to summary.json with the final model by rank 0)."""
+        cfg, ctx, prog, out_dir = self.cfg, self.ctx, self.prog, self.out_dir
+        total = cfg.run.epochs
+        summary = {"status": self.status, "name": cfg.name, "method": cfg.method.name, "model": cfg.model.name,
+                   "epochs_completed": prog.epoch, "epochs": total, "global_step": prog.global_step,
+                   "world_size": ctx.world_size, "seconds": prog.seconds, "out_dir": str(out_dir),
+                   "steps_per_epoch": self.steps_per_epoch,
+                   "selection": {"metric": cfg.selection.metric, "best_epoch": prog.best_epoch,
+                                 "best_value": prog.best_value if prog.best_epoch >= 0 else None},
+                   "final_val": self.last_val, "files": {"config": CONFIG_FILE, "metrics": METRICS_FILE,
+                                                         "resume": RESUME_FILE}}
+        if cfg.history.enabled:
+            summary["history"] = history_settings(cfg)
+        if self.stop.raised:
+            summary["signal"] = int(self.stop.signal)
+        if ctx.is_main:
+            if self.status == "completed":
+                summary["files"]["final_model"] = _save_model_file(
+                    out_dir / "model_final", self.select_model(),
+                    _model_metadata(cfg, total - 1, prog.global_step, self.last_val, "final"))
+                if prog.best_epoch >= 0:
+                    summary["files"]["best_model"] = str(out_dir / "model_best.safetensors")
+            write_json(out_dir / SUMMARY_FILE, summary)
+        D.barrier(ctx)
+        return summary
 
 
 def _model_metadata(cfg: TrainConfig, epoch: int, step: int, val: dict, kind: str) -> dict:
