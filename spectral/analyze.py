@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from spectral.folding import fold_batchnorm, fold_scale
 from spectral.random_matrix import random_conv_norm_prediction, random_norm_ratio
 from spectral.sandwich import sandwich
 
@@ -189,36 +190,6 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
             h.remove()
         outputs.clear()
     return records
-
-
-def fold_scale(bn: _BatchNorm) -> torch.Tensor:
-    """Per-channel factor ``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm."""
-    var = bn.running_var.detach().double()
-    scale = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.affine and bn.weight is not None:
-        scale = scale * bn.weight.detach().double()
-    return scale
-
-
-def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
-    """``weight`` (float64) with output channel ``o`` multiplied by ``scale[o]``: conv or linear weights
-    ``(C_out, ...)``, or with ``transposed=True`` a ConvTranspose weight ``(C_in, C_out / groups, ...)``.
-
-    The result stays in float64: rounding it back to float32 would change the operator by ~1e-7 relative,
-    and the certificate would be for that other operator.
-    """
-    w = weight.detach().double()
-    scale = scale.detach().double()
-    if not transposed:
-        if scale.shape[0] != w.shape[0]:
-            raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {w.shape[0]} outputs")
-        return w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
-    c_in, c_out_g = w.shape[:2]
-    if scale.shape[0] != c_out_g * groups:
-        raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {c_out_g * groups} outputs")
-    group_of_row = torch.arange(c_in) // (c_in // groups)
-    index = group_of_row[:, None] * c_out_g + torch.arange(c_out_g)[None, :]  # output channel of w[i, j]
-    return w * scale[index].reshape(c_in, c_out_g, *([1] * (w.dim() - 2)))
 
 
 def _layer_params(module: nn.Module) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from spectral.geometry import polyphase, tap_offsets
 from spectral.guarantee import Guarantee, NormValue
 from spectral.lower import batched_lanczos
 from spectral.roundoff import gamma, unit_roundoff
@@ -31,9 +32,9 @@ def _tap_table(
     """Per tap (kernel row-major): coarse position ``q`` (K, nd) and flattened input phase ``r`` (K,)."""
     axes_q, axes_r = [], []
     for k, m, s, d in zip(kernel, grid, stride, dilation):
-        t = (d * torch.arange(k)) % m
-        axes_q.append(t // s)
-        axes_r.append(t % s)
+        q, r = polyphase(tap_offsets(k, d, modulus=m), s)
+        axes_q.append(q)
+        axes_r.append(r)
     mesh_q = torch.meshgrid(*axes_q, indexing="ij")
     mesh_r = torch.meshgrid(*axes_r, indexing="ij")
     q = torch.stack([g.reshape(-1) for g in mesh_q], dim=1)
