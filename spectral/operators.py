@@ -190,12 +190,13 @@ class LayerOperator(LinearMap):
                 raise ValueError(f"reflect padding {max(pl, pr)} must be < input size {n}")
             if padding_mode == "circular" and (pl > n or pr > n):
                 raise ValueError(f"circular padding {max(pl, pr)} must be <= input size {n}")
-            if n + pl + pr - d * (k - 1) < 1:
+            out = conv_output_size(n, k, s, d, pl, pr)
+            if out < 1:
                 raise ValueError(
                     f"kernel (size {k}, dilation {d}) is larger than the padded input ({n}+{pl}+{pr}); "
                     "use a larger input_shape"
                 )
-            out_spatial.append(conv_output_size(n, k, s, d, pl, pr))
+            out_spatial.append(out)
         return cls(
             f"conv{nd}d", weight, input_shape, (c_out, *out_spatial), stride_t, pads, dil_t, groups, padding_mode
         )

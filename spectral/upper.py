@@ -112,11 +112,12 @@ def embedding(
         raise ValueError("padding='same' requires stride 1 (as in PyTorch)")
     out = []
     for n, (pl, pr), k, si, di in zip(size, pads, kernel, s, d):
-        if n + pl + pr - di * (k - 1) < 1:
+        n_out = conv_output_size(n, k, si, di, pl, pr)
+        if n_out < 1:
             raise ValueError(f"kernel (size {k}, dilation {di}) is larger than the padded input ({n}+{pl}+{pr})")
         if padding_mode == "reflect" and (pl >= n or pr >= n) and (pl or pr):
             raise ValueError(f"reflect padding {max(pl, pr)} must be < input size {n}")
-        out.append(conv_output_size(n, k, si, di, pl, pr))
+        out.append(n_out)
     common = dict(weight=w4, input_size=size, output_size=tuple(out), stride=s, dilation=d, groups=groups,
                   padding=pads, padding_mode=padding_mode, nd=nd)
     if padding_mode == "zeros" or not any(p for pair in pads for p in pair):
