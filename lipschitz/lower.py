@@ -37,7 +37,6 @@ from spectral.analyze import eval_mode  # noqa: F401  (one home; re-exported for
 from spectral.guarantee import Guarantee, NormValue
 
 
-
 def _check_batch(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -196,7 +195,7 @@ def jacobian_sigmas(model: nn.Module, points: torch.Tensor, *, path: str, power:
             xb = points[s:s + power.batch_size]
             v = v0[s:s + power.batch_size] if v0 is not None else \
                 torch.randn(xb.shape, generator=gen, dtype=xb.dtype).to(xb.device)
-            v = v / flat_norm(v, 2).clamp_min(1e-30).view(-1, *([1] * (xb.dim() - 1)))
+            v = v / per_example(flat_norm(v, 2).clamp_min(1e-30), xb)
             best, best_v, it = _power(block, xb, v, power.n_iter, steps, power.tol, not power.loop)
             values.append(best)
             vectors.append(best_v)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.attacks import model_mode
-from lipschitz.ball import flat_norm, linf_box, per_example, project
 from experiments.training.losses import trades_inner_loss
+from lipschitz.ball import flat_norm, linf_box, per_example, project
 
 START_KINDS = ("uniform", "normal", "none")
 INNER_OBJECTIVES = ("ce", "kl")
