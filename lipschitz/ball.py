@@ -1,8 +1,8 @@
 """The eps-ball of a batch, in one place: per-example norms, random starts, projections and ascent steps.
 
-Used by the attacks (``experiments.attacks``), the training adversary (``experiments.training.adversary``) and
-the attack-based lower bounds (``lipschitz.lower``, ``lipschitz.search``). ``norm`` is "linf" or "l2"; each
-example (dim 0) has its own ball around its own centre.
+Used by the attacks (``experiments.attacks``), the training adversary (``experiments.training.adversary``),
+the attack-based lower bounds and the local Lipschitz metric (``lipschitz.lower``, ``lipschitz.search``).
+``norm`` is "linf" or "l2"; each example (dim 0) has its own ball around its own centre.
 
 References: Madry et al. 2018 (projected gradient ascent, uniform start in the ball).
 """
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["NORMS", "flat_norm", "per_example", "random_in_ball", "project_delta", "project", "linf_box",
+__all__ = ["NORMS", "flat_norm", "per_example", "random_in_ball", "project_delta", "project", "clamp_linf", "linf_box",
            "ascent_direction", "ascent_step"]
 
 NORMS = ("linf", "l2")
@@ -66,6 +66,15 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
     """``x_adv`` projected onto the eps-ball around ``x`` intersected with ``box``: for ``x`` inside the box,
     clamping ``x + delta`` into it only shrinks each coordinate of ``delta``, so the point stays in the ball."""
     out = x + project_delta(x_adv - x, eps, norm)
+    return out if box is None else out.clamp(*box)
+
+
+def clamp_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float,
+               box: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
+    """The linf projection as coordinate clamps, ``min(max(x_adv, x - eps), x + eps)``, then into ``box`` (no
+    round-off from forming ``x + delta``; for ``x`` inside the box the same point as ``torch.clamp`` to
+    ``linf_box``)."""
+    out = torch.min(torch.max(x_adv, x - eps), x + eps)
     return out if box is None else out.clamp(*box)
 
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipschitz.ball import NORMS, ascent_direction, flat_norm, per_example, project_delta, random_in_ball
+from lipschitz.ball import (NORMS, ascent_direction, ascent_step, clamp_linf, flat_norm, per_example, project_delta,
+                            random_in_ball)
 from spectral.analyze import eval_mode  # noqa: F401  (one home; re-exported for lipschitz users)
 from spectral.guarantee import Guarantee, NormValue
 
@@ -479,8 +480,7 @@ def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: 
                 xp.requires_grad_(True)
                 ratio = flat_norm(model(xp) - fx, top_norm) / flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
                 (grad,) = torch.autograd.grad(ratio.sum(), xp)
-                xp = xp.detach() + direction * step_size * grad.sign()
-                xp = torch.min(torch.max(xp, xb - eps), xb + eps).clamp(0.0, 1.0).detach()
+                xp = clamp_linf(ascent_step(xp.detach(), grad, direction * step_size, "linf"), xb, eps).detach()
             with torch.no_grad():
                 fxp = model(xp)
                 r = flat_norm(fxp - fx, top_norm) / flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)

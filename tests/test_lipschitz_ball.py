@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lipschitz.ball import (ascent_direction, ascent_step, flat_norm, linf_box, per_example, project, project_delta,
+from lipschitz.ball import (ascent_direction, ascent_step, clamp_linf, flat_norm, linf_box, per_example, project, project_delta,
                             random_in_ball)
 
 
@@ -62,6 +62,7 @@ def test_project_keeps_the_box_and_the_ball_and_matches_linf_box():
         assert bool((flat_norm(p - x, math.inf if norm == "linf" else 2.0) <= eps + 1e-12).all())
     lo, hi = linf_box(x, eps)
     assert torch.allclose(torch.clamp(x_adv, lo, hi), project(x_adv, x, eps, "linf"), atol=1e-15)
+    assert torch.equal(clamp_linf(x_adv, x, eps), torch.clamp(x_adv, lo, hi))  # the same comparisons, no arithmetic
 
 
 def test_ascent_steps():
