@@ -705,7 +705,8 @@ def _node_records(root: G.Node, shapes: dict, methods: Sequence[str], node_value
     """One record per named block/stage: shapes, each method's value and its guarantee label."""
     nodes = []
     for n in G.iter_nodes(root):
-        if isinstance(n, (G.Sequential, G.Residual, G.Concat)) and (n.name or getattr(n, "role", None)) and n is not root:
+        named = n.name or getattr(n, "role", None)
+        if isinstance(n, (G.Sequential, G.Residual, G.Concat)) and named and n is not root:
             rec = {"name": n.name, "role": n.role, "in_shape": list(shapes[id(n)][0]),
                    "out_shape": list(shapes[id(n)][1])}
             labels = {}

@@ -26,7 +26,8 @@ from spectral.guarantee import Guarantee, NormValue
 # ``sandwich`` and ``analyze`` share their submodules' names: bind the functions eagerly, after the
 # submodule import (Python sets ``spectral.<submodule>`` only when the submodule is first loaded, so
 # later ``import spectral.analyze`` no longer shadows the function).
-from spectral.sandwich import Sandwich, SandwichOptions, fourier_certificate, sandwich  # noqa: E402  (after the submodule)
+from spectral.sandwich import (Sandwich, SandwichOptions, fourier_certificate,  # noqa: E402  (after the submodule)
+                               sandwich)
 from spectral.analyze import LayerTable, analyze  # noqa: E402
 
 _EAGER = ["sandwich", "Sandwich", "SandwichOptions", "fourier_certificate", "analyze", "LayerTable"]

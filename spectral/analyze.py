@@ -1,13 +1,13 @@
 """Per-layer spectral table of any ``nn.Module``: every conv/linear at the input shape it really sees.
 
-``analyze(model, input_shape)`` (or an example input with its batch dimension) runs one eval-mode, no-grad forward pass with hooks (every submodule's
-mode is restored afterwards, so an analysis changes nothing in the model: no BatchNorm statistics, no
-spectral-norm power-iteration buffers), records each ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear``,
-``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d`` call with its real input shape and its parameters, folds
-an eval-mode BatchNorm that directly consumes a layer's output into it (``W * gamma / sqrt(var + eps)`` per
-output channel, in float64; the bias does not change a norm), then sandwiches each layer
-(``spectral.sandwich``) and adds the random-matrix baseline. A transposed convolution is the adjoint of the
-convolution with the same weight from its output shape back to its input shape, and a map and its adjoint
+``analyze(model, input_shape)`` (or an example input with its batch dimension) runs one eval-mode, no-grad
+forward pass with hooks (every submodule's mode is restored afterwards, so an analysis changes nothing in the
+model: no BatchNorm statistics, no spectral-norm power-iteration buffers), records each ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Linear``, ``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d`` call with its real input shape
+and its parameters, folds an eval-mode BatchNorm that directly consumes a layer's output into it (``W * gamma
+/ sqrt(var + eps)`` per output channel, in float64; the bias does not change a norm), then sandwiches each
+layer (``spectral.sandwich``) and adds the random-matrix baseline. A transposed convolution is the adjoint of
+the convolution with the same weight from its output shape back to its input shape, and a map and its adjoint
 have the same operator norm, so its row is that convolution's sandwich. Modules with weights that are not
 analysed (unsupported types, or layers never called as modules) are listed in ``meta["not_analyzed"]``.
 Pre-activation blocks (BN -> ReLU -> conv) have no BN *after* a conv, so nothing is folded there:

@@ -63,7 +63,8 @@ def _scale_inputs(w: torch.Tensor, s: torch.Tensor, groups: int) -> torch.Tensor
     return w * s.view(w.shape[0], c_in_g, *([1] * (w.dim() - 2)))
 
 
-def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False,
+                   groups: int = 1) -> torch.Tensor:
     """``weight`` (float64) with output channel ``o`` multiplied by ``scale[o]`` (a BatchNorm's ``fold_scale``):
     conv or linear weights ``(C_out, ...)``, or with ``transposed=True`` a ConvTranspose weight
     ``(C_in, C_out / groups, ...)``."""

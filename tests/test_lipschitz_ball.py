@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lipschitz.ball import (ascent_direction, ascent_step, clamp_linf, flat_norm, linf_box, per_example, project, project_delta,
-                            random_in_ball)
+from lipschitz.ball import (ascent_direction, ascent_step, clamp_linf, flat_norm, linf_box, per_example, project,
+                            project_delta, random_in_ball)
 
 
 def _gen(seed=0):
