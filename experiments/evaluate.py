@@ -446,7 +446,7 @@ def _one_aa_attack(adversary: Any, attack: str, preset: AttackPreset, x: torch.T
     work = attack_work(adversary, attack, n_classes, tuple(x.shape[1:]), exact)
     total = math.ceil(idx.numel() / batch_size) * work.iterations
     with tqdm(total=total, desc=f"{preset.name} {attack}", unit="it", disable=not progress, leave=False) as bar:
-        bar.set_postfix_str(f"{idx.numel()} points still robust", refresh=False)
+        bar.set_postfix_str(f"{idx.numel()} points still robust")  # shown from the start
 
         def tick(points_left: int) -> None:
             bar.update(1)

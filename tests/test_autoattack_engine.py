@@ -212,7 +212,8 @@ def test_work_model_and_estimate(models):
     assert text.startswith("estimated ~") and "on cpu for 2000 points" in text and f"--n {n}:" in text
 
 
-def test_progress_shows_estimate_and_a_bar_per_attack(models, capsys):
+def test_progress_shows_estimate_and_a_bar_per_attack(models, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a bar narrower than its text shortens the text; not what is tested here
     nets, x, y = models
     evaluate(nets["mlp"], x, y, [_cheap("apgd-ce+square")], eps=0.1, n=16, progress=True, lipschitz_metric=False)
     err = capsys.readouterr().err
