@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("linf", "l2")
+from lipschitz.ball import NORMS, ascent_step, project, random_in_ball  # noqa: F401  (project re-exported)
+
 RANDOM_STARTS = ("uniform", "normal", "none")
 LOSSES = ("ce", "margin")
 BN_MODES = ("eval", "train", "keep")
@@ -131,23 +132,7 @@ def _per_sample_loss(loss: Loss, model: nn.Module, x_adv: torch.Tensor, x: torch
 
 
 # ----------------------------------------------------------------------------------------------------------
-# geometry
-
-
-def _flat_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``x_adv`` onto the eps-ball around ``x`` (``norm`` "linf"/"l2") intersected with [0, 1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        n = _flat_norm(delta)
-        delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
-    # clamping to [0, 1] only shrinks each coordinate of delta (x is in [0, 1]), so the ball is kept
-    return (x + delta).clamp(0.0, 1.0)
+# the eps-ball: random starts, projection and ascent steps live in lipschitz.ball
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str, random_start: str, init_std: float,
@@ -156,21 +141,9 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, random_start: str, ini
         return x.clone()
     if random_start == "normal":
         noise = init_std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    elif norm == "linf":
-        noise = (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1) * eps
-    else:  # uniform in the l2 ball: Gaussian direction, radius eps * U^(1/d)
-        d = x[0].numel()
-        direction = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        direction = direction / _flat_norm(direction).clamp_min(1e-12)
-        u = torch.rand((x.shape[0],), generator=generator, dtype=x.dtype, device=x.device)
-        noise = direction * (eps * u.pow(1.0 / d)).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        noise = random_in_ball(x.shape, eps, norm, generator=generator, dtype=x.dtype, device=x.device)
     return project(x + noise, x, eps, norm)
-
-
-def _ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return x_adv + step_size * grad.sign()
-    return x_adv + step_size * grad / _flat_norm(grad).clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +201,7 @@ def pgd(
                 if not torch.isfinite(values).all():
                     raise ValueError("the attack loss is NaN/Inf; check the model's logits for NaN/Inf")
                 (grad,) = torch.autograd.grad(values.sum(), x_adv)
-                x_adv = project(_ascent_step(x_adv.detach(), grad, step_size, norm), x, eps, norm)
+                x_adv = project(ascent_step(x_adv.detach(), grad, step_size, norm), x, eps, norm)
             x_adv = x_adv.detach()
             if restarts == 1:
                 return x_adv

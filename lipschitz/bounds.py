@@ -390,93 +390,10 @@ class _Engine:
 
     def _factors(self, children: Sequence[G.Node], pending: torch.Tensor | None):
         """The list of multiplicative factors of a child sequence, and the diag it hands out."""
-        folding = self.method != "product"
-        factors: list[_Factor] = []
-        seg = _Seg([("diag", pending)] if pending is not None else [])
-
-        def flush():
-            nonlocal seg
-            f = self.close(seg)
-            if f is not None:
-                factors.append(f)
-            seg = _Seg()
-
-        def seg_pure_diag() -> bool:
-            return not seg.layers()
-
+        walk = _FactorWalk(self, pending)
         for child in children:
-            if isinstance(child, G.Layer):
-                if not isinstance(child.module, _LAYER_TYPES):
-                    raise ValueError(f"Layer {child.name!r}: unsupported module {type(child.module).__name__}; "
-                                     "supported: Conv1d, Conv2d, Linear")
-                if not folding:
-                    nv = self.layer_norm(child)
-                    factors.append(_Factor("value", nv.value, nv.guarantee is Guarantee.EXACT))
-                else:
-                    seg.ops.append(("layer", child))
-            elif isinstance(child, (G.BatchNorm, G.Normalize)):
-                d = (batchnorm_scale(child.module) if isinstance(child, G.BatchNorm)
-                     else normalize_scale(child.std)).to(torch.float64)
-                if not folding:
-                    factors.append(_Factor("value", _diag_norm(d), True))
-                else:
-                    seg.ops.append(("diag", d))
-            elif isinstance(child, G.Activation):
-                slope = activation_slope(child.kind, child.params)
-                if folding and seg_pure_diag():
-                    d = self._diag_product(seg.ops)
-                    for op in seg.ops:
-                        if op[0] == "pool":
-                            factors.append(_Factor("value", pool_lipschitz(op[1].module, self.shapes[id(op[1])][0]).value, True))
-                    seg = _Seg([("diag", d.abs())] if d is not None else [])
-                else:
-                    flush()
-                factors.append(_Factor("act", slope.value, slope.guarantee is Guarantee.EXACT and slope.value == 1.0,
-                                       {"kind": child.kind, "params": child.params}))
-            elif isinstance(child, G.Pool):
-                if not folding:
-                    factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
-                elif pool_is_linear(child.module):
-                    seg.ops.append(("pool", child))
-                else:  # max pool commutes with non-negative channel scalings only
-                    d = self._diag_product(seg.ops) if seg_pure_diag() else None
-                    if seg_pure_diag() and (d is None or bool((d >= 0).all())) and not any(o[0] == "pool" for o in seg.ops):
-                        factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
-                    else:
-                        flush()
-                        factors.append(_Factor("value", pool_lipschitz(child.module, self.shapes[id(child)][0]).value, True))
-            elif isinstance(child, G.Flatten):
-                if folding:
-                    seg.ops.append(("flatten", child))
-            elif isinstance(child, G.Identity):
-                continue
-            elif isinstance(child, G.Leaf):  # opaque: a registered constant, nothing folds through it
-                flush()
-                factors.append(_Factor("value", child.constant(self.shapes[id(child)][0]), False))
-            elif isinstance(child, (G.Sequential, G.Residual, G.Concat)):
-                push = None
-                if folding and seg_pure_diag() and not any(o[0] in ("pool", "flatten") for o in seg.ops):
-                    push = self._diag_product(seg.ops)
-                    seg = _Seg()
-                else:
-                    flush()
-                if isinstance(child, (G.Residual, G.Concat)):
-                    v, ex = self._residual(child, push) if isinstance(child, G.Residual) else self._concat(child, push)
-                    factors.append(_Factor("value", v, ex))
-                    self._record(child, v, ex, None, push)
-                else:
-                    v, ex, out = self.evaluate(child, push)
-                    factors.append(_Factor("value", v, ex))
-                    if out is not None:
-                        seg = _Seg([("diag", out)])
-            else:
-                raise ValueError(f"unsupported graph node {type(child).__name__} ({getattr(child, 'name', '')!r})")
-        pending_out = None
-        if folding and seg_pure_diag() and seg.ops and not any(o[0] in ("pool", "flatten") for o in seg.ops):
-            pending_out = self._diag_product(seg.ops)
-        else:
-            flush()
-        return factors, pending_out
+            walk.visit(child)
+        return walk.factors, walk.finish()
 
     def _combine(self, factors: list[_Factor]) -> tuple[float, bool]:
         if self.method == "folded+liplt":
@@ -574,6 +491,119 @@ class _Engine:
         return self._liplt(factors[0], factors[1], factors[2], sc)
 
 
+class _FactorWalk:
+    """One pass of ``_Engine._factors`` over a child sequence: the factors found so far and the open linear
+    segment (channel scalings, layers, linear pools, flattens) that folding may still merge."""
+
+    def __init__(self, engine: _Engine, pending: torch.Tensor | None) -> None:
+        self.eng = engine
+        self.folding = engine.method != "product"
+        self.factors: list[_Factor] = []
+        self.seg = _Seg([("diag", pending)] if pending is not None else [])
+
+    def flush(self) -> None:
+        f = self.eng.close(self.seg)
+        if f is not None:
+            self.factors.append(f)
+        self.seg = _Seg()
+
+    def pure_diag(self) -> bool:
+        return not self.seg.layers()
+
+    def pool_factor(self, node: G.Pool) -> _Factor:
+        return _Factor("value", pool_lipschitz(node.module, self.eng.shapes[id(node)][0]).value, True)
+
+    def visit(self, child: G.Node) -> None:
+        if isinstance(child, G.Layer):
+            self.layer(child)
+        elif isinstance(child, (G.BatchNorm, G.Normalize)):
+            d = (batchnorm_scale(child.module) if isinstance(child, G.BatchNorm)
+                 else normalize_scale(child.std)).to(torch.float64)
+            if not self.folding:
+                self.factors.append(_Factor("value", _diag_norm(d), True))
+            else:
+                self.seg.ops.append(("diag", d))
+        elif isinstance(child, G.Activation):
+            self.activation(child)
+        elif isinstance(child, G.Pool):
+            self.pool(child)
+        elif isinstance(child, G.Flatten):
+            if self.folding:
+                self.seg.ops.append(("flatten", child))
+        elif isinstance(child, G.Identity):
+            return
+        elif isinstance(child, G.Leaf):  # opaque: a registered constant, nothing folds through it
+            self.flush()
+            self.factors.append(_Factor("value", child.constant(self.eng.shapes[id(child)][0]), False))
+        elif isinstance(child, (G.Sequential, G.Residual, G.Concat)):
+            self.subgraph(child)
+        else:
+            raise ValueError(f"unsupported graph node {type(child).__name__} ({getattr(child, 'name', '')!r})")
+
+    def layer(self, child: G.Layer) -> None:
+        if not isinstance(child.module, _LAYER_TYPES):
+            raise ValueError(f"Layer {child.name!r}: unsupported module {type(child.module).__name__}; "
+                             "supported: Conv1d, Conv2d, Linear")
+        if not self.folding:
+            nv = self.eng.layer_norm(child)
+            self.factors.append(_Factor("value", nv.value, nv.guarantee is Guarantee.EXACT))
+        else:
+            self.seg.ops.append(("layer", child))
+
+    def activation(self, child: G.Activation) -> None:
+        slope = activation_slope(child.kind, child.params)
+        if self.folding and self.pure_diag():
+            d = self.eng._diag_product(self.seg.ops)
+            for op in self.seg.ops:
+                if op[0] == "pool":
+                    self.factors.append(self.pool_factor(op[1]))
+            self.seg = _Seg([("diag", d.abs())] if d is not None else [])
+        else:
+            self.flush()
+        self.factors.append(_Factor("act", slope.value, slope.guarantee is Guarantee.EXACT and slope.value == 1.0,
+                                    {"kind": child.kind, "params": child.params}))
+
+    def pool(self, child: G.Pool) -> None:
+        if not self.folding:
+            self.factors.append(self.pool_factor(child))
+        elif pool_is_linear(child.module):
+            self.seg.ops.append(("pool", child))
+        else:  # max pool commutes with non-negative channel scalings only
+            d = self.eng._diag_product(self.seg.ops) if self.pure_diag() else None
+            if not (self.pure_diag() and (d is None or bool((d >= 0).all()))
+                    and not any(o[0] == "pool" for o in self.seg.ops)):
+                self.flush()
+            self.factors.append(self.pool_factor(child))
+
+    def pushable(self) -> bool:
+        """Only channel scalings are open: they can be handed on to the next node (not through a pool/flatten)."""
+        return self.folding and self.pure_diag() and not any(o[0] in ("pool", "flatten") for o in self.seg.ops)
+
+    def subgraph(self, child: G.Node) -> None:
+        push = None
+        if self.pushable():
+            push = self.eng._diag_product(self.seg.ops)
+            self.seg = _Seg()
+        else:
+            self.flush()
+        if isinstance(child, (G.Residual, G.Concat)):
+            v, ex = self.eng._residual(child, push) if isinstance(child, G.Residual) else self.eng._concat(child, push)
+            self.factors.append(_Factor("value", v, ex))
+            self.eng._record(child, v, ex, None, push)
+        else:
+            v, ex, out = self.eng.evaluate(child, push)
+            self.factors.append(_Factor("value", v, ex))
+            if out is not None:
+                self.seg = _Seg([("diag", out)])
+
+    def finish(self) -> torch.Tensor | None:
+        """The diag handed out of the sequence (None when the open segment was closed into a factor)."""
+        if self.pushable() and self.seg.ops:
+            return self.eng._diag_product(self.seg.ops)
+        self.flush()
+        return None
+
+
 # ----------------------------------------------------------------------------------------- API
 
 def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args: tuple):
@@ -601,18 +631,21 @@ def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args
     return comp.best(root, top=True), values
 
 
-def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int], method: str = "folded+liplt", *,
-                  compare: bool = True, rtol: float = 0.02, dense_max_entries: int = 2**21,
-                  example_input: torch.Tensor | None = None, check_graph: bool = True,
+def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int] | torch.Tensor,
+                  method: str = "folded+liplt", *, compare: bool = True, rtol: float = 0.02,
+                  dense_max_entries: int = 2**21, example_input: torch.Tensor | None = None, check_graph: bool = True,
                   sandwich_kwargs: dict | None = None, sdp_options: "SdpOptions | None" = None) -> NetworkBound:
     """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
 
     ``model_or_graph``: any fx-traceable module (its graph from ``lipschitz.trace.graph_from_module``), or a
     ``lipschitz.graph`` tree built by hand.
-    ``input_shape`` excludes the batch, e.g. (3, 32, 32). ``method`` in METHODS; with ``compare=True``
-    every method is evaluated and reported in ``comparison``. The traced graph of a module is always checked
-    against ``model(x)`` on a random input (``check_graph`` repeats that check on ``example_input``).
-    Batch norms use their running statistics (eval mode); the model's modes are restored afterwards.
+    ``input_shape`` excludes the batch, e.g. (3, 32, 32) (as in ``spectral.analyze``); an example input tensor
+    with the batch dimension is accepted too (it is then also the ``example_input``). ``method`` in METHODS;
+    with ``compare=True`` every method is evaluated and reported in ``comparison``. The traced graph of a module
+    is always checked against ``model(x)`` on a random input (``check_graph`` repeats that check on
+    ``example_input``). ``sandwich_kwargs``: options of the per-layer ``spectral.sandwich`` (``options=`` a
+    ``SandwichOptions`` or its fields). Batch norms use their running statistics (eval mode); the model's modes
+    are restored afterwards.
     References: Fazlyab et al. 2023 (LipLT); Gouk et al. 2021 (layer-wise product bounds).
     """
     from lipschitz.lower import eval_mode
@@ -620,63 +653,94 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     t0 = time.perf_counter()
+    if torch.is_tensor(input_shape):
+        example_input = input_shape if example_input is None else example_input
+        input_shape = tuple(input_shape.shape[1:])
     input_shape = tuple(int(s) for s in input_shape)
-    if isinstance(model_or_graph, nn.Module):
-        model = model_or_graph
-        root = graph_from_module(model, input_shape)
-    elif isinstance(model_or_graph, G.NODE_TYPES):
-        model, root = None, model_or_graph
-        check_graph = False
-    else:
-        raise TypeError(f"expected an nn.Module or a lipschitz.graph node, got {type(model_or_graph).__name__}")
+    model, root = _model_and_graph(model_or_graph, input_shape)
+    check_graph = check_graph and model is not None
     modules = _modules_of(root)
     holder = nn.ModuleList(modules) if model is None else model
-    params = [p for m in modules for p in m.parameters()]
-    dtype = params[0].dtype if params else torch.float32
-    device = params[0].device if params else torch.device("cpu")
     with eval_mode(holder), torch.no_grad():
         for m in modules:
             m.eval()
-        x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype).to(device)
-        if tuple(x.shape[1:]) != input_shape:
-            raise ValueError(f"example_input has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, input_shape))})")
-        shapes: dict[int, tuple] = {}
-        try:
-            y = interpret(root, x, shapes)
-        except RuntimeError as err:
-            raise ValueError(f"the network graph cannot run on input shape {input_shape}: {err}") from err
-        if check_graph:
-            ref = model(x)
-            if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-4, atol=1e-5):
-                diff = (ref - y).abs().max().item() if ref.shape == y.shape else "shape mismatch"
-                raise ValueError(f"the traced graph does not reproduce the model's forward (max diff {diff}); the "
-                                 "forward depends on something fx cannot see (randomness, batch-dependent Python code)")
-        layer_rows: dict[int, dict] = {}
-        for n in G.iter_nodes(root):
-            if isinstance(n, G.Layer):
-                layer_rows[id(n)] = {"name": n.name, "kind": type(n.module).__name__,
-                                     "weight_shape": list(n.module.weight.shape),
-                                     "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
-        cache: dict = {}
+        shapes = _run_graph(model, root, input_shape, modules, example_input, check_graph)
+        layer_rows = _layer_rows(root, shapes)
         methods = METHODS if compare else (method,) if method != "lipsdp" else ("folded+liplt", "lipsdp")
-        results, node_values = {}, {}
-        for meth in methods:
-            sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
-            if meth == "lipsdp":
-                results[meth], node_values[meth] = _lipsdp_pass(
-                    root, shapes, node_values["folded+liplt"], results["folded+liplt"], sdp_options,
-                    (rtol, dense_max_entries, sw_kw, layer_rows, cache))
-                continue
-            eng = _Engine(shapes, meth, rtol, dense_max_entries, sw_kw, layer_rows, cache)
-            v, exact, out = eng.evaluate(root)
-            if out is not None:
-                v = _mul_up(v, _diag_norm(out))
-                exact = False
-            results[meth] = (v, exact)
-            node_values[meth] = eng.node_values
+        sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
+        results, node_values = _evaluate_methods(root, shapes, methods, (rtol, dense_max_entries, sw_kw, layer_rows,
+                                                                        {}), sdp_options)
+    nodes = _node_records(root, shapes, methods, node_values)
+    v, exact = results[method]
+    value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",
+                      seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
+    notes = [n.note for n in G.iter_nodes(root) if getattr(n, "note", "")]
+    return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
+                        list(layer_rows.values()), nodes, time.perf_counter() - t0, notes)
+
+
+def _model_and_graph(model_or_graph: nn.Module | G.Node, input_shape: tuple) -> tuple[nn.Module | None, G.Node]:
+    if isinstance(model_or_graph, nn.Module):
+        return model_or_graph, graph_from_module(model_or_graph, input_shape)
+    if isinstance(model_or_graph, G.NODE_TYPES):
+        return None, model_or_graph
+    raise TypeError(f"expected an nn.Module or a lipschitz.graph node, got {type(model_or_graph).__name__}")
+
+
+def _run_graph(model: nn.Module | None, root: G.Node, input_shape: tuple, modules: list[nn.Module],
+               example_input: torch.Tensor | None, check_graph: bool) -> dict[int, tuple]:
+    """Run the graph once (each node's input/output shape) and, for a module, check it against ``model(x)``."""
+    params = [p for m in modules for p in m.parameters()]
+    dtype = params[0].dtype if params else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype).to(device)
+    if tuple(x.shape[1:]) != input_shape:
+        raise ValueError(f"example_input has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, input_shape))})")
+    shapes: dict[int, tuple] = {}
+    try:
+        y = interpret(root, x, shapes)
+    except RuntimeError as err:
+        raise ValueError(f"the network graph cannot run on input shape {input_shape}: {err}") from err
+    if check_graph:
+        ref = model(x)
+        if ref.shape != y.shape or not torch.allclose(ref, y, rtol=1e-4, atol=1e-5):
+            diff = (ref - y).abs().max().item() if ref.shape == y.shape else "shape mismatch"
+            raise ValueError(f"the traced graph does not reproduce the model's forward (max diff {diff}); the "
+                             "forward depends on something fx cannot see (randomness, batch-dependent Python code)")
+    return shapes
+
+
+def _layer_rows(root: G.Node, shapes: dict[int, tuple]) -> dict[int, dict]:
+    return {id(n): {"name": n.name, "kind": type(n.module).__name__, "weight_shape": list(n.module.weight.shape),
+                    "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
+            for n in G.iter_nodes(root) if isinstance(n, G.Layer)}
+
+
+def _evaluate_methods(root: G.Node, shapes: dict, methods: Sequence[str], engine_args: tuple, sdp_options):
+    """``(results, node_values)`` per method: (value, exact) of the root and of every recorded node.
+    ``engine_args``: (rtol, dense_max_entries, sandwich kwargs, layer rows, cache), shared by the methods."""
+    results, node_values = {}, {}
+    for meth in methods:
+        if meth == "lipsdp":
+            results[meth], node_values[meth] = _lipsdp_pass(
+                root, shapes, node_values["folded+liplt"], results["folded+liplt"], sdp_options, engine_args)
+            continue
+        eng = _Engine(shapes, meth, *engine_args)
+        v, exact, out = eng.evaluate(root)
+        if out is not None:
+            v = _mul_up(v, _diag_norm(out))
+            exact = False
+        results[meth] = (v, exact)
+        node_values[meth] = eng.node_values
+    return results, node_values
+
+
+def _node_records(root: G.Node, shapes: dict, methods: Sequence[str], node_values: dict) -> list[dict[str, Any]]:
+    """One record per named block/stage: shapes, each method's value and its guarantee label."""
     nodes = []
     for n in G.iter_nodes(root):
-        if isinstance(n, (G.Sequential, G.Residual, G.Concat)) and (n.name or getattr(n, "role", None)) and n is not root:
+        named = n.name or getattr(n, "role", None)
+        if isinstance(n, (G.Sequential, G.Residual, G.Concat)) and named and n is not root:
             rec = {"name": n.name, "role": n.role, "in_shape": list(shapes[id(n)][0]),
                    "out_shape": list(shapes[id(n)][1])}
             labels = {}
@@ -687,9 +751,4 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
                     labels[meth] = (Guarantee.EXACT if exact_m else Guarantee.UPPER).value
             rec["guarantee"] = labels
             nodes.append(rec)
-    v, exact = results[method]
-    value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",
-                      seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
-    notes = [n.note for n in G.iter_nodes(root) if getattr(n, "note", "")]
-    return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
-                        list(layer_rows.values()), nodes, time.perf_counter() - t0, notes)
+    return nodes

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lipschitz.ball import random_in_ball
 from lipschitz.lower import eval_mode
 from spectral.guarantee import Guarantee, NormValue
 
@@ -87,14 +88,9 @@ def fit_reverse_weibull(maxima, *, shape_reg: float = 0.01, c_init=C_INIT, min_p
 
 
 def _sample_ball(n: int, shape, radius: float, norm: str, gen: torch.Generator, dtype) -> torch.Tensor:
+    if norm in ("linf", "l2"):
+        return random_in_ball((n,) + tuple(shape), radius, norm, generator=gen, dtype=dtype)
     d = math.prod(shape)
-    if norm == "linf":
-        return (torch.rand((n,) + tuple(shape), generator=gen, dtype=dtype) * 2 - 1) * radius
-    if norm == "l2":
-        u = torch.randn((n, d), generator=gen, dtype=dtype)
-        u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
-        r = radius * torch.rand(n, generator=gen, dtype=dtype) ** (1.0 / d)
-        return (u * r[:, None]).reshape((n,) + tuple(shape))
     # l1 ball: uniform via exponential spacings with random signs.
     e = -torch.log(torch.rand((n, d + 1), generator=gen, dtype=dtype))
     pts = e[:, :d] / e.sum(1, keepdim=True)

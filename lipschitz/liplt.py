@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from spectral.folding import fold_channel_scales
+from spectral.geometry import polyphase, smallest_multiple, tap_offsets, tap_phases
 from spectral.guarantee import Guarantee, NormValue
 
 # relative margin on float64 SVD values (round-off of forming symbols and the SVD is ~1e-13 relative)
@@ -69,21 +71,7 @@ def _ungroup(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def fold_weight(module: nn.Module, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None) -> torch.Tensor:
     """The module's weight (float64) times diag(out_scale) on the left and diag(in_scale) on the right."""
-    w = module.weight.detach().to(torch.float64)
-    if out_scale is not None:
-        w = w * out_scale.to(torch.float64).view(-1, *([1] * (w.dim() - 1)))
-    if in_scale is not None:
-        s = in_scale.to(torch.float64)
-        groups = getattr(module, "groups", 1)
-        if groups > 1:
-            c_in_g = w.shape[1]
-            co = w.shape[0] // groups
-            idx = torch.arange(w.shape[0]) // co * c_in_g  # first input channel of each output's group
-            s = torch.stack([s[i:i + c_in_g] for i in idx.tolist()])  # (c_out, c_in_g)
-            w = w * s.view(w.shape[0], c_in_g, *([1] * (w.dim() - 2)))
-        else:
-            w = w * s.view(1, -1, *([1] * (w.dim() - 2)))
-    return w
+    return fold_channel_scales(module.weight, out_scale, in_scale, groups=getattr(module, "groups", 1))
 
 
 def conv_spec(module: nn.Module, in_shape: Sequence[int], in_scale: torch.Tensor | None = None,
@@ -112,12 +100,8 @@ def conv_spec(module: nn.Module, in_shape: Sequence[int], in_scale: torch.Tensor
 def _phases(k: int, dil: int, pad_left: int, s: int, m: int, freqs: torch.Tensor,
             device: torch.device | None = None) -> torch.Tensor:
     """E[u, a, r] = exp(2 pi i u q_a / m) if tap a reads input phase r (offset t_a = a*dil - pad = s q_a + r)."""
-    t = torch.arange(k) * dil - pad_left
-    q = torch.div(t, s, rounding_mode="floor")
-    r = t - q * s
-    angle = 2 * math.pi * freqs.to(torch.float64)[:, None] * q[None, :].to(torch.float64) / m
-    E = torch.zeros(len(freqs), k, s, dtype=torch.complex128)
-    E[:, torch.arange(k), r] = torch.polar(torch.ones_like(angle), angle)
+    q, r = polyphase(tap_offsets(k, dil, shift=pad_left), s)
+    E = tap_phases(freqs, q, r, s, m, sign=1.0)
     return E.to(device) if device is not None else E
 
 
@@ -142,8 +126,7 @@ def symbol(spec: ConvSpec, grid: tuple[int, int], u_freqs: torch.Tensor | None =
 
 
 def _min_grid(n: int, pads: tuple[int, int], s: int) -> int:
-    need = n + max(pads)
-    return int(math.ceil(need / s) * s)
+    return smallest_multiple(n + max(pads), s)
 
 
 def liplt_grid(conv1: ConvSpec, conv2: ConvSpec, shortcut: ConvSpec | None = None) -> tuple[int, int]:
@@ -295,14 +278,10 @@ def dense_norm(linear_map: Any, max_entries: int = 2**24) -> float:
     The eigensolver's backward error is O(n eps ||A||^2), far below the 1e-9 relative margin for the
     sizes allowed here, so the returned value is an upper bound of the exact norm in practice.
     """
-    from spectral.operators import dense_matrix
+    from spectral.exact import operator_norm_dense
 
-    A = dense_matrix(linear_map, max_entries=max_entries).to(torch.float64)
-    if A.numel() == 0:
-        return 0.0
-    G = A.T @ A if A.shape[1] <= A.shape[0] else A @ A.T
-    lam = float(torch.linalg.eigvalsh(G)[-1])
-    return math.sqrt(max(lam, 0.0)) * (1.0 + ROUNDOFF_MARGIN)
+    value = operator_norm_dense(linear_map, max_entries, via="gram", dtype=torch.float64).value
+    return value * (1.0 + ROUNDOFF_MARGIN)
 
 
 def dense_linear_term(conv1: ConvSpec, conv2: ConvSpec, a: float, in_shape: Sequence[int],

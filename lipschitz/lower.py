@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lipschitz.ball import (NORMS, ascent_direction, ascent_step, clamp_linf, flat_norm, per_example, project_delta,
+                            random_in_ball)
 from spectral.analyze import eval_mode  # noqa: F401  (one home; re-exported for lipschitz users)
 from spectral.guarantee import Guarantee, NormValue
-
-NORMS = ("l2", "linf")
 
 
 def _check_batch(x: torch.Tensor) -> None:
@@ -50,10 +50,6 @@ def _check_batch(x: torch.Tensor) -> None:
 def _check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
-
-
-def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.flatten(1), ord=p, dim=1)
 
 
 # ------------------------------------------------------------------ per-sample Jacobian norms
@@ -200,7 +196,7 @@ def jacobian_sigmas(model: nn.Module, points: torch.Tensor, *, path: str, power:
             xb = points[s:s + power.batch_size]
             v = v0[s:s + power.batch_size] if v0 is not None else \
                 torch.randn(xb.shape, generator=gen, dtype=xb.dtype).to(xb.device)
-            v = v / _flat_norm(v, 2).clamp_min(1e-30).view(-1, *([1] * (xb.dim() - 1)))
+            v = v / per_example(flat_norm(v, 2).clamp_min(1e-30), xb)
             best, best_v, it = _power(block, xb, v, power.n_iter, steps, power.tol, not power.loop)
             values.append(best)
             vectors.append(best_v)
@@ -293,35 +289,11 @@ def _perturbed(x: torch.Tensor, perturb: float, gen: torch.Generator) -> torch.T
     """x_i + r_i, r_i uniform in the l_inf ball of radius perturb * max(1, ||x_i||_inf) (x itself if perturb = 0)."""
     if perturb == 0:
         return x
-    radius = perturb * _flat_norm(x.detach(), math.inf).clamp_min(1.0).view(-1, *([1] * (x.dim() - 1)))
-    r = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1).to(x.device)
-    return x + radius * r
+    radius = per_example(perturb * flat_norm(x.detach(), math.inf).clamp_min(1.0), x)
+    return x + random_in_ball(x.shape, radius, "linf", generator=gen, dtype=x.dtype, device=x.device)
 
 
 # ------------------------------------------------------------------------ attack-based ratio
-
-
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    nrm = _flat_norm(delta, 2).clamp_min(1e-30).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * torch.clamp(eps / nrm, max=1.0)
-
-
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return grad.sign()
-    nrm = _flat_norm(grad, 2).clamp_min(1e-30).view(-1, *([1] * (grad.dim() - 1)))
-    return grad / nrm
-
-
-def _random_in_ball(shape, eps: float, norm: str, gen: torch.Generator, dtype, device) -> torch.Tensor:
-    if norm == "linf":
-        return ((torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1) * eps).to(device)
-    d = torch.randn(shape, generator=gen, dtype=dtype)
-    d = d / _flat_norm(d, 2).view(-1, *([1] * (len(shape) - 1)))
-    r = torch.rand(shape[0], generator=gen, dtype=dtype) ** (1.0 / math.prod(shape[1:]))
-    return (d * (eps * r).view(-1, *([1] * (len(shape) - 1)))).to(device)
 
 
 def attack_ratio_lower(model: nn.Module, x: torch.Tensor, *, eps: float, norm: str = "l2", steps: int = 50,
@@ -370,21 +342,21 @@ def attack_pairs(model: nn.Module, x: torch.Tensor, *, eps: float, norm: str, st
 
     with eval_mode(model), eval_mode(twin):
         for _ in range(restarts):
-            d1 = _random_in_ball(x.shape, eps, norm, gen, x.dtype, x.device) / 2
-            d2 = _random_in_ball(x.shape, eps, norm, gen, x.dtype, x.device)
+            d1 = random_in_ball(x.shape, eps, norm, generator=gen, dtype=x.dtype, device=x.device) / 2
+            d2 = random_in_ball(x.shape, eps, norm, generator=gen, dtype=x.dtype, device=x.device)
             for _step in range(steps + 1):
                 x1 = clipped(x + d1).detach().requires_grad_(True)
                 x2 = clipped(x + d2).detach().requires_grad_(True)
                 out1, out2 = model(x1), model(x2)
-                num = _flat_norm(out1 - out2, 2)
-                den = _flat_norm(x1 - x2, p)
+                num = flat_norm(out1 - out2, 2)
+                den = flat_norm(x1 - x2, p)
                 pairs.update(x1, x2, out1, out2, num, den)
                 if _step == steps:
                     break
                 obj = (torch.log(num.clamp_min(1e-30)) - torch.log(den.clamp_min(1e-30))).sum()
                 g1, g2 = torch.autograd.grad(obj, (x1, x2))
-                d1 = _project(clipped(x1.detach() + step_size * _ascent_direction(g1, norm)) - x, eps, norm)
-                d2 = _project(clipped(x2.detach() + step_size * _ascent_direction(g2, norm)) - x, eps, norm)
+                d1 = project_delta(clipped(x1.detach() + step_size * ascent_direction(g1, norm, 1e-30)) - x, eps, norm)
+                d2 = project_delta(clipped(x2.detach() + step_size * ascent_direction(g2, norm, 1e-30)) - x, eps, norm)
                 d1, d2 = d1.detach(), d2.detach()
         best = pairs.result()
     return best, pairs.x1, pairs.x2
@@ -441,9 +413,9 @@ def _recorded_ratio(twin: nn.Module, x1: torch.Tensor, x2: torch.Tensor, p: floa
     a, b = x1.detach().to(torch.float64), x2.detach().to(torch.float64)
     with torch.no_grad():
         fa, fb = outs if outs is not None else (twin(a), twin(b))
-    allowance = DIFFERENCE_ROUNDOFF * (_flat_norm(fa, 2) + _flat_norm(fb, 2))
-    num = (_flat_norm(fa - fb, 2) - allowance).clamp_min(0.0)
-    den = _flat_norm(a - b, p)
+    allowance = DIFFERENCE_ROUNDOFF * (flat_norm(fa, 2) + flat_norm(fb, 2))
+    num = (flat_norm(fa - fb, 2) - allowance).clamp_min(0.0)
+    den = flat_norm(a - b, p)
     return torch.where(den >= min_sep, num / den.clamp_min(1e-300), torch.zeros_like(num))
 
 
@@ -506,13 +478,12 @@ def local_lipschitz_metric(model: nn.Module, x: torch.Tensor, eps: float, *, y: 
             xp = (xb + init_std * noise).detach()
             for _ in range(steps):
                 xp.requires_grad_(True)
-                ratio = _flat_norm(model(xp) - fx, top_norm) / _flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
+                ratio = flat_norm(model(xp) - fx, top_norm) / flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
                 (grad,) = torch.autograd.grad(ratio.sum(), xp)
-                xp = xp.detach() + direction * step_size * grad.sign()
-                xp = torch.min(torch.max(xp, xb - eps), xb + eps).clamp(0.0, 1.0).detach()
+                xp = clamp_linf(ascent_step(xp.detach(), grad, direction * step_size, "linf"), xb, eps).detach()
             with torch.no_grad():
                 fxp = model(xp)
-                r = _flat_norm(fxp - fx, top_norm) / _flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
+                r = flat_norm(fxp - fx, top_norm) / flat_norm(xb - xp + offset, bottom_norm).clamp_min(1e-30)
             ratios.append(r)
             stable.append(fxp.argmax(1) == fx.argmax(1))
             if y is not None:

@@ -262,7 +262,7 @@ def batchnorm_scale(module: nn.Module) -> torch.Tensor:
     The float32 parameters of a float32 model convert to float64 exactly, so the scale is that of the stored
     network up to float64 round-off (a float32 computation was up to ~1e-7 relative below it).
     """
-    from spectral.analyze import fold_scale
+    from spectral.folding import fold_scale
 
     if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm module, got {type(module).__name__}")

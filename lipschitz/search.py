@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lipschitz.lower import (PowerOptions, _check_batch, _flat_norm, attack_pairs, eval_mode,
+from lipschitz.ball import ascent_direction, flat_norm, per_example, random_in_ball
+from lipschitz.lower import (PowerOptions, _check_batch, attack_pairs, eval_mode,
                              float64_jacobian_value, jacobian_path, jacobian_sigmas)
 from spectral.guarantee import Guarantee, NormValue, json_safe
 
@@ -81,27 +82,22 @@ def _check_clip(clip: tuple[float, float] | None) -> None:
         raise ValueError(f"clip must be None or (low, high) with low < high, got {clip!r}")
 
 
-def _view(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.view(-1, *([1] * (dim - 1)))
-
-
 def _interior(x: torch.Tensor, clip: tuple[float, float] | None, perturb: float,
               gen: torch.Generator) -> torch.Tensor:
     """``x`` jittered by ``r`` uniform in the l_inf ball of radius ``perturb * max(1, |x|_inf)``, staying in
     the box: coordinates are first pulled ``r`` inside its faces (so no coordinate sits exactly on a face)."""
-    radius = _view(perturb * _flat_norm(x.detach(), math.inf).clamp_min(1.0), x.dim())
+    radius = per_example(perturb * flat_norm(x.detach(), math.inf).clamp_min(1.0), x.dim())
     if clip is not None:
         radius = radius.clamp_max(0.25 * (clip[1] - clip[0]))
         x = torch.maximum(torch.minimum(x, clip[1] - radius), clip[0] + radius)
-    r = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1).to(x.device)
-    return (x + radius * r).detach()
+    return (x + random_in_ball(x.shape, radius, "linf", generator=gen, dtype=x.dtype, device=x.device)).detach()
 
 
 def _domain_scale(x: torch.Tensor, clip: tuple[float, float] | None) -> float:
     """A length for step sizes: the box diagonal, else twice the RMS distance of the points from their mean."""
     if clip is not None:
         return float(clip[1] - clip[0]) * math.sqrt(x[0].numel())
-    spread = float(_flat_norm(x - x.mean(0, keepdim=True), 2).pow(2).mean().sqrt())
+    spread = float(flat_norm(x - x.mean(0, keepdim=True), 2).pow(2).mean().sqrt())
     return 2.0 * spread if spread > 0 else 1.0
 
 
@@ -136,7 +132,7 @@ class _Candidates:
 
 def _segment_points(x1: torch.Tensor, x2: torch.Tensor, n: int) -> torch.Tensor:
     t = torch.linspace(0.0, 1.0, n, dtype=x1.dtype, device=x1.device)
-    return (x1.unsqueeze(0) + _view(t, x1.dim() + 1) * (x2 - x1).unsqueeze(0)).reshape(-1, *x1.shape[1:])
+    return (x1.unsqueeze(0) + per_example(t, x1.dim() + 1) * (x2 - x1).unsqueeze(0)).reshape(-1, *x1.shape[1:])
 
 
 def _starts(model: nn.Module, x: torch.Tensor, *, clip, n_random: int, attack_points: int, attack_steps: int,
@@ -167,9 +163,9 @@ def _starts(model: nn.Module, x: torch.Tensor, *, clip, n_random: int, attack_po
 def _secant_direction(model: nn.Module, x: torch.Tensor, v: torch.Tensor, h: float) -> torch.Tensor:
     """Unit (l2) gradient of ``||f(x + h v) - f(x - h v)|| / (2h)`` per sample (0 where it vanishes)."""
     xg = x.detach().requires_grad_(True)
-    obj = _flat_norm(model(xg + h * v) - model(xg - h * v), 2).sum() / (2 * h)
+    obj = flat_norm(model(xg + h * v) - model(xg - h * v), 2).sum() / (2 * h)
     (g,) = torch.autograd.grad(obj, xg)
-    return g / _view(_flat_norm(g, 2).clamp_min(1e-30), g.dim())
+    return ascent_direction(g, "l2", floor=1e-30)
 
 
 def _ascend(model: nn.Module, cand: _Candidates, idx: torch.Tensor, *, steps: int, scale: float, clip,
@@ -187,7 +183,7 @@ def _ascend(model: nn.Module, cand: _Candidates, idx: torch.Tensor, *, steps: in
         frac = step / max(steps - 1, 1)
         h, a = h0 * (h1 / h0) ** frac, a0 * (a1 / a0) ** frac
         velocity = ASCENT_MOMENTUM * velocity + _secant_direction(model, x, v, h)
-        x = x + a * velocity / _view(_flat_norm(velocity, 2).clamp_min(1e-30), x.dim())
+        x = x + a * velocity / per_example(flat_norm(velocity, 2).clamp_min(1e-30), x.dim())
         if clip is not None:
             x = x.clamp(*clip)
         x = _interior(x, clip, perturb, gen)

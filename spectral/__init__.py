@@ -6,8 +6,8 @@ Public API (``sandwich``/``analyze`` are bound at import; the others load on fir
 
 - ``sandwich(layer_or_weight, input_shape, rtol=0.02, ...) -> Sandwich``: exact values where they exist, else
   certified lower/upper bounds from a cost-ordered ladder of certificates (``spectral.ladder``); says why when
-  ``rtol`` is not reached.
-- ``analyze(model, example_input, ...) -> LayerTable``: every conv/linear of a model, BN folded.
+  ``rtol`` is not reached; its cost knobs are the fields of ``SandwichOptions``.
+- ``analyze(model, input_shape_or_example, ...) -> LayerTable``: every conv/linear of a model, BN folded.
 - ``LayerOperator``, ``compose``, ``ChannelScale``: layers as linear maps.
 - ``conv_singular_values_circular``, ``conv_operator_norm_circular``, ``operator_norm_dense``: exact values.
 - ``conv_operator_norm_upper``, ``linear_operator_norm_upper``, ``UPPER_METHODS``: certified upper bounds.
@@ -26,10 +26,11 @@ from spectral.guarantee import Guarantee, NormValue
 # ``sandwich`` and ``analyze`` share their submodules' names: bind the functions eagerly, after the
 # submodule import (Python sets ``spectral.<submodule>`` only when the submodule is first loaded, so
 # later ``import spectral.analyze`` no longer shadows the function).
-from spectral.sandwich import Sandwich, fourier_certificate, sandwich  # noqa: E402  (after the submodule)
+from spectral.sandwich import (Sandwich, SandwichOptions, fourier_certificate,  # noqa: E402  (after the submodule)
+                               sandwich)
 from spectral.analyze import LayerTable, analyze  # noqa: E402
 
-_EAGER = ["sandwich", "Sandwich", "fourier_certificate", "analyze", "LayerTable"]
+_EAGER = ["sandwich", "Sandwich", "SandwichOptions", "fourier_certificate", "analyze", "LayerTable"]
 
 _LAZY = {
     "LayerOperator": "spectral.operators",

@@ -1,13 +1,13 @@
 """Per-layer spectral table of any ``nn.Module``: every conv/linear at the input shape it really sees.
 
-``analyze(model, example_input)`` runs one eval-mode, no-grad forward pass with hooks (every submodule's
-mode is restored afterwards, so an analysis changes nothing in the model: no BatchNorm statistics, no
-spectral-norm power-iteration buffers), records each ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear``,
-``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d`` call with its real input shape and its parameters, folds
-an eval-mode BatchNorm that directly consumes a layer's output into it (``W * gamma / sqrt(var + eps)`` per
-output channel, in float64; the bias does not change a norm), then sandwiches each layer
-(``spectral.sandwich``) and adds the random-matrix baseline. A transposed convolution is the adjoint of the
-convolution with the same weight from its output shape back to its input shape, and a map and its adjoint
+``analyze(model, input_shape)`` (or an example input with its batch dimension) runs one eval-mode, no-grad
+forward pass with hooks (every submodule's mode is restored afterwards, so an analysis changes nothing in the
+model: no BatchNorm statistics, no spectral-norm power-iteration buffers), records each ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Linear``, ``nn.ConvTranspose1d`` and ``nn.ConvTranspose2d`` call with its real input shape
+and its parameters, folds an eval-mode BatchNorm that directly consumes a layer's output into it (``W * gamma
+/ sqrt(var + eps)`` per output channel, in float64; the bias does not change a norm), then sandwiches each
+layer (``spectral.sandwich``) and adds the random-matrix baseline. A transposed convolution is the adjoint of
+the convolution with the same weight from its output shape back to its input shape, and a map and its adjoint
 have the same operator norm, so its row is that convolution's sandwich. Modules with weights that are not
 analysed (unsupported types, or layers never called as modules) are listed in ``meta["not_analyzed"]``.
 Pre-activation blocks (BN -> ReLU -> conv) have no BN *after* a conv, so nothing is folded there:
@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from spectral.folding import fold_batchnorm, fold_scale
 from spectral.random_matrix import random_conv_norm_prediction, random_norm_ratio
 from spectral.sandwich import sandwich
 
-__all__ = ["LayerTable", "LayerRecord", "analyze", "record_layers", "fold_batchnorm", "eval_mode"]
+__all__ = ["LayerTable", "LayerRecord", "analyze", "record_layers", "fold_batchnorm", "eval_mode", "example_input_for"]
 
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear) + _TRANSPOSED_TYPES
@@ -191,36 +193,6 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerRe
     return records
 
 
-def fold_scale(bn: _BatchNorm) -> torch.Tensor:
-    """Per-channel factor ``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm."""
-    var = bn.running_var.detach().double()
-    scale = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.affine and bn.weight is not None:
-        scale = scale * bn.weight.detach().double()
-    return scale
-
-
-def fold_batchnorm(weight: torch.Tensor, scale: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
-    """``weight`` (float64) with output channel ``o`` multiplied by ``scale[o]``: conv or linear weights
-    ``(C_out, ...)``, or with ``transposed=True`` a ConvTranspose weight ``(C_in, C_out / groups, ...)``.
-
-    The result stays in float64: rounding it back to float32 would change the operator by ~1e-7 relative,
-    and the certificate would be for that other operator.
-    """
-    w = weight.detach().double()
-    scale = scale.detach().double()
-    if not transposed:
-        if scale.shape[0] != w.shape[0]:
-            raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {w.shape[0]} outputs")
-        return w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
-    c_in, c_out_g = w.shape[:2]
-    if scale.shape[0] != c_out_g * groups:
-        raise ValueError(f"BatchNorm has {scale.shape[0]} channels but the layer has {c_out_g * groups} outputs")
-    group_of_row = torch.arange(c_in) // (c_in // groups)
-    index = group_of_row[:, None] * c_out_g + torch.arange(c_out_g)[None, :]  # output channel of w[i, j]
-    return w * scale[index].reshape(c_in, c_out_g, *([1] * (w.dim() - 2)))
-
-
 def _layer_params(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, nn.Linear):
         return {"stride": None, "padding": None, "padding_mode": None, "dilation": None, "groups": None}
@@ -306,6 +278,15 @@ def _row(rec: LayerRecord, sandwich_kwargs: dict[str, Any], random_baseline: boo
     return row
 
 
+def _kwargs_record(sandwich_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """JSON-friendly record of the sandwich keywords (an options object as its fields, dtypes as strings)."""
+    out = dict(sandwich_kwargs)
+    options = out.pop("options", None)
+    if options is not None:
+        out = {**dataclasses.asdict(options), **out}
+    return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in out.items()}
+
+
 def not_analyzed(model: nn.Module, records: list[LayerRecord]) -> list[dict[str, str]]:
     """Modules holding a weight matrix/kernel (a parameter with >= 2 dims) that have no row: unsupported types,
     and supported layers never called as modules in the forward pass (e.g. used through their weight)."""
@@ -327,9 +308,24 @@ def not_analyzed(model: nn.Module, records: list[LayerRecord]) -> list[dict[str,
     return out
 
 
+def example_input_for(model: nn.Module, input_or_shape: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """The example input of a shape given without the batch (one zero sample in the model's dtype and on its
+    device), or the tensor itself when one is given (it carries the batch dimension)."""
+    if torch.is_tensor(input_or_shape):
+        return input_or_shape
+    if isinstance(input_or_shape, (str, bytes)) or not isinstance(input_or_shape, Sequence) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_or_shape):
+        raise TypeError(f"expected an input shape without the batch, e.g. (3, 32, 32), or an example input tensor "
+                        f"with the batch, got {input_or_shape!r}")
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+    device = param.device if param is not None else torch.device("cpu")
+    return torch.zeros((1, *input_or_shape), dtype=dtype, device=device)
+
+
 def analyze(
     model: nn.Module,
-    example_input: torch.Tensor,
+    input_shape: torch.Tensor | Sequence[int],
     *,
     progress: bool = True,
     random_baseline: bool = True,
@@ -337,9 +333,10 @@ def analyze(
 ) -> LayerTable:
     """Per-layer certified spectral norms of every conv/linear/transposed-conv layer of ``model``.
 
-    ``example_input`` includes a batch dimension (one sample is enough); the forward pass runs in eval mode
-    without gradients and the model is left as it was (modes, buffers). ``sandwich_kwargs`` go to
-    ``spectral.sandwich`` (``rtol``, ``budget_seconds``, ``probabilistic``, ...). Rows: name, kind, shapes,
+    ``input_shape`` excludes the batch, e.g. ``(3, 32, 32)`` (as in ``lipschitz.network_bound``); an example
+    input tensor *with* the batch dimension is accepted too (one sample is enough). The forward pass runs in
+    eval mode without gradients and the model is left as it was (modes, buffers). ``sandwich_kwargs`` go to
+    ``spectral.sandwich`` (``rtol``, ``options=SandwichOptions(...)`` or any of its fields). Rows: name, kind, shapes,
     stride/padding/..., folded_batchnorm, lower, upper, gap, exact, guarantee labels, methods, seconds, notes,
     the random-matrix baseline (ESTIMATE) and ``ratio_to_random`` (upper / baseline). ``meta["not_analyzed"]``
     lists modules with weights that have no row (also warned about).
@@ -349,6 +346,7 @@ def analyze(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    example_input = example_input_for(model, input_shape)
     records = record_layers(model, example_input)
     with eval_mode(model), torch.no_grad():  # nothing below may step a parametrization or a hook
         rows = [_row(rec, sandwich_kwargs, random_baseline)
@@ -359,9 +357,10 @@ def analyze(
         warnings.warn(f"analyze: {len(skipped)} module(s) with weights have no row: {shown}"
                       f"{' ...' if len(skipped) > 5 else ''}; see meta['not_analyzed']", stacklevel=2)
     meta = {
-        "model": type(model).__name__, "example_input_shape": list(example_input.shape),
+        "model": type(model).__name__, "input_shape": list(example_input.shape[1:]),
+        "example_input_shape": list(example_input.shape),
         "layers": len(rows), "seconds": time.perf_counter() - t0, "torch": torch.__version__,
-        "sandwich_kwargs": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in sandwich_kwargs.items()},
+        "sandwich_kwargs": _kwargs_record(sandwich_kwargs),
         "max_gap": max((r["gap"] for r in rows), default=0.0), "evaluated_in_eval_mode": True,
         "model_was_training": bool(model.training), "not_analyzed": skipped,
         "not_converged": sum(not r["converged"] for r in rows),

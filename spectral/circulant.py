@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from spectral.geometry import polyphase, tap_offsets
 from spectral.guarantee import Guarantee, NormValue
 from spectral.lower import batched_lanczos
 from spectral.roundoff import gamma, unit_roundoff
@@ -31,9 +32,9 @@ def _tap_table(
     """Per tap (kernel row-major): coarse position ``q`` (K, nd) and flattened input phase ``r`` (K,)."""
     axes_q, axes_r = [], []
     for k, m, s, d in zip(kernel, grid, stride, dilation):
-        t = (d * torch.arange(k)) % m
-        axes_q.append(t // s)
-        axes_r.append(t % s)
+        q, r = polyphase(tap_offsets(k, d, modulus=m), s)
+        axes_q.append(q)
+        axes_r.append(r)
     mesh_q = torch.meshgrid(*axes_q, indexing="ij")
     mesh_r = torch.meshgrid(*axes_r, indexing="ij")
     q = torch.stack([g.reshape(-1) for g in mesh_q], dim=1)
@@ -223,63 +224,94 @@ def fourier_certificate(
     chunk = max(1, int(max_memory_bytes // (bytes_per * 4 * n * n * groups)))
     n_freq = fg.freqs.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    best_theta, best_vec, best_at = -1.0, None, (0, 0)
+    top = _TopTracker(groups)
+    mu0, cap = _start_level(fg, chunk, sample_blocks, power_iters, gen, top, target, accept, rho)
+    # certify mu I - H >= 0 for every block
+    gamma_chol, form_margin = _margins(fg, dtype)
+    run = _CertRun(fg, mu0, cap, rho, power_iters, gen, top, gamma_chol, form_margin,
+                   torch.eye(n, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64))
+    for start in range(0, n_freq, chunk):
+        run.certify(torch.arange(start, min(n_freq, start + chunk)))
+    f_star, g_star = top.at
+    return NormValue(
+        math.sqrt(max(run.best, 0.0)), Guarantee.UPPER, "fft_cholesky", run.cholesky_calls, time.perf_counter() - t0,
+        {
+            **_summary(fg, grid, strides, dtype, rho), "failed": run.failed,
+            "circulant_lower": math.sqrt(max(top.theta, 0.0)),
+            "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
+            "argmax_vector": _top_input_vector(fg, top.vec, f_star, g_star),
+            "max_roundoff_margin_rel": run.max_margin_rel,
+        },
+    )
 
-    def note(theta: torch.Tensor, vec: torch.Tensor, freq_idx: torch.Tensor) -> None:
-        nonlocal best_theta, best_vec, best_at
+
+class _TopTracker:
+    """The largest eigenvalue estimate seen so far, its vector and its (frequency index, group)."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+        self.theta, self.vec, self.at = -1.0, None, (0, 0)
+
+    def note(self, theta: torch.Tensor, vec: torch.Tensor, freq_idx: torch.Tensor) -> None:
         i = int(torch.argmax(theta))
-        if float(theta[i]) > best_theta:
-            f_i, g_i = divmod(i, groups)
-            best_theta, best_vec, best_at = float(theta[i]), vec[i].clone(), (int(freq_idx[f_i]), g_i)
+        if float(theta[i]) > self.theta:
+            f_i, g_i = divmod(i, self.groups)
+            self.theta, self.vec, self.at = float(theta[i]), vec[i].clone(), (int(freq_idx[f_i]), g_i)
 
-    # target from a random sample of blocks
+
+def _start_level(fg: _FourierGram, chunk: int, sample_blocks: int, power_iters: int, gen: torch.Generator,
+                 top: _TopTracker, target: float | None, accept: float | None, rho: float) -> tuple[float, float]:
+    """``(mu0, cap)``: the first certification level, from power iteration on a random sample of blocks (or
+    ``target``), inflated by ``(1 + rho)^2``; ``cap`` is the level the caller accepts (``accept^2``, or inf)."""
+    n_freq, n = fg.freqs.shape[0], fg.size
     sample = torch.randperm(n_freq, generator=gen)[: max(1, min(sample_blocks, n_freq, chunk))]
     H = fg.blocks(sample).reshape(-1, n, n)
     theta_s, vec_s = power_top(H, power_iters, gen)
-    note(theta_s, vec_s, sample)
+    top.note(theta_s, vec_s, sample)
     mu0 = max(float(theta_s.max()), (target or 0.0) ** 2, 0.0) * (1 + rho) ** 2
     cap = (accept ** 2) * (1 - 1e-6) if accept else math.inf
     if float(theta_s.max()) * (1 + 1e-9) < cap < mu0:
         mu0 = cap  # a level the caller is content with: certify there rather than at the inflated estimate
-    # certify mu I - H >= 0 for every block
-    gamma_chol, form_margin = _margins(fg, dtype)
-    eye = torch.eye(n, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
-    best, failed, max_margin_rel, cholesky_calls = 0.0, 0, 0.0, 0
-    for start in range(0, n_freq, chunk):
-        idx = torch.arange(start, min(n_freq, start + chunk))
-        S = fg.shifted_blocks(idx, mu0).reshape(-1, n, n)  # mu0 I - H(u)
-        mu = torch.full((S.shape[0],), mu0, dtype=torch.float64)
+    return mu0, cap
+
+
+class _CertRun:
+    """Certification of ``mu I - H(u) >= 0`` chunk by chunk; the level ``mu0`` only grows (the bound is a max)."""
+
+    def __init__(self, fg: _FourierGram, mu0: float, cap: float, rho: float, power_iters: int,
+                 gen: torch.Generator, top: _TopTracker, gamma_chol: float, form_margin: float,
+                 eye: torch.Tensor) -> None:
+        self.fg, self.mu0, self.cap, self.rho, self.power_iters, self.gen, self.top = \
+            fg, mu0, cap, rho, power_iters, gen, top
+        self.gamma_chol, self.form_margin, self.eye = gamma_chol, form_margin, eye
+        self.best, self.failed, self.max_margin_rel, self.cholesky_calls = 0.0, 0, 0.0, 0
+
+    def certify(self, idx: torch.Tensor) -> None:
+        fg, n, groups, rho = self.fg, self.fg.size, self.fg.groups, self.rho
+        S = fg.shifted_blocks(idx, self.mu0).reshape(-1, n, n)  # mu0 I - H(u)
+        mu = torch.full((S.shape[0],), self.mu0, dtype=torch.float64)
         _, info = torch.linalg.cholesky_ex(S)
-        cholesky_calls += S.shape[0]
+        self.cholesky_calls += S.shape[0]
         bad = (info != 0).nonzero().flatten()
         if bad.numel():
-            failed += int(bad.numel())
+            self.failed += int(bad.numel())
             H_bad = S[bad].neg_()
-            H_bad.diagonal(dim1=-2, dim2=-1).add_(mu0)
-            theta_b, vec_b = power_top(H_bad, 3 * power_iters, gen)
-            note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
-            mu_b = torch.clamp(theta_b, min=mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + form_margin
+            H_bad.diagonal(dim1=-2, dim2=-1).add_(self.mu0)
+            theta_b, vec_b = power_top(H_bad, 3 * self.power_iters, self.gen)
+            self.top.note(theta_b, vec_b, idx.repeat_interleave(groups)[bad] if groups > 1 else idx[bad])
+            mu_b = torch.clamp(theta_b, min=self.mu0 / (1 + rho) ** 2) * (1 + rho) ** 2 + self.form_margin
+            cap = self.cap
             mu_b = torch.where((theta_b * (1 + 1e-9) < cap) & (mu_b > cap), torch.full_like(mu_b, cap), mu_b)
-            cholesky_calls += _recertify(H_bad, mu_b, rho, eye)
+            self.cholesky_calls += _recertify(H_bad, mu_b, rho, self.eye)
             mu[bad] = mu_b
             # the bound is a maximum: later blocks may as well be certified at the level reached
-            mu0 = max(mu0, float(mu_b.max()))
+            self.mu0 = max(self.mu0, float(mu_b.max()))
         del S
         trace_h = fg.traces(idx).reshape(-1)
         trace_b = torch.clamp(n * mu - trace_h, min=0.0)
-        margin = gamma_chol * trace_b * (1 + 2 * gamma_chol) + form_margin
-        best = max(best, float((mu + margin).max()))
-        max_margin_rel = max(max_margin_rel, float((margin / torch.clamp(mu, min=1e-300)).max()))
-    f_star, g_star = best_at
-    return NormValue(
-        math.sqrt(max(best, 0.0)), Guarantee.UPPER, "fft_cholesky", cholesky_calls, time.perf_counter() - t0,
-        {
-            **_summary(fg, grid, strides, dtype, rho), "failed": failed,
-            "circulant_lower": math.sqrt(max(best_theta, 0.0)),
-            "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
-            "argmax_vector": _top_input_vector(fg, best_vec, f_star, g_star), "max_roundoff_margin_rel": max_margin_rel,
-        },
-    )
+        margin = self.gamma_chol * trace_b * (1 + 2 * self.gamma_chol) + self.form_margin
+        self.best = max(self.best, float((mu + margin).max()))
+        self.max_margin_rel = max(self.max_margin_rel, float((margin / torch.clamp(mu, min=1e-300)).max()))
 
 
 def _summary(fg: _FourierGram, grid: Sequence[int], strides: Sequence[int], dtype: torch.dtype,

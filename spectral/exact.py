@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from spectral.geometry import as_tuple, polyphase, tap_offsets, tap_phases
 from spectral.guarantee import Guarantee, NormValue
 from spectral.operators import DEFAULT_MAX_ENTRIES, check_linear_map, dense_matrix
 from spectral.roundoff import tap_sum_error, unit_roundoff
@@ -38,14 +39,7 @@ def complex_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def _pair(value: int | Sequence[int], nd: int, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        vals = (value,) * nd
-    else:
-        vals = tuple(int(v) for v in value)
-        if len(vals) == 1:
-            vals = vals * nd
-    if len(vals) != nd:
-        raise ValueError(f"{name} must be an int or a tuple of {nd} ints, got {value!r}")
+    vals = as_tuple(value, nd, name)
     if any(v < 1 for v in vals):
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return (vals[0], vals[1] if nd == 2 else 1)
@@ -92,14 +86,8 @@ def _tap_phases(
     k: int, d: int, n: int, s: int, freqs: torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``E[u, a, r] = exp(-2 pi i u q_a / m)`` if tap ``a`` lands on input phase ``r`` else 0 (``m = n/s``)."""
-    m = n // s
-    t = (d * torch.arange(k)) % n
-    q, r = t // s, t % s
-    angle = -2 * math.pi * (freqs.to(torch.float64)[:, None] * q[None, :].to(torch.float64)) / m
-    phase = torch.polar(torch.ones_like(angle), angle)  # (F, k)
-    E = torch.zeros(len(freqs), k, s, dtype=torch.complex128)
-    E[:, torch.arange(k), r] = phase
-    return E.to(dtype=dtype, device=device)
+    q, r = polyphase(tap_offsets(k, d, modulus=n), s)
+    return tap_phases(freqs, q, r, s, n // s).to(dtype=dtype, device=device)
 
 
 def iter_fourier_blocks(
@@ -215,18 +203,31 @@ def singular_values_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> tor
     return torch.linalg.svdvals(dense_matrix(m, max_entries=max_entries))
 
 
-def operator_norm_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES) -> NormValue:
-    """Exact spectral norm of any (small) linear map: largest singular value of its dense matrix, in the map's
-    dtype. ``details["error_bound"]`` states the SVD's backward error ``4 max(m, n) u sigma`` (estimate)."""
+def operator_norm_dense(m: Any, max_entries: int = DEFAULT_MAX_ENTRIES, *, via: str = "svd",
+                        dtype: torch.dtype | None = None) -> NormValue:
+    """Exact spectral norm of any (small) linear map: largest singular value of its dense matrix, in ``dtype``
+    (default: the map's dtype). ``via="svd"``: the matrix 2-norm; ``via="gram"``: the square root of the largest
+    eigenvalue of the smaller Gram matrix (several times faster; its backward error ``O(n u ||A||^2)`` is of
+    the same order). ``details["error_bound"]`` states ``4 max(m, n) u sigma`` (an estimate, not a proof)."""
+    if via not in ("svd", "gram"):
+        raise ValueError(f"unknown via {via!r}; valid: svd, gram")
     check_linear_map(m)
     t0 = time.perf_counter()
     A = dense_matrix(m, max_entries=max_entries)
-    value = torch.linalg.matrix_norm(A, ord=2).item() if A.numel() else 0.0
+    if dtype is not None:
+        A = A.to(dtype)
+    if not A.numel():
+        value = 0.0
+    elif via == "svd":
+        value = torch.linalg.matrix_norm(A, ord=2).item()
+    else:
+        G = A.T @ A if A.shape[1] <= A.shape[0] else A @ A.T
+        value = math.sqrt(max(float(torch.linalg.eigvalsh(G)[-1]), 0.0))
     u = unit_roundoff(A.dtype) if A.is_floating_point() else 0.0
     return NormValue(
         value=value,
         guarantee=Guarantee.EXACT,
-        method="dense_svd",
+        method="dense_svd" if via == "svd" else "dense_gram_eig",
         seconds=time.perf_counter() - t0,
         details={"shape": list(A.shape), "error_bound": 4 * max(A.shape, default=0) * u * value},
     )

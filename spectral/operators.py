@@ -20,44 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectral.geometry import as_tuple, conv_output_size, padding_pairs  # noqa: F401  (padding_pairs re-exported)
+
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 DEFAULT_MAX_ENTRIES = 2**26  # 64M entries: 512 MiB in float64
-
-
-def _tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        out = (value,) * n
-    else:
-        out = tuple(int(v) for v in value)
-        if len(out) == 1 and n > 1:
-            out = out * n
-    if len(out) != n:
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
-    return out
-
-
-def padding_pairs(
-    padding: int | str | Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]
-) -> tuple[tuple[int, int], ...]:
-    """Per spatial dimension ``(before, after)`` padding, resolving PyTorch's "same"/"valid" strings."""
-    n = len(kernel_size)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return tuple((0, 0) for _ in range(n))
-        if padding == "same":
-            pairs = []
-            for k, d in zip(kernel_size, dilation):
-                total = d * (k - 1)
-                pairs.append((total // 2, total - total // 2))
-            return tuple(pairs)
-        raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
-    if not isinstance(padding, int) and len(tuple(padding)) == 2 * n:
-        flat = tuple(int(p) for p in padding)
-        return tuple((flat[2 * i], flat[2 * i + 1]) for i in range(n))
-    sym = _tuple(padding, n, "padding")
-    if any(p < 0 for p in sym):
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
-    return tuple((p, p) for p in sym)
 
 
 def _check_batch(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
@@ -210,8 +176,8 @@ class LayerOperator(LinearMap):
                 f"(and C_out divisible by groups), got input_shape {input_shape}"
             )
         kernel = tuple(weight.shape[2:])
-        stride_t = _tuple(stride, nd, "stride")
-        dil_t = _tuple(dilation, nd, "dilation")
+        stride_t = as_tuple(stride, nd, "stride")
+        dil_t = as_tuple(dilation, nd, "dilation")
         if any(s < 1 for s in stride_t) or any(d < 1 for d in dil_t):
             raise ValueError(f"stride and dilation must be >= 1, got stride={stride!r}, dilation={dilation!r}")
         if isinstance(padding, str) and padding == "same" and any(s != 1 for s in stride_t):
@@ -224,13 +190,13 @@ class LayerOperator(LinearMap):
                 raise ValueError(f"reflect padding {max(pl, pr)} must be < input size {n}")
             if padding_mode == "circular" and (pl > n or pr > n):
                 raise ValueError(f"circular padding {max(pl, pr)} must be <= input size {n}")
-            span = n + pl + pr - d * (k - 1)
-            if span < 1:
+            out = conv_output_size(n, k, s, d, pl, pr)
+            if out < 1:
                 raise ValueError(
                     f"kernel (size {k}, dilation {d}) is larger than the padded input ({n}+{pl}+{pr}); "
                     "use a larger input_shape"
                 )
-            out_spatial.append((span - 1) // s + 1)
+            out_spatial.append(out)
         return cls(
             f"conv{nd}d", weight, input_shape, (c_out, *out_spatial), stride_t, pads, dil_t, groups, padding_mode
         )

@@ -167,6 +167,59 @@ def _matrix_products(map_or_matrix: Any) -> tuple[int, Callable[[torch.Tensor], 
     return n, gram, torch.float64
 
 
+def _power_steps(gram: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, n: int, delta: float, max_iter: int,
+                 min_iter: int, target_eps: float) -> tuple[float, float, float, int]:
+    """Power method on ``M^T M`` from ``b``: (Ritz value, residual, relative eps, products)."""
+    theta, eps, k = 0.0, 1.0, 0
+    v = b
+    for k in range(1, max_iter + 1):
+        w = gram(v)
+        theta = float(torch.dot(v, w))  # Rayleigh quotient of A^(k-1) b
+        eps = krylov_relative_error(n, k, delta, "power")
+        if k >= min_iter and eps <= target_eps:
+            break
+        norm = w.norm()
+        if norm == 0:
+            eps = 0.0  # A^k b = 0 with b random: A = 0 almost surely
+            break
+        v = w / norm
+    return theta, 0.0, eps, k
+
+
+def _lanczos_steps(gram: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, n: int, delta: float,
+                   max_iter: int, min_iter: int, target_eps: float) -> tuple[float, float, float, int]:
+    """Lanczos with full reorthogonalisation on ``M^T M`` from ``b``: (Ritz value, residual, relative eps, k)."""
+    theta = residual = 0.0
+    eps, k = 1.0, 0
+    basis = torch.empty(max_iter, n, dtype=torch.float64)
+    alphas: list[float] = []
+    betas: list[float] = []
+    q = b
+    for k in range(1, max_iter + 1):
+        basis[k - 1] = q
+        w = gram(q)
+        alpha = float(torch.dot(q, w))
+        alphas.append(alpha)
+        w = w - basis[:k].T @ (basis[:k] @ w)  # full reorthogonalisation (twice is enough)
+        w = w - basis[:k].T @ (basis[:k] @ w)
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+        theta = float(torch.linalg.eigvalsh(tri)[-1])
+        beta = float(w.norm())
+        eps = krylov_relative_error(n, k, delta, "lanczos")
+        if beta <= 1e-12 * max(abs(theta), 1e-300):
+            # invariant subspace: every Ritz value is within beta of an eigenvalue of A, and the space holds
+            # b's (almost surely non-zero) top-eigenvector component, so lambda_1 <= theta + beta
+            return theta, beta, 0.0, k
+        if k >= min_iter and eps <= target_eps:
+            break
+        betas.append(beta)
+        q = w / beta
+    return theta, residual, eps, k
+
+
 def probabilistic_upper(
     map_or_matrix: Any,
     delta: float = 1e-3,
@@ -202,50 +255,8 @@ def probabilistic_upper(
     b = b / b.norm()
     max_iter = min(max_iter, n)
     target_eps = 1.0 - 1.0 / (1.0 + rtol) ** 2
-    theta = residual = 0.0
-    eps = 1.0
-    k = 0
-    if method == "power":
-        v = b
-        for k in range(1, max_iter + 1):
-            w = gram(v)
-            theta = float(torch.dot(v, w))  # Rayleigh quotient of A^(k-1) b
-            eps = krylov_relative_error(n, k, delta, "power")
-            if k >= min_iter and eps <= target_eps:
-                break
-            norm = w.norm()
-            if norm == 0:
-                eps = 0.0  # A^k b = 0 with b random: A = 0 almost surely
-                break
-            v = w / norm
-    else:
-        basis = torch.empty(max_iter, n, dtype=torch.float64)
-        alphas: list[float] = []
-        betas: list[float] = []
-        q = b
-        for k in range(1, max_iter + 1):
-            basis[k - 1] = q
-            w = gram(q)
-            alpha = float(torch.dot(q, w))
-            alphas.append(alpha)
-            w = w - basis[:k].T @ (basis[:k] @ w)  # full reorthogonalisation (twice is enough)
-            w = w - basis[:k].T @ (basis[:k] @ w)
-            tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                off = torch.tensor(betas, dtype=torch.float64)
-                tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-            theta = float(torch.linalg.eigvalsh(tri)[-1])
-            beta = float(w.norm())
-            eps = krylov_relative_error(n, k, delta, "lanczos")
-            if beta <= 1e-12 * max(abs(theta), 1e-300):
-                # invariant subspace: every Ritz value is within beta of an eigenvalue of A, and the space holds
-                # b's (almost surely non-zero) top-eigenvector component, so lambda_1 <= theta + beta
-                eps, residual = 0.0, beta
-                break
-            if k >= min_iter and eps <= target_eps:
-                break
-            betas.append(beta)
-            q = w / beta
+    steps = _power_steps if method == "power" else _lanczos_steps
+    theta, residual, eps, k = steps(gram, b, n, delta, max_iter, min_iter, target_eps)
     theta = max(theta, 0.0)
     # float64 round-off of the Ritz value (products, reorthogonalisation, eigvalsh): far below this margin
     theta_up = (theta + residual) * (1.0 + ROUNDOFF_MARGIN)

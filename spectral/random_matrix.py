@@ -24,18 +24,10 @@ from typing import Sequence
 
 import torch
 
+from spectral.geometry import as_tuple
 from spectral.guarantee import Guarantee, NormValue
 
 __all__ = ["random_conv_norm_prediction", "random_linear_norm_prediction", "random_norm_ratio"]
-
-
-def _as_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * ndim
-    out = tuple(int(v) for v in value)
-    if len(out) != ndim:
-        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
-    return out
 
 
 def _entry_std(weight: torch.Tensor) -> float:
@@ -93,12 +85,12 @@ def random_conv_norm_prediction(
         raise ValueError(f"groups must be a positive int dividing c_out={weight.shape[0]}, got {groups!r}")
     ndim = weight.dim() - 2
     kernel = tuple(int(k) for k in weight.shape[2:])
-    strides = _as_tuple(stride, ndim, "stride")
+    strides = as_tuple(stride, ndim, "stride")
     if any(t < 1 for t in strides):
         raise ValueError(f"stride must be >= 1, got {stride!r}")
     sizes = None
     if input_size is not None:
-        sizes = _as_tuple(input_size, ndim, "input_size")
+        sizes = as_tuple(input_size, ndim, "input_size")
         if any(n < 1 for n in sizes):
             raise ValueError(f"input_size must be >= 1, got {input_size!r}")
         taps = math.prod(min(k, n) for k, n in zip(kernel, sizes))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
@@ -36,7 +36,7 @@ from spectral.ladder import (  # noqa: F401  (re-exported)
     LADDER, Outcome, Run, _plan_cost, boundary_flow, certificate_grid, circulant_flow, circular_grid, exact_value,
     padding_operator_norm)
 
-__all__ = ["Sandwich", "sandwich", "fourier_certificate", "padding_operator_norm", "circular_grid"]
+__all__ = ["Sandwich", "SandwichOptions", "sandwich", "fourier_certificate", "padding_operator_norm", "circular_grid"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
@@ -147,10 +147,82 @@ def _with_weight(op: Any, weight: torch.Tensor) -> Any:
                          op.groups, op.padding_mode)
 
 
-# ----------------------------------------------------------------------------------------------- main entry
+# ----------------------------------------------------------------------------------------------- options
 STRATEGIES = ("boundary", "circulant")
+# the options ``spectral.ladder`` reads from ``Run.opts``
+_RUN_OPTIONS = ("dense_max_entries", "dense_max_flops", "fft_svd_max_flops", "lower_method", "upper_method",
+                "assumed_flops_per_second", "lower_iters", "max_refine", "certificate_dtype", "max_memory_bytes",
+                "seed", "rho_fraction", "jump", "accept_fraction")
 
 
+@dataclass(frozen=True)
+class SandwichOptions:
+    """The cost knobs of ``sandwich`` (every one can also be given to ``sandwich`` as a keyword).
+
+    ``budget_seconds``: wall-clock budget of the certificate ladder; ``max_memory_bytes``: blocks held at once;
+    ``dense_max_entries`` / ``dense_max_flops`` / ``fft_svd_max_flops``: sizes up to which a conv is solved
+    exactly (dense SVD, per-frequency SVD); ``lower_method`` / ``upper_method``: forced methods ("auto": the
+    ladder); ``strategy``: "boundary" (cost-ordered ladder) or "circulant" (the pre-boundary method);
+    ``rho_fraction`` / ``accept_fraction`` / ``jump``: where certificates aim, where they may stop, when a rung is
+    skipped; ``assumed_flops_per_second``: the cost model's speed; ``lower_iters`` / ``max_refine``: Lanczos
+    steps and refinements; ``certificate_dtype``: float32 speeds up ``fft_cholesky`` (larger margin);
+    ``probabilistic`` / ``delta``: add a Krylov upper bound holding with probability ``1 - delta``; ``seed``.
+    """
+
+    budget_seconds: float = 120.0
+    max_memory_bytes: int = 2**30
+    dense_max_entries: int = 2**20
+    dense_max_flops: float = 5e9
+    fft_svd_max_flops: float = 5e10
+    lower_method: str = "lanczos"
+    upper_method: str = "auto"
+    strategy: str = "boundary"
+    rho_fraction: float = 0.1
+    accept_fraction: float = 0.5
+    jump: float = 1.0
+    assumed_flops_per_second: float = 2e10
+    lower_iters: int = 12
+    max_refine: int = 4
+    certificate_dtype: torch.dtype = torch.float64
+    probabilistic: bool = False
+    delta: float = 1e-3
+    seed: int = 0
+
+    def updated(self, **knobs: Any) -> "SandwichOptions":
+        """A copy with ``knobs`` changed; an unknown name is a TypeError that lists the valid ones."""
+        valid = {f.name for f in fields(self)}
+        unknown = sorted(set(knobs) - valid)
+        if unknown:
+            raise TypeError(f"sandwich got unexpected keyword argument(s) {', '.join(unknown)}; valid options: "
+                            f"{', '.join(sorted(valid))}")
+        return replace(self, **knobs) if knobs else self
+
+    def run_options(self) -> dict[str, Any]:
+        """The options of the certificate ladder (``spectral.ladder.Run.opts``)."""
+        return {name: getattr(self, name) for name in _RUN_OPTIONS}
+
+    def validate(self, rtol: float) -> None:
+        from spectral.lower import LOWER_METHODS
+        from spectral.upper import UPPER_METHODS
+
+        if not rtol > 0:
+            raise ValueError(f"rtol must be > 0 (relative gap upper/lower - 1), got {rtol!r}")
+        valid_upper = ("auto", *LADDER, *UPPER_METHODS)
+        if self.upper_method not in valid_upper:
+            raise ValueError(f"unknown upper_method {self.upper_method!r}; valid: {', '.join(valid_upper)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if self.lower_method not in LOWER_METHODS:
+            raise ValueError(f"unknown lower_method {self.lower_method!r}; valid: {', '.join(LOWER_METHODS)}")
+        if self.budget_seconds <= 0 or self.max_memory_bytes <= 0:
+            raise ValueError("budget_seconds and max_memory_bytes must be > 0")
+        rho, acc, jump = self.rho_fraction, self.accept_fraction, self.jump
+        if not 0 < rho < 1 or not jump >= 1 or not rho <= acc <= 1:
+            raise ValueError(f"need 0 < rho_fraction < 1, rho_fraction <= accept_fraction <= 1 and jump >= 1, got "
+                             f"{rho!r}, {acc!r}, {jump!r}")
+
+
+# ----------------------------------------------------------------------------------------------- main entry
 def sandwich(
     layer_or_weight: Any,
     input_shape: Sequence[int],
@@ -161,98 +233,59 @@ def sandwich(
     padding_mode: str = "zeros",
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
-    budget_seconds: float = 120.0,
-    max_memory_bytes: int = 2**30,
-    dense_max_entries: int = 2**20,
-    dense_max_flops: float = 5e9,
-    fft_svd_max_flops: float = 5e10,
-    lower_method: str = "lanczos",
-    upper_method: str = "auto",
-    strategy: str = "boundary",
-    rho_fraction: float = 0.1,
-    accept_fraction: float = 0.5,
-    jump: float = 1.0,
-    assumed_flops_per_second: float = 2e10,
-    lower_iters: int = 12,
-    max_refine: int = 4,
-    certificate_dtype: torch.dtype = torch.float64,
-    probabilistic: bool = False,
-    delta: float = 1e-3,
-    seed: int = 0,
+    options: SandwichOptions | None = None,
+    **knobs: Any,
 ) -> Sandwich:
     """Certified ``lower <= ||layer||_2 <= upper`` for a conv1d/conv2d/linear layer at ``input_shape``.
 
     ``layer_or_weight`` is an ``nn.Conv1d/Conv2d/Linear`` (its own stride/padding/... are used) or a weight
     tensor with the conv parameters given here. ``input_shape`` excludes the batch: ``(C, H, W)``, ``(C, L)``
     or ``(F,)``. Exact values where they exist (linear layers, 1x1 convs, circular "same" convs, small or
-    small-per-group operators), else certified bounds refined until ``upper/lower - 1 <= rtol`` or
-    ``budget_seconds`` (``spectral.ladder``): ``strategy="boundary"`` climbs ``fft_cholesky -> axis_cholesky ->
-    banded_cholesky`` by up-front cost estimates (``assumed_flops_per_second``; a rung is skipped when a tighter
-    one costs at most ``jump`` times as much), certificates at ``rho = rho_fraction * rtol`` above their target,
-    or at ``lower (1 + accept_fraction * rtol)`` where that spares a factorisation;
-    ``strategy="circulant"`` is the pre-boundary method (circulant certificate at ``rho = rtol/4`` or, over
-    budget, Singla-Feizi), kept for comparisons. ``upper_method`` forces one certificate (a ladder name or any
-    of ``spectral.upper.UPPER_METHODS``). ``max_memory_bytes`` bounds the blocks held at once;
-    ``certificate_dtype`` float32 only affects ``fft_cholesky`` (faster, larger rigorous margin).
-    ``probabilistic=True`` adds a Krylov upper bound that holds with probability ``1 - delta``. When the gap
-    stays above ``rtol`` the result says why (``reason``) and what would close it (``suggestion``).
+    small-per-group operators), else certified bounds refined until ``upper/lower - 1 <= rtol`` or the budget
+    (``spectral.ladder``): ``strategy="boundary"`` climbs ``fft_cholesky -> axis_cholesky -> banded_cholesky`` by
+    up-front cost estimates, certificates at ``rho = rho_fraction * rtol`` above their target, or at
+    ``lower (1 + accept_fraction * rtol)`` where that spares a factorisation; ``strategy="circulant"`` is the
+    pre-boundary method (circulant certificate at ``rho = rtol/4`` or, over budget, Singla-Feizi), kept for
+    comparisons. ``upper_method`` forces one certificate (a ladder name or any of ``spectral.upper.UPPER_METHODS``).
+    The cost knobs are the fields of ``SandwichOptions``: pass ``options=SandwichOptions(...)`` or any of them as
+    keywords (keywords override ``options``). When the gap stays above ``rtol`` the result says why (``reason``)
+    and what would close it (``suggestion``).
 
     References: Sedghi et al. (2019); Senderovich et al. (2022); Higham (2002); Delattre et al. (2024);
     Kuczynski & Wozniakowski (1992).
     """
-    _validate(rtol, upper_method, strategy, lower_method, budget_seconds, max_memory_bytes, rho_fraction,
-              accept_fraction, jump)
+    opts = (options if options is not None else SandwichOptions()).updated(**knobs)
+    opts.validate(rtol)
     t0 = time.perf_counter()
     op = _as_operator(layer_or_weight, input_shape, stride, padding, padding_mode, dilation, groups)
     if not torch.isfinite(op.weight).all():
         raise ValueError("weight contains NaN or Inf; spectral norms need finite weights")
     layer = _layer_record(op)
-    opts = dict(dense_max_entries=dense_max_entries, dense_max_flops=dense_max_flops,
-                fft_svd_max_flops=fft_svd_max_flops, lower_method=lower_method, upper_method=upper_method,
-                assumed_flops_per_second=assumed_flops_per_second, lower_iters=lower_iters, max_refine=max_refine,
-                certificate_dtype=certificate_dtype, max_memory_bytes=max_memory_bytes, seed=seed,
-                rho_fraction=rho_fraction, jump=jump, accept_fraction=accept_fraction)
-    run = Run(op, rtol, budget_seconds, t0, opts)
-    if not bool(op.weight.any()):  # the zero operator: norm exactly 0 (no certificate of 0 I - 0 can succeed)
-        ex = exact_value(0.0, "zero_weight", 0.0, {"error_bound": 0.0})
-        run.steps.append({"step": "zero_weight", "value": 0.0, "seconds": 0.0})
-        out = Outcome(ex, ex, ex)
-    elif op.kind == "linear":
-        out = _linear_exact(run)
-    else:
-        run.plan = _plan_cost(op)
-        layer["plan"] = run.plan
-        layer["strategy"] = strategy
-        out = (boundary_flow if strategy == "boundary" else circulant_flow)(run)
+    run = Run(op, rtol, opts.budget_seconds, t0, opts.run_options())
+    out = _bounds(run, layer, opts.strategy)
     prob = None
-    if probabilistic:
+    if opts.probabilistic:
         from spectral.probabilistic import probabilistic_upper
 
-        prob = probabilistic_upper(op, delta=delta, rtol=max(rtol / 2, 1e-3), seed=seed)
+        prob = probabilistic_upper(op, delta=opts.delta, rtol=max(rtol / 2, 1e-3), seed=opts.seed)
         run.steps.append({"step": "probabilistic_upper", "value": prob.value, "seconds": prob.seconds})
     return Sandwich(out.lower, out.upper, out.exact, prob, rtol, time.perf_counter() - t0, run.steps, layer,
                     out.reason, out.suggestion)
 
 
-def _validate(rtol: float, upper_method: str, strategy: str, lower_method: str, budget_seconds: float,
-              max_memory_bytes: int, rho_fraction: float, accept_fraction: float, jump: float) -> None:
-    from spectral.lower import LOWER_METHODS
-    from spectral.upper import UPPER_METHODS
-
-    if not rtol > 0:
-        raise ValueError(f"rtol must be > 0 (relative gap upper/lower - 1), got {rtol!r}")
-    valid_upper = ("auto", *LADDER, *UPPER_METHODS)
-    if upper_method not in valid_upper:
-        raise ValueError(f"unknown upper_method {upper_method!r}; valid: {', '.join(valid_upper)}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if lower_method not in LOWER_METHODS:
-        raise ValueError(f"unknown lower_method {lower_method!r}; valid: {', '.join(LOWER_METHODS)}")
-    if budget_seconds <= 0 or max_memory_bytes <= 0:
-        raise ValueError("budget_seconds and max_memory_bytes must be > 0")
-    if not 0 < rho_fraction < 1 or not jump >= 1 or not rho_fraction <= accept_fraction <= 1:
-        raise ValueError(f"need 0 < rho_fraction < 1, rho_fraction <= accept_fraction <= 1 and jump >= 1, got "
-                         f"{rho_fraction!r}, {accept_fraction!r}, {jump!r}")
+def _bounds(run: Run, layer: dict[str, Any], strategy: str) -> Outcome:
+    """Exact values or certified bounds of ``run.op``: zero weight, linear layer, or the conv ladder."""
+    op = run.op
+    if not bool(op.weight.any()):  # the zero operator: norm exactly 0 (no certificate of 0 I - 0 can succeed)
+        ex = exact_value(0.0, "zero_weight", 0.0, {"error_bound": 0.0})
+        run.steps.append({"step": "zero_weight", "value": 0.0, "seconds": 0.0})
+        return Outcome(ex, ex, ex)
+    if op.kind == "linear":
+        return _linear_exact(run)
+    run.plan = _plan_cost(op)
+    layer["plan"] = run.plan
+    layer["strategy"] = strategy
+    return (boundary_flow if strategy == "boundary" else circulant_flow)(run)
 
 
 def _layer_record(op: Any) -> dict[str, Any]:

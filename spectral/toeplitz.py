@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from spectral.geometry import polyphase, tap_phases
 from spectral.guarantee import Guarantee, NormValue
 from spectral.lower import batched_lanczos
 from spectral.roundoff import cholesky_margin, gamma, unit_roundoff
@@ -82,7 +83,8 @@ def _axes(op: Any, axis: int) -> tuple[Axis, Axis, torch.Tensor]:
 
 
 def _fourier_axis(ax: Axis, pad_after: int, twist: float) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coarse grid ``M``, representative frequencies ``omega`` (one per conjugate pair) and per-tap coarse shift
+    """Coarse grid ``M``, representative frequencies ``v`` (one per conjugate pair; ``omega = 2 pi v / M``,
+    ``v`` fractional on a twisted grid) and per-tap coarse shift
     ``q`` / input phase ``r`` of a (twisted) circulant embedding of a zero-padded axis."""
     from spectral.upper import zero_padding_grid
 
@@ -90,8 +92,8 @@ def _fourier_axis(ax: Axis, pad_after: int, twist: float) -> tuple[int, torch.Te
     M = N // ax.s
     v = torch.arange(M, dtype=torch.float64) + twist
     v = v[v <= M / 2 + 1e-12]  # omega and -omega give conjugate operators (real kernels): same norm
-    t = torch.tensor(ax.offsets)
-    return M, 2 * math.pi * v / M, torch.div(t, ax.s, rounding_mode="floor"), t % ax.s
+    q, r = polyphase(torch.tensor(ax.offsets), ax.s)
+    return M, v, q, r
 
 
 @dataclass
@@ -160,16 +162,12 @@ def _build(op: Any, mode: str, axis: int, twist: float, side: str | None = None,
         labels = [{"group": g} for g in range(G)]
     else:
         pad_after = op.padding[1 if axis == 0 else 0][1]
-        M, omega, q, r = _fourier_axis(a2, pad_after, twist)
-        F = len(omega)
+        M, v, q, r = _fourier_axis(a2, pad_after, twist)
         s2 = a2.s
         # F2[f, a2] : (1 x s2) row  exp(-i omega q_a) e_{r_a}^T
-        S2 = torch.zeros(F, k2, 1, s2, dtype=cdt)
-        for a in range(k2):
-            S2[:, a, 0, int(r[a])] = torch.polar(torch.ones(F, dtype=torch.float64), -omega * float(q[a]))
+        S2 = tap_phases(v, q, r, s2, M).unsqueeze(2)
         inner_out, inner_in = c_out, s2 * c_in
-        labels = [{"group": g, "frequency": float(om / (2 * math.pi) * M), "coarse_grid": M}
-                  for g in range(G) for om in omega]
+        labels = [{"group": g, "frequency": float(f), "coarse_grid": M} for g in range(G) for f in v]
     rows_in, rows_out = a1.n, a1.m
     band_in, band_out = a1.d * (k1 - 1), (a1.d * (k1 - 1)) // a1.s
     if side is None:
@@ -466,8 +464,7 @@ def _circulant_columns(prob: _Problem, level: float, form: float) -> tuple[torch
     B, k1, _, n_blk, _ = gam.shape
     N = zero_padding_grid(ax.n, ax.k, ax.s, ax.d, ax.p, prob.row_pad_after)
     M = N // ax.s
-    t = torch.tensor(ax.offsets)
-    q1, r1 = torch.div(t, ax.s, rounding_mode="floor"), t % ax.s
+    q1, r1 = polyphase(torch.tensor(ax.offsets), ax.s)
     omega = 2 * math.pi * torch.arange(M, dtype=torch.float64) / M
     phases = ax.s if prob.side == "in" else 1
     sign = 1.0 if prob.side == "in" else -1.0

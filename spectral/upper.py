@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from spectral.exact import iter_fourier_blocks, normalize_conv
 from spectral.guarantee import Guarantee, NormValue
-from spectral.operators import PADDING_MODES, padding_pairs
+from spectral.geometry import (conv_output_size, padding_pairs, polyphase, smallest_multiple,
+                               tap_offsets)
+from spectral.operators import PADDING_MODES
 from spectral.roundoff import (certified_matrix_norms, frobenius_upper, gamma, gram_margin_rel, tap_sum_error,
                                unit_roundoff)
 
@@ -67,19 +69,15 @@ class ConvGeometry:
     notes: list[str] = field(default_factory=list)
 
 
-def _smallest_multiple(at_least: int, s: int) -> int:
-    return -(-at_least // s) * s
-
-
 def zero_padding_grid(n: int, k: int, stride: int = 1, dilation: int = 1, pad_before: int = 0,
                       pad_after: int = 0) -> int:
     """Smallest circular grid ``N`` (a multiple of ``stride``) such that the zero-padded convolution
     on ``n`` is a submatrix of the circular convolution on ``N`` (proof in docs/spectral.md)."""
-    n_out = (n + pad_before + pad_after - dilation * (k - 1) - 1) // stride + 1
+    n_out = conv_output_size(n, k, stride, dilation, pad_before, pad_after)
     if n_out < 1:
         raise ValueError(f"kernel {k} (dilation {dilation}) does not fit the padded input {n}+{pad_before}+{pad_after}")
     max_index = (n_out - 1) * stride + dilation * (k - 1) - pad_before
-    return _smallest_multiple(max(n + pad_before, max_index + 1, n_out * stride, n), stride)
+    return smallest_multiple(max(n + pad_before, max_index + 1, n_out * stride, n), stride)
 
 
 def padding_map_norm(n: int, pad_before: int, pad_after: int, mode: str) -> float:
@@ -114,12 +112,12 @@ def embedding(
         raise ValueError("padding='same' requires stride 1 (as in PyTorch)")
     out = []
     for n, (pl, pr), k, si, di in zip(size, pads, kernel, s, d):
-        span = n + pl + pr - di * (k - 1)
-        if span < 1:
+        n_out = conv_output_size(n, k, si, di, pl, pr)
+        if n_out < 1:
             raise ValueError(f"kernel (size {k}, dilation {di}) is larger than the padded input ({n}+{pl}+{pr})")
         if padding_mode == "reflect" and (pl >= n or pr >= n) and (pl or pr):
             raise ValueError(f"reflect padding {max(pl, pr)} must be < input size {n}")
-        out.append((span - 1) // si + 1)
+        out.append(n_out)
     common = dict(weight=w4, input_size=size, output_size=tuple(out), stride=s, dilation=d, groups=groups,
                   padding=pads, padding_mode=padding_mode, nd=nd)
     if padding_mode == "zeros" or not any(p for pair in pads for p in pair):
@@ -267,8 +265,7 @@ def polyphase_kernel(weight: torch.Tensor, stride: Sequence[int], dilation: Sequ
         return weight
     axes = []
     for k, s, d in zip(weight.shape[2:], stride, dilation):
-        t = d * torch.arange(k)
-        q, r = t // s, t % s
+        q, r = polyphase(tap_offsets(k, d), s)
         g = math.gcd(*[int(x) for x in q]) if int(q.max()) > 0 else 1
         axes.append((q // g, r, s))
     (q1, r1, s1), (q2, r2, s2) = axes

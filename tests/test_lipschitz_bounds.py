@@ -409,3 +409,18 @@ def test_norm_one_avg_pool_beside_a_layer_is_not_labelled_exact():
         nb = network_bound(model, (1, 7), method=meth, compare=False)
         assert nb.value.value >= 1.0 - 1e-12
         assert nb.value.guarantee is Guarantee.UPPER
+
+
+def test_network_bound_takes_an_example_tensor_as_well_as_a_shape():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(3 * 5 * 5, 4)).eval()
+    by_shape = network_bound(net, (1, 5, 5), compare=False)
+    x = torch.rand(3, 1, 5, 5)
+    by_tensor = network_bound(net, x, compare=False)
+    assert by_tensor.input_shape == (1, 5, 5) == by_shape.input_shape
+    assert by_tensor.value.value == by_shape.value.value
+    from spectral.sandwich import SandwichOptions
+    opts = network_bound(net, (1, 5, 5), compare=False, sandwich_kwargs={"options": SandwichOptions(lower_iters=6)})
+    kw = network_bound(net, (1, 5, 5), compare=False, sandwich_kwargs={"lower_iters": 6})
+    assert opts.value.value == kw.value.value

@@ -285,3 +285,26 @@ def test_rows_say_whether_rtol_was_reached_in_json_csv_and_cli(tmp_path, capsys,
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if "rows above rtol" in ln]
     assert code == 0 and line and int(line[0].split()[0]) > 0 and "to reach rtol:" in out
+
+
+def test_input_shape_without_batch_gives_the_rows_of_an_example_input():
+    net = _small_net().double()
+    by_shape = analyze(net, (2, 6, 6), progress=False, random_baseline=False)
+    by_tensor = analyze(net, torch.rand(1, 2, 6, 6, dtype=torch.float64), progress=False, random_baseline=False)
+    keep = ("name", "input_shape", "output_shape", "lower", "upper", "exact", "upper_method")
+    assert [{k: r[k] for k in keep} for r in by_shape] == [{k: r[k] for k in keep} for r in by_tensor]
+    assert by_shape.meta["input_shape"] == [2, 6, 6] and by_shape.meta["example_input_shape"] == [1, 2, 6, 6]
+    with pytest.raises(TypeError, match="input shape without the batch"):
+        analyze(net, "2x6x6", progress=False)
+
+
+def test_sandwich_options_object_and_keywords_give_the_same_rows():
+    from spectral.sandwich import SandwichOptions
+
+    net = _small_net().double()
+    opts = SandwichOptions(lower_iters=6, strategy="circulant")
+    a = analyze(net, (2, 6, 6), progress=False, random_baseline=False, options=opts)
+    b = analyze(net, (2, 6, 6), progress=False, random_baseline=False, lower_iters=6, strategy="circulant")
+    assert [(r["lower"], r["upper"]) for r in a] == [(r["lower"], r["upper"]) for r in b]
+    assert a.meta["sandwich_kwargs"]["lower_iters"] == 6 and a.meta["sandwich_kwargs"]["strategy"] == "circulant"
+    json.dumps(a.meta["sandwich_kwargs"])

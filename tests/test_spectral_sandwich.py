@@ -316,3 +316,24 @@ def test_float32_certificate_with_a_zero_frequency_block():
     s = sandwich(w, (2, 4, 6), padding=(0, 1), padding_mode="circular", certificate_dtype=torch.float32,
                  **FORCE_BOUNDS)
     assert s.upper.value >= _dense_norm(w, (2, 4, 6), padding=(0, 1), padding_mode="circular")
+
+
+def test_sandwich_options_match_keywords_and_reject_unknown_names():
+    from spectral.sandwich import SandwichOptions, sandwich as sw
+
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    kw = dict(padding=1, budget_seconds=30.0, lower_iters=8, rho_fraction=0.2, accept_fraction=0.6, seed=2)
+    by_kw = sw(w, (3, 9, 9), 0.01, **kw)
+    opts = SandwichOptions(budget_seconds=30.0, lower_iters=8, rho_fraction=0.2, accept_fraction=0.6, seed=2)
+    by_opts = sw(w, (3, 9, 9), 0.01, padding=1, options=opts)
+    assert (by_kw.lower.value, by_kw.upper.value) == (by_opts.lower.value, by_opts.upper.value)
+    assert [s["step"] for s in by_kw.steps] == [s["step"] for s in by_opts.steps]
+    # keywords override the options object
+    over = sw(w, (3, 9, 9), 0.01, padding=1, options=SandwichOptions(lower_iters=3), lower_iters=8,
+              budget_seconds=30.0, rho_fraction=0.2, accept_fraction=0.6, seed=2)
+    assert over.upper.value == by_kw.upper.value
+    with pytest.raises(TypeError, match="lower_iter.*valid options"):
+        sw(w, (3, 9, 9), lower_iter=3)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        sw(w, (3, 9, 9), options=SandwichOptions(strategy="nope"))

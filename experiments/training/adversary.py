@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.attacks import model_mode, project
+from experiments.attacks import model_mode
 from experiments.training.losses import trades_inner_loss
+from lipschitz.ball import flat_norm, linf_box, per_example, project
 
 START_KINDS = ("uniform", "normal", "none")
 INNER_OBJECTIVES = ("ce", "kl")
@@ -94,15 +95,14 @@ def craft(
     noise = start_noise(tuple(x.shape), random_start, generator=generator, device=x.device, dtype=x.dtype,
                         noise_slice=noise_slice)
     if norm == "linf":
-        lo = (x - eps).clamp_(min=0.0)
-        hi = (x + eps).clamp_(max=1.0)
+        lo, hi = linf_box(x, eps)
     if noise is None:
         x_adv = x.clone()
     else:
         if random_start == "uniform" and norm == "linf":
             noise.mul_(eps)
         elif random_start == "uniform":  # l2: scale each row into the ball
-            noise.mul_(eps / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1)))
+            noise.mul_(eps / per_example(flat_norm(noise).clamp_min(1e-12), x))
         else:
             noise.mul_(init_std)
         x_adv = _project(x + noise, x, eps, norm, lo if norm == "linf" else None, hi if norm == "linf" else None)
@@ -127,7 +127,7 @@ def craft(
                 x_adv.add_(grad.sign_(), alpha=step_size)
                 torch.clamp(x_adv, lo, hi, out=x_adv)
             else:
-                g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+                g_norm = per_example(flat_norm(grad).clamp_min(1e-12), x)
                 x_adv = _project(x_adv.add_(grad.div_(g_norm), alpha=step_size), x, eps, norm, None, None)
     return x_adv.detach()
 
