@@ -1,4 +1,4 @@
-"""P6: standard AutoAttack on the digits test set: archlip (exact engine) vs pyautoattack called directly.
+"""P8: standard AutoAttack on the digits test set: archlip (exact engine) vs pyautoattack called directly.
 
 The model is the demo's `digits-pgdat-tiny` WideResNet (trained here in ~15 s with the demo's recipe unless
 --checkpoint is given); the points are the 359 digits test points; Linf eps 0.1 (its training eps), seed 0,
