@@ -65,10 +65,12 @@ class NormValue:
                 "iterations": self.iterations, "seconds": self.seconds, "details": json_safe(self.details)}
 
 
-def json_safe(value: Any, nonfinite: str = "str") -> Any:
+def json_safe(value: Any, nonfinite: str = "default") -> Any:
     """``value`` with only JSON types: Guarantee -> its label, tensors of <= 64 entries -> lists (larger ones
     are dropped from dicts and named by shape in lists), other scalars via ``.item()``, unknown objects via
-    ``str``; a non-finite float becomes its string ("inf", "nan") or, with ``nonfinite="null"``, None.
+    ``str``. Non-finite floats, ``nonfinite="default"``: NaN -> None (no value), +-inf -> "inf"/"-inf" (unbounded),
+    the one rule of archlip's result files (``experiments.io.to_jsonable`` writes the same); ``"str"``: every
+    non-finite float as its string; ``"null"``: every one as None.
     """
     def convert(v: Any) -> Any:
         if isinstance(v, Guarantee):
@@ -76,7 +78,9 @@ def json_safe(value: Any, nonfinite: str = "str") -> Any:
         if isinstance(v, bool) or v is None or isinstance(v, (str, int)):
             return v
         if isinstance(v, float):
-            return v if math.isfinite(v) else (None if nonfinite == "null" else str(v))
+            if math.isfinite(v):
+                return v
+            return None if nonfinite == "null" or (nonfinite == "default" and math.isnan(v)) else str(v)
         if isinstance(v, dict):
             return {str(k): convert(x) for k, x in v.items() if not (torch.is_tensor(x) and x.numel() > 64)}
         if isinstance(v, (list, tuple)):
@@ -87,6 +91,6 @@ def json_safe(value: Any, nonfinite: str = "str") -> Any:
             return convert(v.item())
         return str(v)
 
-    if nonfinite not in ("str", "null"):
-        raise ValueError(f"nonfinite must be 'str' or 'null', got {nonfinite!r}")
+    if nonfinite not in ("default", "str", "null"):
+        raise ValueError(f"nonfinite must be 'default', 'str' or 'null', got {nonfinite!r}")
     return convert(value)

@@ -21,7 +21,9 @@ def test_norm_value_to_dict_is_json_and_leaves_out_warm_start_vectors():
 
 def test_json_safe_nonfinite_modes_and_tensors_in_lists():
     value = {"a": [float("nan"), torch.zeros(100), torch.arange(3)], "g": Guarantee.UPPER}
-    assert json_safe(value) == {"a": ["nan", "tensor(100,)", [0, 1, 2]], "g": "certified_upper"}
+    assert json_safe(value) == {"a": [None, "tensor(100,)", [0, 1, 2]], "g": "certified_upper"}
+    assert json_safe([float("inf"), -float("inf"), float("nan")]) == ["inf", "-inf", None]  # experiments.io's rule
+    assert json_safe(value, nonfinite="str")["a"][0] == "nan"
     assert json_safe(value, nonfinite="null")["a"][0] is None
     with pytest.raises(ValueError, match="nonfinite"):
         json_safe(1.0, nonfinite="zero")
@@ -30,3 +32,10 @@ def test_json_safe_nonfinite_modes_and_tensors_in_lists():
 def test_nan_value_is_refused():
     with pytest.raises(ValueError, match="NaN"):
         NormValue(float("nan"), Guarantee.UPPER, "gram")
+
+
+def test_one_rule_for_non_finite_numbers_across_writers():
+    from experiments.io import to_jsonable
+
+    value = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf"), "x": 1.5}
+    assert json_safe(value) == to_jsonable(value) == {"nan": None, "inf": "inf", "-inf": "-inf", "x": 1.5}

@@ -431,7 +431,7 @@ def _save_model_file(path: Path, model: nn.Module, metadata: dict) -> str:
 
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(json_safe(row, nonfinite="null")) + "\n")
+        fh.write(json.dumps(json_safe(row)) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
