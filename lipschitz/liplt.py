@@ -242,7 +242,14 @@ def _spec_key(spec: ConvSpec, grid) -> tuple:
     """Identity of a circular conv on a grid (weights by value: a 128-bit BLAKE2b digest of the float64 bytes),
     for reusing its norm."""
     digest = hashlib.blake2b(spec.weight.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-    return (tuple(grid), tuple(spec.weight.shape), spec.stride, spec.padding, spec.dilation, digest)
+    return (tuple(grid), tuple(spec.weight.shape), spec.stride, spec.padding, spec.dilation, spec.padding_mode,
+            digest)
+
+
+def _term_key(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut, grid, grid2, circular: bool) -> tuple:
+    """Identity of a whole circular LipLT computation (pieces compared by weight digest)."""
+    sc = _spec_key(shortcut, grid) if isinstance(shortcut, ConvSpec) else shortcut
+    return ("terms", _spec_key(conv1, grid), _spec_key(conv2, grid2), float(a), sc, circular)
 
 
 def _half_spectrum(m1: int) -> torch.Tensor:
@@ -308,8 +315,7 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
     sum_norm = c1 = c2 = 0.0
     term_key = None
     if cache is not None and not _REFERENCE:
-        sc_key = _spec_key(sc_spec, grid) if sc_spec is not None else shortcut
-        term_key = ("terms", _spec_key(conv1, grid), _spec_key(conv2, grid2), float(a), sc_key)
+        term_key = _term_key(conv1, conv2, a, shortcut, grid, grid2, circular)
         if term_key in cache.setdefault(_TERMS, {}):
             return dict(cache[_TERMS][term_key])
     keys = (_spec_key(conv1, grid), _spec_key(conv2, grid2)) if cache is not None and need_c else None
