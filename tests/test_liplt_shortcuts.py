@@ -86,3 +86,25 @@ def test_representatives_cover_every_frequency_up_to_conjugation(m1, m2):
     full = {(a, b) for a in range(m1) for b in range(m2)}
     assert {(a, b) for a, b in full if (a, b) in kept or ((-a) % m1, (-b) % m2) in kept} == full
     assert len(kept) == (m1 * m2 + sum((a, b) == ((-a) % m1, (-b) % m2) for a, b in full)) // 2  # none twice
+
+
+@pytest.mark.parametrize("n", [12, 40])
+def test_a_block_the_power_steps_cannot_see_is_still_certified(n):
+    from lipschitz.liplt import _max_sv
+
+    g = torch.Generator().manual_seed(n)
+    blocks = torch.randn(20, n, n, generator=g, dtype=torch.float64).to(torch.complex128) / n**0.5
+    # block 11: its top right singular vector is orthogonal to the all-ones start vector of the power steps
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    top = torch.zeros(n, dtype=torch.float64)
+    top[0], top[1] = 1.0, -1.0
+    top = top / top.norm()
+    q[:, 0] = top
+    q, _ = torch.linalg.qr(q)
+    s = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
+    s[0] = 5.0
+    blocks[11] = (q @ torch.diag(s) @ q.T).to(torch.complex128)
+    for reference in (False, True):
+        with liplt.reference_path() if reference else torch.no_grad():
+            got = _max_sv(blocks)
+        assert 5.0 * (1 - 1e-12) <= got <= 5.0 * (1 + 1e-8)
