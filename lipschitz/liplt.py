@@ -309,7 +309,8 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
                                   conv2.c_out * conv2.c_in) * 3
     rows = max(1, chunk_bytes // max(per_row, 1))
     no_mask = circular or mix == a
-    if _REFERENCE:
+    real = not any(c.weight.is_complex() for c in (conv1, conv2, sc_spec) if c is not None)
+    if _REFERENCE or not real:  # conjugate symmetry needs real weights
         freqs, need_c = torch.arange(m1), True
     else:
         freqs, need_c = _half_spectrum(m1), not no_mask  # ||C1||, ||C2|| enter the bound only with the mask
@@ -325,7 +326,7 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
         c1, c2 = cache[keys[0]], cache[keys[1]]
     for start in range(0, len(freqs), rows):
         u = freqs[start:start + rows]
-        sel = slice(None) if _REFERENCE else _representatives(u, m1, grid2[1])
+        sel = slice(None) if _REFERENCE or not real else _representatives(u, m1, grid2[1])
         K1 = symbol(conv1, grid, u)[sel]
         K2 = symbol(conv2, grid2, u)[sel]
         if not known:
