@@ -17,6 +17,8 @@ Maximization and Improved Lipschitz Regularization" (LipLT); Sedghi et al. 2019 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +34,20 @@ from spectral.guarantee import Guarantee, NormValue
 # relative margin on float64 SVD values (round-off of forming symbols and the SVD is ~1e-13 relative)
 ROUNDOFF_MARGIN = 1e-9
 DEFAULT_CHUNK_BYTES = 2**28
+_REFERENCE = False  # True inside ``reference_path()``
+_TERMS = "liplt_terms"  # the entry of a caller's cache holding whole circular LipLT results
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Use the previous circular LipLT computation (every frequency, no reuse of results) inside the block:
+    for benchmarks and tests that compare the two in the same run."""
+    global _REFERENCE
+    saved, _REFERENCE = _REFERENCE, True
+    try:
+        yield
+    finally:
+        _REFERENCE = saved
 
 
 @dataclass
@@ -166,37 +182,73 @@ def _max_sv(blocks: torch.Tensor) -> float:
     return math.sqrt(max(_max_eig_certified(gram), 0.0))
 
 
-def _max_eig_certified(gram: torch.Tensor, iters: int = 12) -> float:
+def _max_eig_certified(gram: torch.Tensor, iters: int | None = None) -> float:
+    """Certified max eigenvalue over a batch of Hermitian PSD matrices (see ``_max_sv``).
+
+    Six single-precision power steps rank the blocks (a misranked block costs only a failed check and its
+    eigvalsh). Blocks whose Cholesky check fails get their exact eigenvalue; only those are checked again at
+    the raised level (a block proven below a level is below every higher one). Inside ``reference_path()``:
+    12 float64 power steps and every block re-checked at each raised level, as before."""
     from lipschitz.dense import gamma
 
     n = gram.shape[-1]
-    v = torch.ones(gram.shape[0], n, 1, dtype=gram.dtype, device=gram.device)
+    iters = iters if iters is not None else (12 if _REFERENCE else 6)
+    # the power steps only pick the candidates: single precision is enough for that (half the memory traffic)
+    g_pow = gram if _REFERENCE else gram.to(torch.complex64 if gram.is_complex() else torch.float32)
+    v = torch.ones(gram.shape[0], n, 1, dtype=g_pow.dtype, device=gram.device)
     for _ in range(iters):
-        v = gram @ v
-        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300)
-    ray = (v.mH @ gram @ v).real.flatten()
+        v = g_pow @ v
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30)
+    ray = (v.mH @ g_pow @ v).real.flatten()
     cand = torch.argsort(ray, descending=True)[:2]
     exact = torch.linalg.eigvalsh(gram[cand])[..., -1]
     t = float(exact.max())
+    todo = torch.arange(gram.shape[0], device=gram.device)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     for _ in range(3):
         level = t * (1 + 1e-9) + 1e-300
-        tr = level * n - torch.diagonal(gram, dim1=-2, dim2=-1).real.sum(-1)
+        g = gram if len(todo) == gram.shape[0] else gram[todo]
+        tr = level * n - torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1)
         # Demmel: a completed Cholesky of fl(level I - G - c I) proves level I - G >= 0 when c covers
         # gamma_{n+1}/(1 - gamma_{n+1}) tr(.) plus the rounding of the shift
         c = (2 * gamma(n + 1) * tr.abs() + 4 * 2.0**-53 * level) * 1.01
-        shifted = (level - c)[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device) - gram
-        info = torch.linalg.cholesky_ex(shifted)[1]
+        info = torch.linalg.cholesky_ex((level - c)[:, None, None] * eye - g)[1]
         bad = torch.nonzero(info != 0).flatten()
         if len(bad) == 0:
             return level
-        t = max(t, float(torch.linalg.eigvalsh(gram[bad])[..., -1].max()))
+        t = max(t, float(torch.linalg.eigvalsh(g[bad])[..., -1].max()))
+        if not _REFERENCE:
+            todo = todo[bad]
     return t * (1 + 1e-9)
 
 
 def _spec_key(spec: ConvSpec, grid) -> tuple:
-    """Exact identity of a circular conv on a grid (weights by value), for reusing its norm."""
-    return (tuple(grid), tuple(spec.weight.shape), spec.stride, spec.padding, spec.dilation,
-            spec.weight.detach().cpu().numpy().tobytes())
+    """Identity of a circular conv on a grid (weights by value: a 128-bit BLAKE2b digest of the float64 bytes),
+    for reusing its norm."""
+    digest = hashlib.blake2b(spec.weight.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+    return (tuple(grid), tuple(spec.weight.shape), spec.stride, spec.padding, spec.dilation, spec.padding_mode,
+            digest)
+
+
+def _term_key(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut, grid, grid2, circular: bool) -> tuple:
+    """Identity of a whole circular LipLT computation (pieces compared by weight digest)."""
+    sc = _spec_key(shortcut, grid) if isinstance(shortcut, ConvSpec) else shortcut
+    return ("terms", _spec_key(conv1, grid), _spec_key(conv2, grid2), float(a), sc, circular)
+
+
+def _half_spectrum(m1: int) -> torch.Tensor:
+    """Frequencies u = 0 .. floor(m1 / 2) of the first axis. For real weights the symbol satisfies
+    K(-u, -v) = conj(K(u, v)) (every phase factor is conjugated), and a matrix and its conjugate have the same
+    singular values; every (u, v) with u > m1 / 2 is the conjugate of (m1 - u, -v mod m2), which is listed."""
+    return torch.arange(m1 // 2 + 1)
+
+
+def _representatives(u: torch.Tensor, m1: int, m2: int) -> torch.Tensor:
+    """(len(u), m2) mask of the frequencies (u, v) to evaluate on rows ``u`` of ``_half_spectrum``: on a row
+    that is its own conjugate (u = -u mod m1: u = 0, or m1 / 2) (u, v) and (u, -v) are conjugate, keep v <= -v."""
+    v = torch.arange(m2)
+    self_conj = (u % m1) == ((-u) % m1)
+    return ~self_conj[:, None] | (v <= (-v) % m2)[None, :]
 
 
 def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: ConvSpec | str | None = None,
@@ -205,7 +257,10 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
     ``c1`` = ||C1||, ``c2`` = ||C2||, and the certified bound of ||B + a Z2 Z1|| they give.
 
     ``cache``: a dict reused across calls; ||C1|| and ||C2|| of identical convs on identical grids (the same
-    conv pair with and without its shortcut) are computed once."""
+    conv pair with and without its shortcut) are computed once, and a whole result is reused when the same
+    piece comes back (another method or node; weights compared by digest). Only the frequencies
+    u <= m1 / 2 of the first axis are evaluated (conjugate symmetry, see ``_half_spectrum``); inside
+    ``reference_path()`` every frequency, without reuse of whole results."""
     if conv1.c_out != conv2.c_in:
         raise ValueError(f"conv1 outputs {conv1.c_out} channels but conv2 takes {conv2.c_in}")
     circular = conv1.padding_mode == "circular" and conv2.padding_mode == "circular"
@@ -236,29 +291,43 @@ def circular_liplt_terms(conv1: ConvSpec, conv2: ConvSpec, a: float, shortcut: C
                                   conv1.c_out * conv1.c_in * conv1.stride[0] * conv1.stride[1],
                                   conv2.c_out * conv2.c_in) * 3
     rows = max(1, chunk_bytes // max(per_row, 1))
+    no_mask = circular or mix == a
+    real = not any(c.weight.is_complex() for c in (conv1, conv2, sc_spec) if c is not None)
+    if _REFERENCE or not real:  # conjugate symmetry needs real weights
+        freqs, need_c = torch.arange(m1), True
+    else:
+        freqs, need_c = _half_spectrum(m1), not no_mask  # ||C1||, ||C2|| enter the bound only with the mask
     sum_norm = c1 = c2 = 0.0
-    keys = (_spec_key(conv1, grid), _spec_key(conv2, grid2)) if cache is not None else None
-    known = keys is not None and keys[0] in cache and keys[1] in cache
-    if known:
+    term_key = None
+    if cache is not None and not _REFERENCE:
+        term_key = _term_key(conv1, conv2, a, shortcut, grid, grid2, circular)
+        if term_key in cache.setdefault(_TERMS, {}):
+            return dict(cache[_TERMS][term_key])
+    keys = (_spec_key(conv1, grid), _spec_key(conv2, grid2)) if cache is not None and need_c else None
+    known = not need_c or (keys is not None and keys[0] in cache and keys[1] in cache)
+    if keys is not None and known:
         c1, c2 = cache[keys[0]], cache[keys[1]]
-    for start in range(0, m1, rows):
-        u = torch.arange(start, min(m1, start + rows))
-        K1 = symbol(conv1, grid, u)
-        K2 = symbol(conv2, grid2, u)
+    for start in range(0, len(freqs), rows):
+        u = freqs[start:start + rows]
+        sel = slice(None) if _REFERENCE or not real else _representatives(u, m1, grid2[1])
+        K1 = symbol(conv1, grid, u)[sel]
+        K2 = symbol(conv2, grid2, u)[sel]
         if not known:
             c1, c2 = max(c1, _max_sv(K1)), max(c2, _max_sv(K2))
         T = mix * (K2 @ K1)
         if sc_spec is not None:
-            T = T + symbol(sc_spec, grid, u)
+            T = T + symbol(sc_spec, grid, u)[sel]
         elif shortcut == "identity":
             T = T + torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
         sum_norm = max(sum_norm, _max_sv(T))
     if keys is not None and not known:
         cache[keys[0]], cache[keys[1]] = c1, c2
-    no_mask = circular or mix == a
     bound = sum_norm if no_mask else sum_norm + abs(a) / 2.0 * c2 * c1
-    return {"grid": list(grid), "sum_norm": sum_norm, "c1": c1, "c2": c2,
-            "bound": bound * (1.0 + ROUNDOFF_MARGIN), "circular_padding": circular, "mask": not no_mask}
+    out = {"grid": list(grid), "sum_norm": sum_norm, "c1": c1 if need_c else None, "c2": c2 if need_c else None,
+           "bound": bound * (1.0 + ROUNDOFF_MARGIN), "circular_padding": circular, "mask": not no_mask}
+    if term_key is not None:
+        cache[_TERMS][term_key] = dict(out)
+    return out
 
 
 def _operator(spec: ConvSpec, in_shape: Sequence[int]):
