@@ -693,7 +693,9 @@ def _run_graph(model: nn.Module | None, root: G.Node, input_shape: tuple, module
     params = [p for m in modules for p in m.parameters()]
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
-    x = example_input if example_input is not None else torch.rand((2,) + input_shape, dtype=dtype).to(device)
+    x = example_input
+    if x is None:  # a fixed draw: the global random state is neither used nor advanced
+        x = torch.rand((2,) + input_shape, generator=torch.Generator().manual_seed(0)).to(dtype=dtype, device=device)
     if tuple(x.shape[1:]) != input_shape:
         raise ValueError(f"example_input has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, input_shape))})")
     shapes: dict[int, tuple] = {}
