@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lipschitz import graph as G
+import lipschitz.graph as G
+from lipschitz.graph import interpret  # noqa: F401  (public here too: lipschitz.bounds.interpret)
 from lipschitz.liplt import conv_spec, fold_weight, liplt_bound
 from lipschitz.rules import (absolute_value_split, activation_slope, batchnorm_scale, normalize_scale, pool_is_linear,
                              pool_lipschitz)
@@ -40,38 +41,6 @@ from spectral.guarantee import Guarantee, NormValue, json_safe
 
 METHODS = ("product", "folded", "folded+liplt", "lipsdp")
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-
-
-def interpret(node: G.Node, x: torch.Tensor, shapes: dict[int, tuple] | None = None) -> torch.Tensor:
-    """Evaluate a graph on a batch; record each node's (input shape, output shape) without batch in ``shapes``."""
-    in_shape = tuple(x.shape[1:])
-    if isinstance(node, (G.Layer, G.BatchNorm, G.Pool)):
-        y = node.module(x)
-    elif isinstance(node, G.Activation):
-        y = G.activation_fn(node.kind, node.params, x)
-    elif isinstance(node, G.Leaf):
-        y = node.module(x)
-    elif isinstance(node, G.Concat):
-        y = torch.cat([interpret(part, x, shapes) for part in node.parts], dim=node.dim)
-    elif isinstance(node, G.Flatten):
-        y = x.flatten(1)
-    elif isinstance(node, G.Identity):
-        y = x
-    elif isinstance(node, G.Normalize):
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - torch.as_tensor(node.mean, dtype=x.dtype).view(view)) / torch.as_tensor(node.std, dtype=x.dtype).view(view)
-    elif isinstance(node, G.Sequential):
-        y = x
-        for child in node.children:
-            y = interpret(child, y, shapes)
-    elif isinstance(node, G.Residual):
-        y = interpret(node.branch, x, shapes)
-        y = y + (x if node.shortcut is None else interpret(node.shortcut, x, shapes))
-    else:
-        raise ValueError(f"unsupported graph node {type(node).__name__}")
-    if shapes is not None:
-        shapes[id(node)] = (in_shape, tuple(y.shape[1:]))
-    return y
 
 
 def _modules_of(node: G.Node) -> list[nn.Module]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lipschitz import graph as G
+import lipschitz.graph as G
 
 EPS = 2.0**-53  # unit round-off of float64
 DIAG_RELATIVE_ERROR = 2.0**-49  # float64 batch-norm scale gamma / sqrt(var + eps), as in lipschitz.bounds

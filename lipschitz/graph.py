@@ -155,3 +155,35 @@ def iter_nodes(node: Node) -> Iterator[Node]:
     elif isinstance(node, Concat):
         for part in node.parts:
             yield from iter_nodes(part)
+
+
+def interpret(node: Node, x: torch.Tensor, shapes: dict[int, tuple] | None = None) -> torch.Tensor:
+    """Evaluate a graph on a batch; record each node's (input shape, output shape) without batch in ``shapes``."""
+    in_shape = tuple(x.shape[1:])
+    if isinstance(node, (Layer, BatchNorm, Pool)):
+        y = node.module(x)
+    elif isinstance(node, Activation):
+        y = activation_fn(node.kind, node.params, x)
+    elif isinstance(node, Leaf):
+        y = node.module(x)
+    elif isinstance(node, Concat):
+        y = torch.cat([interpret(part, x, shapes) for part in node.parts], dim=node.dim)
+    elif isinstance(node, Flatten):
+        y = x.flatten(1)
+    elif isinstance(node, Identity):
+        y = x
+    elif isinstance(node, Normalize):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - torch.as_tensor(node.mean, dtype=x.dtype).view(view)) / torch.as_tensor(node.std, dtype=x.dtype).view(view)
+    elif isinstance(node, Sequential):
+        y = x
+        for child in node.children:
+            y = interpret(child, y, shapes)
+    elif isinstance(node, Residual):
+        y = interpret(node.branch, x, shapes)
+        y = y + (x if node.shortcut is None else interpret(node.shortcut, x, shapes))
+    else:
+        raise ValueError(f"unsupported graph node {type(node).__name__}")
+    if shapes is not None:
+        shapes[id(node)] = (in_shape, tuple(y.shape[1:]))
+    return y

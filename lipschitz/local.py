@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lipschitz import graph as G
+import lipschitz.graph as G
 from lipschitz.dense import EPS, NotDense, gamma, lower
 from lipschitz.sdp import _Chain, chain_bound, verify_psd
 
@@ -232,7 +232,7 @@ class LocalContext:
 
 def prepare_local(model_or_graph, input_shape, max_state: int = 4096) -> LocalContext:
     """Build the ``LocalContext`` of a network (one global chain; falls back to no enclosure if too large)."""
-    from lipschitz.bounds import interpret
+    from lipschitz.graph import interpret
 
     root = _prepare(model_or_graph, tuple(input_shape))
     shapes: dict = {}
@@ -276,7 +276,7 @@ def local_bound(model_or_graph, x: torch.Tensor, eps: float, norm: str = "l2", *
     t0 = time.perf_counter()
     context = context if context is not None else prepare_local(model_or_graph, tuple(x.shape), max_state)
     root = context.root
-    from lipschitz.bounds import interpret
+    from lipschitz.graph import interpret
 
     x64 = x.detach().to(torch.float64)[None]
     shapes: dict = {}
@@ -336,7 +336,7 @@ def certified_radius(model_or_graph, x: torch.Tensor, label: int, norm: str = "l
     t0 = time.perf_counter()
     ctx = context if context is not None else prepare_local(model_or_graph, tuple(x.shape), max_state)
     root = ctx.root
-    from lipschitz.bounds import interpret
+    from lipschitz.graph import interpret
 
     with torch.no_grad():
         logits = interpret(root, x.detach().to(torch.float64)[None])[0]

@@ -375,7 +375,7 @@ class SdpComposer:
         self.records: list[dict] = []
 
     def program(self, nodes: list):
-        from lipschitz import graph as G
+        import lipschitz.graph as G
         from lipschitz.dense import NotDense, lower
 
         key = tuple(id(n) for n in nodes)
@@ -390,7 +390,7 @@ class SdpComposer:
         return self._progs[key]
 
     def chain(self, nodes: list, top: bool = False) -> float | None:
-        from lipschitz import graph as G
+        import lipschitz.graph as G
 
         while len(nodes) == 1 and isinstance(nodes[0], G.Sequential) and len(nodes[0].children) == 1:
             nodes = list(nodes[0].children)  # a stage of one block is that block
@@ -411,7 +411,7 @@ class SdpComposer:
 
     def best(self, node, top: bool = False) -> tuple[float, bool]:
         """(certified bound of ``node``'s own map, exact?); ``top``: optimise the multipliers (the network)."""
-        from lipschitz import graph as G
+        import lipschitz.graph as G
 
         value, exact = self.own(node)
         c = self.chain([node], top)

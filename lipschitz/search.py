@@ -322,8 +322,8 @@ def lower_bound_search(model: nn.Module, x: torch.Tensor, *, clip: tuple[float, 
 
 def node_inputs(node, x: torch.Tensor, out: dict[int, torch.Tensor]) -> torch.Tensor:
     """``interpret(node, x)``, storing the input batch of every composite node in ``out[id(node)]``."""
-    from lipschitz import graph as G
-    from lipschitz.bounds import interpret
+    import lipschitz.graph as G
+    from lipschitz.graph import interpret
 
     if isinstance(node, (G.Sequential, G.Residual)):
         out.setdefault(id(node), x)
@@ -346,7 +346,7 @@ class NodeMap(nn.Module):
         self.node, self.holder = node, holder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lipschitz.bounds import interpret
+        from lipschitz.graph import interpret
 
         return interpret(self.node, x)
 
@@ -359,7 +359,7 @@ def node_lower_bounds(model: nn.Module, x: torch.Tensor, *, names: list[str] | N
     domain is all of R^n, where its certified value holds) started from the tensors that reach the node when
     the network runs on ``x``, random points with their spread and attack points. ``names``: only these.
     A node that is a sequence of one child computes the same map as that child and shares its result."""
-    from lipschitz import graph as G
+    import lipschitz.graph as G
     from lipschitz.trace import graph_from_module
 
     _check_batch(x)

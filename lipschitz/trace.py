@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from lipschitz import graph as G
+import lipschitz.graph as G
 from lipschitz.rules import activation_from_module
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -417,7 +417,7 @@ def _opaque_candidate(model: nn.Module, scope: tuple[str, ...], opaque: dict[str
 
 
 def _check_reproduces(model: nn.Module, root: G.Node, x: torch.Tensor) -> None:
-    from lipschitz.bounds import interpret
+    from lipschitz.graph import interpret
 
     ref, got = model(x), interpret(root, x)
     if not isinstance(ref, torch.Tensor) or ref.shape != got.shape:

@@ -287,6 +287,11 @@ class LayerOperator(LinearMap):
             (grad,) = torch.autograd.grad(padded, base, grad_outputs=z)
         return grad
 
+    def with_weight(self, weight: torch.Tensor) -> "LayerOperator":
+        """The same layer at the same shapes with another weight tensor (e.g. a float64 copy, a BN-folded kernel)."""
+        return LayerOperator(self.kind, weight, self.in_shape, self.out_shape, self.stride, self.padding,
+                             self.dilation, self.groups, self.padding_mode)
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -111,12 +111,11 @@ def krylov_relative_error(n: int, k: int, delta: float, method: str = "lanczos")
 def _float64_map(op: Any) -> Any | None:
     """The same linear map with float64 parameters (float32 -> float64 is exact), or None for an unknown map."""
     from spectral.operators import ChannelScale, ComposedMap, LayerOperator, Reshape, SumMap
-    from spectral.sandwich import _with_weight
 
     if getattr(op, "dtype", None) == torch.float64:
         return op
     if isinstance(op, LayerOperator):
-        return _with_weight(op, op.weight.to(torch.float64))
+        return op.with_weight(op.weight.to(torch.float64))
     if isinstance(op, ChannelScale):
         return ChannelScale(op.in_shape, op.scale.to(torch.float64))
     if isinstance(op, Reshape):

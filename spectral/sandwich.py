@@ -139,14 +139,6 @@ def _as_operator(
     return LayerOperator.conv(weight, input_shape, stride, padding, dilation, groups, padding_mode)
 
 
-def _with_weight(op: Any, weight: torch.Tensor) -> Any:
-    """The same layer operator with another weight tensor (e.g. a float64 copy, or a BN-folded kernel)."""
-    from spectral.operators import LayerOperator
-
-    return LayerOperator(op.kind, weight, op.in_shape, op.out_shape, op.stride, op.padding, op.dilation,
-                         op.groups, op.padding_mode)
-
-
 # ----------------------------------------------------------------------------------------------- options
 STRATEGIES = ("boundary", "circulant")
 # the options ``spectral.ladder`` reads from ``Run.opts``
