@@ -274,14 +274,15 @@ def _adam(ch, lams, thetas, opt, best, best_val, iters, time_limit, t0):
 
 
 def chain_bound(prog: Program, *, iters: int = 60, lr: float = 0.1, time_limit: float | None = None,
-                max_work: float | None = None, rows: torch.Tensor | None = None, lams: list[torch.Tensor] | None = None) -> ChainResult:
+                max_work: float | None = None, rows: torch.Tensor | None = None,
+                lams: list[torch.Tensor] | None = None) -> ChainResult:
     """Certified l2 Lipschitz bound of a dense program by LipSDP-Neuron chain elimination (see module doc).
 
     ``rows``: optional (r, n_out) matrix; then ``result.rows[i]`` certifies the Lipschitz constant of
     x -> rows[i] @ f(x) as well. ``iters``: Adam steps on the log-multipliers (0: the ECLipsE-Fast rule).
     ``max_work``: optional cap on the Adam steps, ``floor(max_work / work of one step)`` with the work of a step
-    the sum of the cubed state sizes of the elimination (deterministic). ``time_limit``: optional wall-clock seconds for the Adam steps (the result then depends on the machine's
-    speed; None, the default, makes it deterministic). Raises ``ValueError`` if no certificate could be verified
+    the sum of the cubed state sizes of the elimination (deterministic). ``time_limit``: optional wall-clock
+    seconds for the Adam steps (the result then depends on the machine's speed; None, the default, does not). Raises ``ValueError`` if no certificate could be verified
     (callers fall back to other rules).
     """
     t0 = time.perf_counter()
