@@ -389,7 +389,9 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
     epochs = [r["epoch"] + 1 for r in rows]
-    left.plot(epochs, [r.get("train_loss") for r in rows], marker="o", color="#1f77b4")
+    losses = [(e, r["train_loss"]) for e, r in zip(epochs, rows) if _finite(r.get("train_loss"))]
+    if losses:  # a diverged epoch's loss (null, or "inf" in the JSON) is left out, not plotted as text
+        left.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", color="#1f77b4")
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     for key, label, style in (("train_clean_acc", "train clean", "s:"), ("train_adv_acc", "train adversarial", "o:"),
