@@ -20,10 +20,10 @@ from _common import machine_name, timed  # noqa: E402
 
 
 def clopper_pearson(k: int, n: int) -> list[float]:
-    from scipy.stats import binomtest
+    from experiments.stats import binomial_interval
 
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return [float(ci.low), float(ci.high)]
+    ci = binomial_interval(k, n)  # 95%, Clopper-Pearson
+    return [ci.low, ci.high]
 
 
 def main() -> dict:

@@ -455,12 +455,12 @@ def default_eval_dir(info: dict[str, Any], attacks: Sequence[str], args: argpars
     return Path("runs") / "eval" / slug(target) / slug("_".join(parts))
 
 
-def _interval(k: int, n: int) -> tuple[float, float]:
-    """95% Clopper-Pearson interval of a binomial proportion k/n (scipy.stats.binomtest)."""
-    from scipy.stats import binomtest
+def _interval(accuracy: float, n: int) -> tuple[float, float]:
+    """95% Clopper-Pearson interval of an accuracy measured on n points (``experiments.stats``)."""
+    from experiments.stats import accuracy_interval
 
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return float(ci.low), float(ci.high)
+    ci = accuracy_interval(accuracy, n)
+    return ci.low, ci.high
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -487,9 +487,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        on_estimate=lambda e: print(e.describe(n_flag="--n"), file=sys.stderr, flush=True), **options)
     payload = to_jsonable(summary)
     n = int(payload["n"])
-    clean_ci = _interval(round(payload["clean_accuracy"] * n), n)
+    clean_ci = _interval(payload["clean_accuracy"], n)
     robust = payload.get("robust_accuracy") or {}
-    intervals = {name: _interval(round(value * n), n) for name, value in robust.items()}
+    intervals = {name: _interval(value, n) for name, value in robust.items()}
     payload["weights"] = info["weights"]
     payload["intervals"] = {"method": "95% Clopper-Pearson interval over the evaluated points (binomial)",
                             "clean_accuracy": list(clean_ci), "robust_accuracy": {k: list(v) for k, v in intervals.items()}}
@@ -502,7 +502,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lines.append(f"  {'robust accuracy ' + name:28s} {value:.4f}  [{low:.3f}, {high:.3f}]  upper bound (attack-based)")
     if len(robust) > 1:
         worst = payload["worst_case"]["robust_accuracy"]
-        low, high = _interval(round(worst * n), n)
+        low, high = _interval(worst, n)
         lines.append(f"  {'worst case over attacks':28s} {worst:.4f}  [{low:.3f}, {high:.3f}]  upper bound (attack-based)")
     lines.append(f"[a, b]: 95% Clopper-Pearson interval for the test distribution from {n} points; robust accuracy "
                  f"is an upper bound: an attack that finds no adversarial example does not prove there is none")
