@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from spectral.exact import conv_operator_norm_circular  # noqa: E402
-from spectral.sandwich import sandwich  # noqa: E402
+from spectral.sandwich import SandwichOptions, sandwich  # noqa: E402
 from spectral.upper import zero_padding_grid  # noqa: E402
 from _common import machine_name as machine, timed  # noqa: E402
 
@@ -109,27 +109,38 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_strategy(layers: list[dict], strategy: str, rtol: float, rho_fraction: float, seed: int) -> list[dict]:
-    """Sandwich every layer (weights regenerated from ``seed``, identical across strategies)."""
+def measure_layer(layer: dict, w: torch.Tensor, strategy: str, rtol: float, knobs: dict) -> dict:
+    """One ``sandwich`` call on one layer with one strategy: bounds, gap, method, cpu/wall seconds, steps."""
+    in_shape = (layer["c_in"], layer["n"], layer["n"])
+    res, wall, cpu = timed(lambda: sandwich(w, in_shape, rtol=rtol, stride=layer["stride"], padding=layer["pad"],
+                                            strategy=strategy, **knobs))
+    row = dict(layer)
+    row.update(lower=res.lower.value, upper=res.upper.value, gap=res.gap, converged=res.converged,
+               upper_method=res.upper.method, lower_method=res.lower.method, reason=res.reason,
+               upper_guarantee=res.upper.guarantee.value, lower_guarantee=res.lower.guarantee.value,
+               sandwich_wall_s=wall, sandwich_cpu_s=cpu, weight=w, steps=res.to_dict()["steps"])
+    return row
+
+
+def run_strategies(layers: list[dict], plans: dict[str, tuple[float, dict]], seed: int) -> dict[str, list[dict]]:
+    """Every layer (weights regenerated from ``seed``, identical across strategies) under every strategy,
+    interleaved: layer by layer, the strategies in alternating order, so that a change of machine load hits
+    both alike (the machine is shared)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for layer in tqdm(layers, desc=strategy):
+    runs: dict[str, list[dict]] = {name: [] for name in plans}
+    for i, layer in enumerate(tqdm(layers, desc="layers")):
         w = kaiming(layer["c_out"], layer["c_in"], layer["k"], gen)
-        in_shape = (layer["c_in"], layer["n"], layer["n"])
-        res, wall, cpu = timed(lambda: sandwich(w, in_shape, rtol=rtol, stride=layer["stride"], padding=layer["pad"],
-                                                strategy=strategy, rho_fraction=rho_fraction))
-        row = dict(layer)
-        row.update(lower=res.lower.value, upper=res.upper.value, gap=res.gap, converged=res.converged,
-                   upper_method=res.upper.method, lower_method=res.lower.method, reason=res.reason,
-                   upper_guarantee=res.upper.guarantee.value, lower_guarantee=res.lower.guarantee.value,
-                   sandwich_wall_s=wall, sandwich_cpu_s=cpu, weight=w, steps=res.to_dict()["steps"])
-        rows.append(row)
-        tqdm.write(f"{strategy:9s} {layer['name']:>16} {layer['c_in']:>4}->{layer['c_out']:<4} k{layer['k']} "
-                   f"s{layer['stride']} n{layer['n']:<3} {res.upper.method:15s} gap {100 * res.gap:5.2f}% "
-                   f"{wall:6.1f}s wall {cpu:6.1f}s cpu")
-    return rows
+        order = list(plans) if i % 2 == 0 else list(reversed(plans))
+        for strategy in order:
+            rtol, knobs = plans[strategy]
+            row = measure_layer(layer, w, strategy, rtol, knobs)
+            runs[strategy].append(row)
+            tqdm.write(f"{strategy:9s} {layer['name']:>16} {layer['c_in']:>4}->{layer['c_out']:<4} k{layer['k']} "
+                       f"s{layer['stride']} n{layer['n']:<3} {row['upper_method']:15s} gap {100 * row['gap']:5.2f}% "
+                       f"{row['sandwich_wall_s']:6.1f}s wall {row['sandwich_cpu_s']:6.1f}s cpu")
+    return runs
 
 
 def totals(rows: list[dict]) -> dict:
@@ -147,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rtol", type=float, default=0.02, help="rtol of the new (boundary) strategy")
     parser.add_argument("--rho-fraction", type=float, default=0.01,
                         help="certificate level above the target, as a fraction of rtol (new strategy)")
+    parser.add_argument("--accept-fraction", type=float, default=None,
+                        help="where a certificate may stop, as a fraction of rtol (new strategy; default: the library's)")
     parser.add_argument("--old-rtol", type=float, default=0.02, help="rtol of today's method (strategy circulant)")
     parser.add_argument("--strategies", default="circulant,boundary")
     parser.add_argument("--seed", type=int, default=0)
@@ -157,9 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
     runs, summary = {}, {}
     total_wall, total_cpu = time.perf_counter(), time.process_time()
-    for strategy in strategies:
-        rtol = args.old_rtol if strategy == "circulant" else args.rtol
-        runs[strategy] = run_strategy(layers, strategy, rtol, args.rho_fraction, args.seed)
+    new_knobs = {"rho_fraction": args.rho_fraction}
+    if args.accept_fraction is not None:
+        new_knobs["accept_fraction"] = args.accept_fraction
+    plans = {name: (args.old_rtol, {}) if name == "circulant" else (args.rtol, dict(new_knobs)) for name in strategies}
+    runs = run_strategies(layers, plans, args.seed)
+    for strategy, (rtol, _) in plans.items():
         summary[strategy] = {"rtol": rtol, **totals(runs[strategy])}
     if args.baseline != "none":
         summary["per_frequency_svd"] = svd_baseline(next(iter(runs.values())), args.baseline)
@@ -178,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "P1 spectral sandwich on WRN-34-R conv layers",
         "config": {"widths": WIDTHS, "depths": DEPTHS, "strategies": strategies, "input": [3, 32, 32],
-                   "rtol_new": args.rtol, "rho_fraction_new": args.rho_fraction, "rtol_circulant": args.old_rtol,
+                   "rtol_new": args.rtol, "rho_fraction_new": args.rho_fraction,
+                   "accept_fraction_new": args.accept_fraction if args.accept_fraction is not None
+                   else SandwichOptions().accept_fraction, "rtol_circulant": args.old_rtol,
+                   "order": "interleaved: per layer, strategies in alternating order",
                    "seed": args.seed, "weights": "kaiming normal, float32"},
         "environment": {
             "torch": torch.__version__, "machine": machine(), "cores": os.cpu_count(),

@@ -17,9 +17,11 @@ Otherwise an upper-bound ladder, loosest and cheapest first, each certificate ru
 3. ``banded_cholesky``: the true zero-padded operator, block-banded Cholesky (``spectral.toeplitz``).
 
 A rung is skipped when a later one is estimated at most ``jump`` times its cost (small layers go straight to the
-exact banded certificate). The lower bound is a Lanczos Rayleigh quotient of the true layer, warm-started from the
-circulant's top plane wave and refined while it still moves; its final quotient is evaluated in float64. When
-the gap stays above ``rtol`` the result says why and what would close it (``reason``, ``suggestion``).
+exact banded certificate); certificates may stop at the accept level ``lower (1 + accept_fraction * rtol)``. On
+small maps the circulant rung gives up after its sampled estimate when that already exceeds ``lower (1 + rtol)``.
+The lower bound is a Lanczos Rayleigh quotient of the true layer, warm-started from the circulant's top plane
+wave and refined while it still moves; its final quotient is evaluated in float64. When the gap stays above
+``rtol`` the result says why and what would close it (``reason``, ``suggestion``).
 """
 from __future__ import annotations
 
@@ -209,13 +211,14 @@ def certified_rayleigh(op: Any, v: torch.Tensor) -> float:
     return ny / nx * (1 - 2 * gamma(terms, unit_roundoff(torch.float64)))
 
 
-def lower_bound(run: Run, init: torch.Tensor | None) -> NormValue:
-    """Lanczos/power Rayleigh quotient of the true layer (``init``: a warm start, e.g. the top plane wave)."""
+def lower_bound(run: Run, init: torch.Tensor | None, stall: bool = False) -> NormValue:
+    """Lanczos/power Rayleigh quotient of the true layer (``init``: a warm start, e.g. the top plane wave);
+    ``stall``: stop once a step raises it by at most ``rtol / 200`` (the ladder's windowed warm starts)."""
     from spectral.lower import operator_norm_lower
 
     o = run.opts
     low = operator_norm_lower(run.op, method=o["lower_method"], tol=run.rtol / 100, max_iter=o["lower_iters"],
-                              init=init, seed=o["seed"])
+                              init=init, seed=o["seed"], stall_tol=run.rtol / 200 if stall else None)
     run.steps.append({"step": f"lower_{o['lower_method']}", "value": low.value, "iterations": low.iterations,
                       "seconds": low.seconds})
     return low
@@ -297,8 +300,11 @@ def rung_estimates(run: Run) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- certificates
-def run_fft(run: Run, rho: float, accept: float | None = None) -> tuple[NormValue, torch.Tensor]:
-    """The circulant certificate (times ``||P||`` for copy padding) and the top plane wave (a warm start)."""
+def run_fft(run: Run, rho: float, accept: float | None = None, estimator: str = "power",
+            give_up_above: Any = None, window: bool = False) -> tuple[NormValue, torch.Tensor]:
+    """The circulant certificate (times ``||P||`` for copy padding) and the top plane wave (a warm start);
+    ``estimator``: how block levels are estimated (``spectral.circulant.top_estimate``: "power" is the
+    pre-issue-13 procedure of ``strategy="circulant"``, the ladder uses "lanczos")."""
     from spectral.circulant import fourier_certificate, plane_wave
 
     op, o = run.op, run.opts
@@ -308,17 +314,21 @@ def run_fft(run: Run, rho: float, accept: float | None = None) -> tuple[NormValu
         grid, factor, kind = certificate_grid(op), padding_operator_norm(op.in_shape, op.padding, op.padding_mode), \
             "circular_grid_padded"
     cert = fourier_certificate(op.weight, grid, stride=op.stride, dilation=op.dilation, groups=op.groups, rho=rho,
-                               accept=None if accept is None else accept / factor, dtype=o["certificate_dtype"],
+                               accept=None if accept is None else accept / factor, estimator=estimator,
+                               give_up_above=give_up_above,
+                               dtype=o["certificate_dtype"],
                                max_memory_bytes=o["max_memory_bytes"], seed=o["seed"])
     run.steps.append({"step": "fft_cholesky" if accept is None else "fft_cholesky_at_accept",
                       "value": cert.value * factor, "failed_blocks": cert.details["failed"],
+                      **({"gave_up": True} if cert.details.get("gave_up") else {}),
                       "circulant_lower": cert.details["circulant_lower"] * factor, "seconds": cert.seconds})
     details = {k: v for k, v in cert.details.items() if k != "argmax_vector"}
     details.update({"bound": kind, "padding_norm_factor": factor, "embedding_lower": details["circulant_lower"] * factor})
     upper = NormValue(cert.value * factor, Guarantee.UPPER, "fft_cholesky", cert.iterations, cert.seconds, details)
     ts = time.perf_counter()
     init = plane_wave(op, cert.details["argmax_frequency"], cert.details["argmax_group"],
-                      cert.details["argmax_vector"], cert.details["coarse_grid"], [p[0] for p in op.padding])
+                      cert.details["argmax_vector"], cert.details["coarse_grid"], [p[0] for p in op.padding],
+                      window=window and op.padding_mode == "zeros")
     run.steps.append({"step": "plane_wave_warm_start", "seconds": time.perf_counter() - ts})
     return upper, init
 
@@ -333,7 +343,10 @@ def run_banded(run: Run, method: str, target: float, rho: float) -> NormValue:
     op_z, factor = view
     mode = {v: k for k, v in BANDED_MODES.items()}[method]
     accept = run.accept(target) / factor  # a frequency whose circulant column is this good needs no LDL
-    cert = banded_certificate(op_z, mode=mode, target=target / factor, rho=rho, accept=accept, seed=run.opts["seed"])
+    # axis mode: the untwisted embedding on both axes (scouting two candidates, not four: a twist rarely
+    # changes which frequencies need a factorisation once elements may stop at ``accept``)
+    cert = banded_certificate(op_z, mode=mode, target=target / factor, rho=rho, accept=accept, seed=run.opts["seed"],
+                              twist=0.0 if mode == "axis" else None)
     details = {**cert.details, "padding_norm_factor": factor, "embedding_lower": cert.details["block_lower"] * factor}
     run.steps.append({"step": method, "value": cert.value * factor, "embedding_lower": details["embedding_lower"],
                       "seconds": cert.seconds})
@@ -456,15 +469,21 @@ def boundary_flow(run: Run) -> Outcome:
     if first in LADDER[1:]:
         low = lower_bound(run, None)
         upper = run_banded(run, first, low.value, rho)
+    elif first == "fft_cholesky" and len(rungs) > 1 and est[rungs[1]] <= run.left() and _boundary_heavy(run):
+        # small maps: the circulant is often too loose for rtol; the lower bound runs between the fft rung's
+        # sampled estimate and its factorisations, so the rung gives up when the ladder would replace its bound
+        upper, low = _fft_or_give_up(run, rho)
     else:
-        upper, init = run_fft(run, rho) if first == "fft_cholesky" else (run_cheap(run, first), None)
-        low = _circulant_lower(run, upper, lower_bound(run, init))
-    low = refine_lower(run, low, upper.value, _rounds(run, upper, low))
+        upper, init = run_fft(run, rho, estimator="lanczos", window=True) if first == "fft_cholesky" else \
+            (run_cheap(run, first), None)
+        low = _circulant_lower(run, upper, lower_bound(run, init, stall=True))
+    if not upper.details.get("gave_up"):  # (a rung that gave up has refined the lower bound already)
+        low = refine_lower(run, low, upper.value, _rounds(run, upper, low))
     emb = upper.details.get("embedding_lower", math.inf)
     if upper.method == "fft_cholesky" and upper.value > low.value * (1 + run.rtol) and \
             run.accept(low.value) > emb * (1 + 1e-4):
         # the circulant itself is good enough, only its rho-inflated certificate level is not: certify there
-        upper = tighter(upper, run_fft(run, rho, accept=run.accept(low.value))[0])
+        upper = tighter(upper, run_fft(run, rho, accept=run.accept(low.value), estimator="lanczos")[0])
     skipped = []
     for method in rungs[1:]:
         if upper.value <= low.value * (1 + run.rtol):
@@ -474,9 +493,44 @@ def boundary_flow(run: Run) -> Outcome:
             continue
         upper = tighter(upper, run_banded(run, method, low.value, rho))
         low = refine_lower(run, low, upper.value, _rounds(run, upper, low))
+    if math.isinf(upper.value):  # the fft rung gave up and no later rung ran: certify the circulant after all
+        upper = run_fft(run, rho, estimator="lanczos")[0]
     if low.method != "fft_block_power":
         low = finalize_lower(run, low)
     return Outcome(low, upper, None, *diagnose(run, low, upper, est, skipped))
+
+
+def _fft_or_give_up(run: Run, rho: float) -> tuple[NormValue, NormValue]:
+    """The fft rung with the lower bound taken from its sampled estimate's plane wave: no block is factorised
+    when that estimate already exceeds ``lower (1 + rtol)`` (the value is then ``inf``, for a later rung)."""
+    from spectral.circulant import plane_wave
+
+    found: dict[str, NormValue] = {}
+    factor = 1.0 if circular_case(run.op) is not None else \
+        padding_operator_norm(run.op.in_shape, run.op.padding, run.op.padding_mode)
+
+    def level(estimate: dict[str, Any]) -> float:
+        init = plane_wave(run.op, estimate["argmax_frequency"], estimate["argmax_group"], estimate["argmax_vector"],
+                          estimate["coarse_grid"], [p[0] for p in run.op.padding], window=True)
+        low = lower_bound(run, init, stall=True)
+        # refined while the estimate alone would make the rung give up (the refinement the flow runs anyway)
+        found["low"] = low = refine_lower(run, low, estimate["circulant_lower"] * factor, run.opts["max_refine"])
+        return low.value * (1 + run.rtol) / factor
+
+    upper, init = run_fft(run, rho, estimator="lanczos", give_up_above=level, window=True)
+    return upper, found["low"] if "low" in found else lower_bound(run, init, stall=True)
+
+
+BOUNDARY_HEAVY_GRID_RATIO = 1.2
+
+
+def _boundary_heavy(run: Run) -> bool:
+    """Whether the circulant grid is more than ``BOUNDARY_HEAVY_GRID_RATIO`` times the input's size (e.g. 9x9
+    for 8x8 inputs: 1.27; 17x17 for 16x16: 1.13), where the circulant embedding is typically a few percent loose."""
+    if run.op.padding_mode != "zeros":
+        return False
+    grid = certificate_grid(run.op)
+    return math.prod(grid) > BOUNDARY_HEAVY_GRID_RATIO * math.prod(run.op.in_shape[1:])
 
 
 def _rounds(run: Run, upper: NormValue, low: NormValue) -> int:

@@ -84,9 +84,11 @@ def lanczos(
     init: torch.Tensor | None = None,
     seed: int = 0,
     basis_size: int = 40,
+    stall_tol: float | None = None,
 ) -> tuple[float, torch.Tensor, int, bool]:
     """Lanczos on ``A^T A`` with full reorthogonalisation and restarts; returns
-    ``(||A v||, v, matvecs, converged)`` with ``v`` the top Ritz vector (``||v|| = 1``)."""
+    ``(||A v||, v, matvecs, converged)`` with ``v`` the top Ritz vector (``||v|| = 1``). ``stall_tol``: also stop
+    (not "converged") once a step raises the top Ritz value's square root by at most this fraction."""
     v = _initial_vector(m, init, seed)
     shape = v.shape
     v = v.reshape(-1)
@@ -94,13 +96,14 @@ def lanczos(
     n = v.numel()
     basis_size = max(2, min(basis_size, n))
     matvecs = 0
-    converged = False
+    converged = stalled = False
+    previous = 0.0
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return m.adjoint(m.forward(x.reshape(shape))).reshape(-1)
 
     with torch.no_grad():
-        while matvecs < max_iter and not converged:
+        while matvecs < max_iter and not converged and not stalled:
             Q = torch.zeros(basis_size, n, dtype=v.dtype, device=v.device)
             alphas: list[float] = []
             betas: list[float] = []
@@ -128,6 +131,11 @@ def lanczos(
                 if residual <= tol * scale or beta <= 1e-14 * scale or k == n:
                     converged = True
                     break
+                stalled = stall_tol is not None and previous > 0 and \
+                    math.sqrt(max(theta, 0.0) / previous) - 1 <= stall_tol
+                previous = max(theta, previous)
+                if stalled:
+                    break
                 if matvecs >= max_iter or j == basis_size - 1:
                     break
                 betas.append(beta)
@@ -150,12 +158,14 @@ def operator_norm_lower(
     max_iter: int | None = None,
     init: torch.Tensor | None = None,
     seed: int = 0,
+    stall_tol: float | None = None,
 ) -> NormValue:
     """Certified lower bound ``||A v|| / ||v||`` on ``||A||_2`` for any linear map.
 
     ``method`` is ``"power"`` or ``"lanczos"``; ``init`` warm-starts from a previous vector (shape
     ``in_shape``); ``details["vector"]`` holds the final unit vector, ``details["converged"]`` whether
-    ``tol`` was met within ``max_iter`` forward/adjoint pairs.
+    ``tol`` was met within ``max_iter`` forward/adjoint pairs; ``stall_tol`` (Lanczos): stop early once a step
+    raises the estimate by at most that fraction (the value stays a certified lower bound whenever it stops).
     References: Golub & Van Loan, Matrix Computations (power method; Lanczos).
     """
     check_linear_map(m)
@@ -168,7 +178,8 @@ def operator_norm_lower(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
     t0 = time.perf_counter()
-    value, v, iters, converged = _SOLVERS[method](m, tol=tol, max_iter=max_iter, init=init, seed=seed)
+    extra = {"stall_tol": stall_tol} if stall_tol is not None and method == "lanczos" else {}
+    value, v, iters, converged = _SOLVERS[method](m, tol=tol, max_iter=max_iter, init=init, seed=seed, **extra)
     return NormValue(
         value=value,
         guarantee=Guarantee.LOWER,
@@ -180,23 +191,30 @@ def operator_norm_lower(
 
 
 def batched_lanczos(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, batch: int, dtype: torch.dtype,
-                    steps: int = 40, seed: int = 0) -> torch.Tensor:
+                    steps: int = 40, seed: int = 0, *, init: torch.Tensor | None = None,
+                    return_vectors: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Top Ritz values (float64, ``(batch,)``) of ``batch`` Hermitian PSD operators (``apply`` maps
     ``(batch, dim)`` to ``(batch, dim)``) after ``steps`` Lanczos steps with full reorthogonalisation. An
-    *estimate* (from below in exact arithmetic), used only to choose the levels that certificates try."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
+    *estimate* (from below in exact arithmetic), used only to choose the levels that certificates try.
+    ``init``: start vectors ``(batch, dim)`` (default: a seeded random draw); ``return_vectors``: also the unit
+    top Ritz vectors ``(batch, dim)``."""
+    if init is not None:
+        v = init.to(dtype).reshape(batch, dim)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     steps = max(1, min(steps, dim))
-    Q = torch.zeros(steps, batch, dim, dtype=dtype)
+    Q = torch.zeros(batch, steps, dim, dtype=dtype)  # batch-major: the projections are batched products
     T = torch.zeros(batch, steps, steps, dtype=torch.float64)
     k = 0
     for j in range(steps):
-        Q[j] = v
+        Q[:, j] = v
         w = apply(v)
-        T[:, j, j] = torch.einsum("bi,bi->b", v.conj(), w).real.to(torch.float64)
-        for _ in range(2):
-            w = w - torch.einsum("jb,jbi->bi", torch.einsum("jbi,bi->jb", Q[: j + 1].conj(), w), Q[: j + 1])
+        T[:, j, j] = torch.linalg.vecdot(v, w).real.to(torch.float64)
+        basis = Q[:, : j + 1]
+        for _ in range(2):  # full reorthogonalisation, twice: w -= Q (Q^H w)
+            w = w - torch.matmul(torch.matmul(basis.conj(), w.unsqueeze(-1)).transpose(1, 2), basis).squeeze(1)
         beta = torch.linalg.vector_norm(w, dim=1)
         k = j + 1
         if j + 1 == steps or bool((beta <= 1e-13 * T[:, : j + 1, : j + 1].diagonal(dim1=1, dim2=2).abs().amax(1)
@@ -204,7 +222,12 @@ def batched_lanczos(apply: Callable[[torch.Tensor], torch.Tensor], dim: int, bat
             break
         T[:, j, j + 1] = T[:, j + 1, j] = beta.to(torch.float64)
         v = torch.where(beta[:, None] > 0, w / torch.where(beta > 0, beta, 1.0)[:, None].to(w.dtype), w)
-    return torch.linalg.eigvalsh(T[:, :k, :k])[:, -1].clamp(min=0.0)
+    if not return_vectors:
+        return torch.linalg.eigvalsh(T[:, :k, :k])[:, -1].clamp(min=0.0)
+    evals, evecs = torch.linalg.eigh(T[:, :k, :k])
+    ritz = torch.matmul(evecs[:, :, -1:].transpose(1, 2).to(dtype), Q[:, :k]).squeeze(1)
+    ritz = ritz / torch.linalg.vector_norm(ritz, dim=1, keepdim=True).clamp(min=1e-300).to(dtype)
+    return evals[:, -1].clamp(min=0.0), ritz
 
 
 

@@ -170,7 +170,7 @@ class SandwichOptions:
     upper_method: str = "auto"
     strategy: str = "boundary"
     rho_fraction: float = 0.1
-    accept_fraction: float = 0.5
+    accept_fraction: float = 0.9
     jump: float = 1.0
     assumed_flops_per_second: float = 2e10
     lower_iters: int = 12

@@ -45,6 +45,36 @@ def test_lower_never_exceeds_exact_even_unconverged(seed, iters, method):
     assert nv.value <= exact * (1 + 1e-12)
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), stall=st.sampled_from([1e-2, 1e-4, 1e-6]))
+def test_lanczos_stall_stops_early_and_stays_a_lower_bound(seed, stall):
+    op = _op(seed, c=3, n=6)
+    exact = operator_norm_dense(op).value
+    full = operator_norm_lower(op, method="lanczos", tol=1e-12, max_iter=60, seed=seed)
+    early = operator_norm_lower(op, method="lanczos", tol=1e-12, max_iter=60, seed=seed, stall_tol=stall)
+    assert early.value <= exact * (1 + 1e-12)
+    assert early.iterations <= full.iterations
+    if early.iterations < full.iterations:  # it stopped on the stall test, not on tol
+        assert not early.details["converged"]
+
+
+def test_windowed_plane_wave_starts_closer_on_a_zero_padded_layer():
+    from spectral.circulant import fourier_certificate, plane_wave
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) / 12
+    op = LayerOperator.conv(w, (16, 12, 12), 1, 1)
+    cert = fourier_certificate(w, (13, 13), rho=1e-3)
+    d = cert.details
+    quotients = []
+    for window in (False, True):
+        x = plane_wave(op, d["argmax_frequency"], d["argmax_group"], d["argmax_vector"], d["coarse_grid"], [1, 1],
+                       window=window)
+        assert x.shape == (1, 16, 12, 12) and torch.linalg.vector_norm(x) == pytest.approx(1.0)
+        quotients.append(float(torch.linalg.vector_norm(op.forward(x))))
+    assert quotients[0] < quotients[1] <= operator_norm_dense(op).value * (1 + 1e-12)
+
+
 def test_warm_start_converges_immediately():
     op = _op(3, n=9)
     first = operator_norm_lower(op, method="lanczos", tol=1e-10, max_iter=500)

@@ -79,6 +79,39 @@ def test_fourier_certificate_bounds_the_circular_norm_and_is_tight():
     assert low.value >= exact
 
 
+@pytest.mark.parametrize("estimator", ["power", "lanczos"])
+def test_both_level_estimators_give_valid_tight_certificates(estimator):
+    """The Lanczos estimator (the ladder's) and the power procedure (strategy="circulant") choose levels only:
+    both certificates bound the dense circular norm; forced failures (one sampled block, one step) stay valid."""
+    torch.manual_seed(4)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    exact = _dense_norm(w, (5, 7, 7), padding=1, padding_mode="circular")
+    cert = fourier_certificate(w, (7, 7), rho=1e-3, estimator=estimator)
+    assert exact <= cert.value <= exact * (1 + 2.5e-3)
+    assert cert.details["circulant_lower"] <= exact * (1 + 1e-12)
+    low = fourier_certificate(w, (7, 7), rho=1e-3, sample_blocks=1, power_iters=1, estimator=estimator)
+    assert low.value >= exact and low.details["failed"] > 0
+
+
+def test_lanczos_estimate_returns_ritz_pairs_and_rejects_unknown_estimators():
+    from spectral.circulant import top_estimate
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 4, 20, 20, dtype=torch.complex128, generator=g)
+    H = A @ A.mH
+    theta, vec = top_estimate(H, 20, g, "lanczos")  # 20 steps on 20x20 blocks: exact up to round-off
+    top = torch.linalg.eigvalsh(H)[..., -1]
+    assert theta.shape == (3, 4) and vec.shape == (3, 4, 20)
+    assert torch.allclose(theta, top, rtol=1e-9)
+    rayleigh = torch.einsum("...i,...ij,...j->...", vec.conj(), H, vec).real
+    assert torch.allclose(rayleigh, top, rtol=1e-8)
+    assert torch.allclose(torch.linalg.vector_norm(vec, dim=-1), torch.ones(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown estimator 'qr'"):
+        top_estimate(H, 5, g, "qr")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        fourier_certificate(torch.randn(2, 2, 3, 3), (4, 4), estimator="qr")
+
+
 def test_float32_certificate_carries_a_larger_roundoff_margin_but_stays_valid():
     torch.manual_seed(3)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64)

@@ -92,6 +92,80 @@ def test_banded_certificate_is_never_below_the_dense_norm(seed, k, n, stride, di
         assert cert.value <= exact * (1 + rho) ** 1 * (1 + 1e-6) * (1 + rho) ** 60 + 1e-300
 
 
+def test_tap_products_use_each_pair_once_and_match_the_reference():
+    from spectral.toeplitz import _tap_products
+
+    w = torch.randn(6, 4, 3, 2, dtype=torch.float64)
+    for groups in (1, 2):
+        taps = w.reshape(groups, 6 // groups, 4, -1).permute(0, 3, 1, 2)
+        ref_in = torch.einsum("gaoi,gboj->gabij", taps, taps)
+        ref_out = torch.einsum("gaoi,gbpi->gabop", taps, taps)
+        assert torch.allclose(_tap_products(w, groups, "in"), ref_in, atol=1e-13)
+        assert torch.allclose(_tap_products(w, groups, "out"), ref_out, atol=1e-13)
+
+
+def test_axis_elements_are_certified_at_the_accepted_level_when_it_leaves_room(monkeypatch):
+    """With ``accept`` above the embedding's norm, every element is certified at ``accept`` (by its circulant
+    column or one banded factorisation at that level, no refined estimate): the value is ``accept`` up to the
+    rigorous margin, never below the dense norm; an accept level below the embedding falls back to tight levels."""
+    op = _op(3, 4, 4, 3, 6)
+    exact = _dense(op)
+    prob = _build(op, "axis", 0, 0.0)
+    emb = float(torch.linalg.eigvalsh(_dense_gram(prob))[:, -1].max().sqrt())
+    import spectral.toeplitz as toeplitz
+
+    levels, factor = [], toeplitz._factor
+    monkeypatch.setattr(toeplitz, "_factor", lambda p, mu: (levels.append(mu.clone()), factor(p, mu))[1])
+    cert = banded_certificate(op, mode="axis", axis=0, twist=0.0, target=exact, rho=1e-4, accept=emb * 1.01)
+    assert exact <= cert.value <= emb * 1.01 * (1 + 1e-9)
+    assert cert.value >= emb * 1.01 * (1 - 1e-6) ** 0.5 * (1 - 1e-12)
+    by_columns, batch = cert.details["certified_by_circulant_column"], cert.details["batch"]
+    assert 0 < by_columns < batch  # some columns are not good enough: those elements were factorised at accept
+    assert cert.iterations == batch - by_columns and cert.details["tries"] == 1
+    assert len(levels) == 1 and torch.allclose(levels[0], torch.tensor((emb * 1.01) ** 2 * (1 - 1e-6), dtype=torch.float64))
+    tight = banded_certificate(op, mode="axis", axis=0, twist=0.0, target=exact, rho=1e-4, accept=exact)
+    assert emb * (1 - 1e-9) <= tight.value <= emb * (1 + 1e-4) ** 40
+
+
+def _dense_gram(prob):
+    R, blk = prob.rows, prob.block
+    H = torch.zeros(prob.taps.shape[0], R * blk, R * blk, dtype=prob.gamma_pairs.dtype)
+    for r in range(R):
+        for j in range(max(0, r - prob.band), r + 1):
+            H[:, r * blk:(r + 1) * blk, j * blk:(j + 1) * blk] = prob.block_at(r, j)
+            if j < r:
+                H[:, j * blk:(j + 1) * blk, r * blk:(r + 1) * blk] = prob.block_at(r, j).mH
+    return H
+
+
+def test_small_map_circulant_rung_gives_up_when_it_cannot_reach_rtol():
+    """8x8 input: the circulant grid is 9x9 (1.27x the input); its sampled estimate already exceeds
+    lower (1 + rtol), so no frequency block is factorised and the one-axis / banded rungs take over."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) / 12
+    res = sandwich(w, (16, 8, 8), rtol=0.005, padding=1, dense_max_entries=0)
+    fft = [s for s in res.steps if s["step"] == "fft_cholesky"]
+    assert len(fft) == 1 and fft[0]["gave_up"] and fft[0]["value"] == math.inf
+    assert res.upper.method in ("axis_cholesky", "banded_cholesky") and res.converged
+    exact = _dense(LayerOperator.conv(w, (16, 8, 8), 1, 1))
+    assert res.lower.value <= exact <= res.upper.value <= res.lower.value * 1.005
+
+
+def test_fourier_certificate_give_up_level_fixed_or_from_the_estimate():
+    from spectral.circulant import fourier_certificate
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64)
+    full = fourier_certificate(w, (6, 6), rho=1e-3)
+    gave_up = fourier_certificate(w, (6, 6), rho=1e-3, give_up_above=full.value / 2)
+    assert gave_up.value == math.inf and gave_up.details["gave_up"] and gave_up.iterations == 0
+    assert gave_up.details["circulant_lower"] <= full.value
+    seen = []
+    kept = fourier_certificate(w, (6, 6), rho=1e-3, give_up_above=lambda est: seen.append(est) or full.value * 2)
+    assert kept.value == pytest.approx(full.value) and "gave_up" not in kept.details
+    assert seen and {"circulant_lower", "argmax_frequency", "argmax_vector", "coarse_grid"} <= set(seen[0])
+
+
 def test_exact_mode_is_tight_where_the_circulant_is_not():
     # 4x4 input, a smoothing (low-frequency) kernel: the circulant embedding is far above the true norm
     torch.manual_seed(0)
