@@ -47,24 +47,43 @@ def spectral_analyze():
     return getattr(analyze, "analyze", analyze)
 
 
-def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
-    """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size."""
+def record_sandwich_kwargs() -> dict[str, Any]:
+    """The per-layer sandwich options of a model record: every ``SandwichOptions`` field at its default (what
+    ``spectral.analyze`` uses), given to ``network_bound`` too, so that its raw layers are the analysis's rows
+    (each layer sandwiched once; ``network_bound`` on its own caps dense solves lower)."""
+    from dataclasses import fields
+
+    from spectral.sandwich import SandwichOptions
+
+    defaults = SandwichOptions()
+    return {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+
+
+def layer_analysis(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False):
+    """``spectral.analyze`` of ``model`` at its real input size (a ``LayerTable`` of ``LayerRow``s)."""
     device = next(model.parameters()).device
     example = torch.zeros((1, *input_shape), device=device)
-    table = spectral_analyze()(model, example, rtol=rtol, progress=progress)
-    return [dict(row) for row in table.rows]
+    return spectral_analyze()(model, example, rtol=rtol, progress=progress)
 
 
-def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02) -> dict[str, Any]:
+def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
+    """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size (JSON rows)."""
+    return [row.to_dict() for row in layer_analysis(model, input_shape, rtol=rtol, progress=progress).rows]
+
+
+def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, *, layer_results: Any = None,
+                  sandwich_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Certified l2 bounds of the network, its stages and blocks (``lipschitz.bounds.network_bound``).
 
     Returns ``certified_lipschitz`` (the tightest certified network bound: every method evaluated is a certified
     upper bound), ``certified_lipschitz_product`` (plain layer product), ``certified_methods`` {method: value},
-    ``stage_bounds`` and ``block_bounds`` {name: tightest value} and the full ``bound`` dict.
+    ``stage_bounds`` and ``block_bounds`` {name: tightest value} and the full ``bound`` dict. ``layer_results`` (a
+    ``spectral.analyze`` table of the model) and ``sandwich_kwargs`` go to ``network_bound``.
     """
     from lipschitz.bounds import network_bound
 
-    bound = network_bound(model, tuple(input_shape), rtol=rtol)
+    bound = network_bound(model, tuple(input_shape), rtol=rtol, layer_results=layer_results,
+                          sandwich_kwargs=sandwich_kwargs)
     methods = bound.certified_methods()
     return {"certified_lipschitz": bound.tightest, "certified_lipschitz_product": methods.get("product"),
             "certified_methods": methods, "stage_bounds": bound.stage_bounds(), "block_bounds": bound.block_bounds(),
@@ -207,12 +226,19 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         _step(record, "eval", lambda: evaluate_model(model, x_test, y_test, attacks=attacks, eps=eps, n=eval_n, seed=seed,
                                                      out_dir=None if out_dir is None else out_dir / "eval", progress=verbose,
                                                      lipschitz_metric="lower" not in steps), verbose)
+    analysis: list = []  # the spectral step's LayerTable: the bound step reuses its raw-layer sandwiches
     if "spectral" in steps:
         _say(verbose, f"  [{name}] per-layer certified spectral norms (rtol {rtol})")
-        _step(record, "spectral", lambda: {"layers": layer_table(model, input_shape, rtol=rtol, progress=verbose)}, verbose)
+
+        def spectral_step() -> dict[str, Any]:
+            analysis.append(layer_analysis(model, input_shape, rtol=rtol, progress=verbose))
+            return {"layers": [row.to_dict() for row in analysis[0].rows]}
+
+        _step(record, "spectral", spectral_step, verbose)
     if "bound" in steps:
         _say(verbose, f"  [{name}] certified network, stage and block bounds")
-        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol), verbose)
+        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol, sandwich_kwargs=record_sandwich_kwargs(),
+                                                     layer_results=analysis[0] if analysis else None), verbose)
     if "lower" in steps:
         _say(verbose, f"  [{name}] data lower bounds on {min(lower_points, x_test.shape[0])} test points")
         xs, ys = x_test[:lower_points].to(device), y_test[:lower_points].to(device)

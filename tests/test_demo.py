@@ -71,6 +71,40 @@ def test_network_bound_answers_tightest_stage_and_block_bounds():
     assert NetworkBound(NormValue(float("inf"), Guarantee.UPPER, "x"), "x", (1,), {}).tightest is None
 
 
+def test_measure_step_sandwiches_each_raw_layer_once(monkeypatch):
+    """The demo's measure step (spectral, then bound): network_bound reuses the analysis's raw-layer sandwiches, so
+    each layer's own operator is sandwiched once; a conv with a BatchNorm folded in is a second operator."""
+    import importlib
+
+    import torch
+    from torch import nn
+
+    from experiments.measure import measure_model
+
+    # spectral.sandwich / spectral.analyze are also functions on the package: patch the modules themselves
+    sandwich_module, analyze_module = (importlib.import_module(f"spectral.{n}") for n in ("sandwich", "analyze"))
+    real, calls = sandwich_module.sandwich, []
+
+    def spy(weight, input_shape, *args, **kwargs):
+        calls.append(weight.detach().double().clone())
+        return real(weight, input_shape, *args, **kwargs)
+
+    monkeypatch.setattr(sandwich_module, "sandwich", spy)
+    monkeypatch.setattr(analyze_module, "sandwich", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    record = measure_model(model, name="m", input_shape=(1, 8, 8), x_test=torch.zeros(2, 1, 8, 8),
+                           y_test=torch.zeros(2, dtype=torch.long), eps=0.1, rtol=0.05, steps=("spectral", "bound"),
+                           verbose=False)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in layers:
+        assert sum(torch.equal(w, layer.weight.detach().double()) for w in calls) == 1
+    assert record["layers"][0]["folded_batchnorm"] == "1"
+    raw = {r["name"]: r["upper"] for r in record["layers"] if not r["folded_batchnorm"]}
+    assert raw == {r["name"]: r["upper"] for r in record["bound"]["layers"] if r["name"] in raw} and len(raw) == 2
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     from experiments.demo import run_demo
