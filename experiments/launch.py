@@ -1,6 +1,6 @@
 """How a sweep's runs are executed: one run at a time, a local pool of worker processes, or submitit jobs.
 
-Every launcher calls the same ``execute_run`` (train + measure one run, then write ``runs/<id>/summary.json``),
+Every launcher calls the same ``execute_run`` (train + measure one run, then write ``runs/<id>/record.json``),
 so aggregation is the same whatever launched the runs, and a rerun skips whatever is finished:
 
 - ``sequential`` with ``workers: 1`` (default): in this process, one after the other.
@@ -26,9 +26,12 @@ if TYPE_CHECKING:  # pragma: no cover
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
-def summary_path(out_dir: str | Path, run: "RunSpec") -> Path:
-    """Where a run's record is written (``<out>/runs/<run_id>/summary.json``); its presence marks the run finished."""
-    return Path(out_dir) / "runs" / run.run_id / "summary.json"
+def record_path(out_dir: str | Path, run: "RunSpec") -> Path:
+    """A run's record (``<out>/runs/<run_id>/record.json``; ``summary.json`` in sweeps written before); its presence
+    marks the run finished."""
+    from experiments.io import run_file
+
+    return run_file(Path(out_dir) / "runs" / run.run_id, "record")
 
 
 def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options: Mapping[str, Any],
@@ -36,9 +39,9 @@ def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options:
     """Train and measure one run with ``runner`` (the sweep's ``train_run``); write and return its record.
 
     The record gains ``config_id``, ``seed`` and ``groups`` (what aggregation groups runs by) and
-    ``run_seconds``; ``summary.json`` is written last, atomically, so a run counts as finished only when complete.
+    ``run_seconds``; ``record.json`` is written last, atomically, so a run counts as finished only when complete.
     """
-    from experiments.io import remove_stale_temps, write_json
+    from experiments.io import RUN_FILES, remove_stale_temps, write_json
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "runs" / run.run_id
@@ -51,7 +54,7 @@ def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options:
     record["seed"] = run.seed if run.seed is not None else record.get("seed")
     record["groups"] = list(run.groups)
     record["run_seconds"] = time.time() - start
-    write_json(summary_path(out_dir, run), record)
+    write_json(run_dir / RUN_FILES["record"][0], record)
     return record
 
 

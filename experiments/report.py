@@ -13,7 +13,7 @@ A run directory holds ``results.json`` (written by ``archlip demo`` and ``archli
 
 ``write_report(run_dir)`` renders ``report.md`` plus PNG figures next to it. Each figure's caption
 says the one command that regenerates it. Runs that only have ``spectral.json`` or ``bound.json``
-(from ``archlip spectral/bound --out``) or per-run ``summary.json`` files get a smaller report.
+(from ``archlip spectral/bound --out``) or per-run ``record.json`` files get a smaller report.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from experiments.io import write_text
+from experiments.io import run_file, write_text
 from experiments.records import GUARANTEES, TABLE_COLUMNS  # noqa: F401  (TABLE_COLUMNS re-exported)
 from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
 from experiments.render import csv_header, write_csv  # noqa: F401  (write_csv re-exported)
@@ -52,7 +52,8 @@ COLUMN_BASIS: dict[str, str] = {
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Read what a run directory holds into ``{"kind", "models", ...}``.
 
-    Order of preference: ``results.json``; per-run ``runs/*/summary.json`` (a sweep in progress);
+    Order of preference: ``results.json``; per-run ``runs/*/record.json`` (a sweep in progress; ``summary.json`` in
+    sweeps written before);
     ``spectral.json`` / ``bound.json`` (single-model analyses).
     """
     run_dir = Path(run_dir)
@@ -62,7 +63,8 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         if not isinstance(results, dict) or "models" not in results:
             raise ValueError(f"{results_file} has no 'models' list; it was not written by archlip demo/sweep")
         return results
-    summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
+    runs = sorted(p for p in (run_dir / "runs").iterdir() if p.is_dir()) if (run_dir / "runs").is_dir() else []
+    summaries = [path for path in (run_file(p, "record") for p in runs) if path.is_file()]
     if summaries:
         from experiments.study import analyse
 
@@ -89,7 +91,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         found = True
     if not found:
         raise FileNotFoundError(
-            f"nothing to report in {run_dir}: expected results.json (archlip demo/sweep), runs/*/summary.json, "
+            f"nothing to report in {run_dir}: expected results.json (archlip demo/sweep), runs/*/record.json, "
             f"spectral.json or bound.json (archlip spectral/bound --out {run_dir})"
         )
     return {"kind": "analysis", "name": run_dir.name, "models": [record]}
@@ -99,7 +101,8 @@ def _training_results(run_dir: Path) -> dict[str, Any]:
     """A training run folder (``archlip train --out``): its summary, architecture and per-epoch metrics."""
     from experiments.io import read_jsonl
 
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary_file = run_file(run_dir, "train_summary")
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
     arch: dict[str, Any] = {}
     for sidecar in ("model_final.json", "model_best.json"):
         if (run_dir / sidecar).is_file():
@@ -112,7 +115,7 @@ def _training_results(run_dir: Path) -> dict[str, Any]:
         train["selection_metric"], train["selected_epoch"] = selection["metric"], selection.get("best_epoch")
     name = str(summary.get("name", run_dir.name))
     record = {"name": name, "depths": arch.get("depths"), "widths": arch.get("widths"), "train": train}
-    status = summary.get("status", "in progress (no summary.json yet)")
+    status = summary.get("status", f"in progress (no {summary_file.name} yet)")
     return {"kind": "training", "name": name, "models": [record], "metrics": read_jsonl(run_dir / "metrics.jsonl"),
             "description": f"Training run in {run_dir}: {status}, {summary.get('epochs_completed', '?')} of "
                            f"{summary.get('epochs', '?')} epochs. Evaluate its model with `archlip eval` and bound it "
@@ -799,7 +802,7 @@ def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[st
     lines = [f"# archlip training report: {run_dir.name}", "",
              f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate with `{regenerate}`.", "",
              "## Training", ""]
-    summary_file = run_dir / "summary.json"
+    summary_file = run_file(run_dir, "train_summary")
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     if summary:
         sel = summary.get("selection") or {}

@@ -32,10 +32,11 @@ A sweep file (YAML; shipped ones in ``experiments/configs/sweeps/``, loadable by
     cluster: auto                      # submitit: auto, slurm, local or debug
     slurm_partition: gpu               # submitit: any slurm_* key goes to submitit.AutoExecutor.update_parameters
 
-Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, summary.json}``, then ``results.json``,
+Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, record.json}``, then ``results.json``,
 ``table.csv``, ``configs.csv`` (per-configuration means and intervals, with seeds), ``report.md`` and the PNG
-plots. With ``seeds`` a run id is ``<config id>_s<seed>``. A run is finished when its ``summary.json`` exists; rerunning
-the sweep skips finished runs and resumes interrupted training from its checkpoint.
+plots. With ``seeds`` a run id is ``<config id>_s<seed>``. A run is finished when its ``record.json`` exists; rerunning
+the sweep skips finished runs and resumes interrupted training from its checkpoint. Sweeps written before the run files
+were named by what they hold (``summary.json`` for the record and the training summary) are still read.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from experiments.io import RunFolderLock, write_text
-from experiments.launch import summary_path
+from experiments.launch import record_path
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
 LAUNCHERS = ("sequential", "torchrun", "submitit")
@@ -442,8 +443,8 @@ Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], dict]
 
 
 def is_finished(out_dir: Path, run: RunSpec) -> bool:
-    """A run is finished when its summary.json exists and parses."""
-    path = summary_path(out_dir, run)
+    """A run is finished when its record.json (or, written before, summary.json) exists and parses."""
+    path = record_path(out_dir, run)
     if not path.is_file():
         return False
     try:
@@ -528,7 +529,9 @@ def measured_checkpoint(train_dir: Path, train_summary: Mapping[str, Any] | None
 
 
 def _finished_training(train_dir: Path) -> dict | None:
-    path = train_dir / "summary.json"
+    from experiments.io import run_file
+
+    path = run_file(train_dir, "train_summary")
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -642,7 +645,7 @@ def aggregate(spec: SweepSpec, out_dir: str | Path, report: bool = True) -> dict
     from experiments.io import write_json
 
     out_dir = Path(out_dir)
-    models = [json.loads(summary_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]
+    models = [json.loads(record_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]
     if not models:
         return {"table": None, "report": None}
     analysis = study.analyse(models, spec.budget_groups)
