@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    from experiments.records import ModelRecord
     from experiments.sweep import RunSpec, SweepSpec
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
@@ -35,26 +36,25 @@ def record_path(out_dir: str | Path, run: "RunSpec") -> Path:
 
 
 def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options: Mapping[str, Any],
-                runner: Callable[..., dict]) -> dict:
-    """Train and measure one run with ``runner`` (the sweep's ``train_run``); write and return its record.
+                runner: Callable[..., Any]) -> "ModelRecord":
+    """Train and measure one run with ``runner`` (the sweep's ``train_run``; a ``ModelRecord`` or its dict); write
+    and return its record.
 
     The record gains ``config_id``, ``seed`` and ``groups`` (what aggregation groups runs by) and
     ``run_seconds``; ``record.json`` is written last, atomically, so a run counts as finished only when complete.
     """
     from experiments.io import RUN_FILES, remove_stale_temps, write_json
+    from experiments.records import as_record
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "runs" / run.run_id
     remove_stale_temps(run_dir)  # only this run's own temp files; one process runs one run folder at a time
     start = time.time()
-    record = runner(spec, run, run_dir, options)
-    record.setdefault("name", run.run_id)
-    record.setdefault("params", run.params)
-    record["config_id"] = run.config
-    record["seed"] = run.seed if run.seed is not None else record.get("seed")
-    record["groups"] = list(run.groups)
-    record["run_seconds"] = time.time() - start
-    write_json(run_dir / RUN_FILES["record"][0], record)
+    record = as_record(runner(spec, run, run_dir, options))
+    record.update({k: v for k, v in (("name", run.run_id), ("params", run.params)) if not record.has(k)})
+    record.update({"config_id": run.config, "seed": run.seed if run.seed is not None else record.seed,
+                   "groups": list(run.groups), "run_seconds": time.time() - start})
+    write_json(run_dir / RUN_FILES["record"][0], record.to_dict())
     return record
 
 

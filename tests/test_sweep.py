@@ -272,4 +272,4 @@ def test_a_sweep_written_before_the_rename_is_resumed_and_aggregated(tmp_path):
     assert models[0] == record
     assert all((tmp_path / "runs" / r.run_id / "record.json").is_file() for r in spec.runs[1:])
     (tmp_path / "results.json").unlink()  # a sweep in progress: the report reads the per-run records
-    assert [m["name"] for m in load_results(tmp_path)["models"]] == sorted(r.run_id for r in spec.runs)
+    assert [m.name for m in load_results(tmp_path)["models"]] == sorted(r.run_id for r in spec.runs)
