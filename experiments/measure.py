@@ -241,7 +241,8 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         _step(record, "spectral", spectral_step, verbose)
     if "bound" in steps:
         _say(verbose, f"  [{name}] certified network, stage and block bounds")
-        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol, sandwich_kwargs=record_sandwich_kwargs(),
+        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol,
+                                                     sandwich_kwargs=record_sandwich_kwargs(),
                                                      layer_results=analysis[0] if analysis else None), verbose)
     if "lower" in steps:
         _say(verbose, f"  [{name}] data lower bounds on {min(lower_points, x_test.shape[0])} test points")

@@ -116,8 +116,7 @@ class NetworkBound:
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
                            "comparison": self.comparison, "layers": [r.bound_dict() for r in self.layers],
-                          "nodes": self.nodes,
-                           "seconds": self.seconds, "notes": self.notes})
+                           "nodes": self.nodes, "seconds": self.seconds, "notes": self.notes})
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -203,7 +202,8 @@ class _Engine:
         shape, conv = sandwich_call(m, in_shape)
         sw = sandwich(fold_weight(m, in_scale, out_scale), shape, self.rtol, **conv, **self.sandwich_kw)
         self.cache[key] = sw.upper
-        row.folded_upper, row.folded_guarantee, row.folded_lower = sw.upper.value, sw.upper.guarantee.value, sw.lower.value
+        row.folded_upper, row.folded_guarantee = sw.upper.value, sw.upper.guarantee.value
+        row.folded_lower = sw.lower.value
         return sw.upper
 
     def _raw_sandwich(self, node: G.Layer, row: LayerRow) -> None:
@@ -216,8 +216,8 @@ class _Engine:
         given = self.cache.get("layer_results")
         key = sandwich_key(w, shape, conv, self.rtol, self.sandwich_kw) if given else None
         found = _reusable(given, node.name, key, self.cache) if given else None
-        row.set_sandwich(found.result if found is not None else sandwich(w, shape, self.rtol, **conv, **self.sandwich_kw),
-                         key)
+        result = found.result if found is not None else sandwich(w, shape, self.rtol, **conv, **self.sandwich_kw)
+        row.set_sandwich(result, key)
 
     # ---------------------------------------------------------------- segments
     def close(self, seg: _Seg) -> _Factor | None:
@@ -592,7 +592,8 @@ def _given_rows(layer_results: Any) -> dict[str, list[LayerRow]]:
     out: dict[str, list[LayerRow]] = {}
     for row in getattr(layer_results, "rows", layer_results):
         if not isinstance(row, LayerRow):
-            raise TypeError(f"layer_results must be a spectral.analyze.LayerTable or LayerRows, got {type(row).__name__}")
+            raise TypeError(f"layer_results must be a spectral.analyze.LayerTable or LayerRows, got "
+                            f"{type(row).__name__}")
         if row.key is not None and row.result is not None:
             out.setdefault(row.name.split("#")[0], []).append(row)
     return out
@@ -684,8 +685,9 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
                       seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
     notes = [n.note for n in G.iter_nodes(root) if getattr(n, "note", "")]
     if cache.get("layer_results_recomputed"):
-        notes.append(f"layer_results of {', '.join(cache['layer_results_recomputed'])} were computed for other weights, "
-                     "input shape, rtol or sandwich options: recomputed")
+        names = ", ".join(dict.fromkeys(cache["layer_results_recomputed"]))
+        notes.append(f"layer_results of {names} were computed for other weights, input shape, rtol or sandwich "
+                     "options: recomputed")
     return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
                         list(layer_rows.values()), nodes, time.perf_counter() - t0, notes)
 
