@@ -713,7 +713,7 @@ EXAMPLES = {
     "demo": "examples:\n  archlip demo --out runs/demo\n  archlip demo --quick --out runs/quick",
     "list": "examples:\n  archlip list presets\n  archlip list recipes\n  archlip list attacks",
     "export": ("examples:\n  archlip export runs/tiny --format robustbench --out runs/export\n"
-               "  archlip export runs/tiny --checkpoint final --eval runs/eval/tiny/summary.json"),
+               "  archlip export runs/tiny --checkpoint final --eval runs/eval/tiny/eval_summary.json"),
 }
 
 
@@ -823,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="points per attack batch (default 250)")
     _data_args(p)
     _model_arg(p)
-    _common(p, "directory for the summary JSON and per-example JSONL (default runs/eval/CHECKPOINT/ATTACKS[_nN], "
+    _common(p, "directory for eval_summary.json and per-example JSONL (default runs/eval/CHECKPOINT/ATTACKS[_nN], "
                "one folder per evaluation setting)")
     p.set_defaults(func=cmd_eval)
 
@@ -854,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="robustbench", choices=("robustbench",), help="target layout (default robustbench)")
     p.add_argument("--checkpoint", default="best", choices=("best", "final"),
                    help="of a run folder: the model selected on validation (default) or the final one")
-    p.add_argument("--eval", default=None, metavar="SUMMARY.json", help="an archlip eval summary for the card's accuracies")
+    p.add_argument("--eval", default=None, metavar="EVAL_SUMMARY.json", help="an archlip eval summary (or its folder) for "
+                                                                            "the card's accuracies")
     p.add_argument("--name", default=None, help="file name stem (default: the run folder's name)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="registry architecture for a checkpoint whose keys cannot settle it (e.g. "

@@ -70,7 +70,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
 def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bool, recipes: Sequence[str],
               threads: int | None) -> dict[str, Any]:
     from experiments.config import load_config, save_config
-    from experiments.io import remove_stale_temps, write_json
+    from experiments.io import RUN_FILES, remove_stale_temps, write_json
     from experiments.report import write_report
     from experiments.training import train
 
@@ -105,10 +105,8 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
             node_lower_points=settings["node_lower_points"], node_lower=settings["node_lower"],
             seed=seed, out_dir=model_dir, verbose=verbose, steps=steps, initial=initial,
         )
-        record["recipe"] = recipe
-        record["train_seconds"] = round(train_seconds, 2)
-        record["train"] = train_facts(train_summary)
-        write_json(model_dir / "record.json", record)
+        record.update({"recipe": recipe, "train_seconds": round(train_seconds, 2), "train": train_facts(train_summary)})
+        write_json(model_dir / RUN_FILES["record"][0], record.to_dict())
         models.append(record)
 
     from experiments.report import correlations
@@ -122,7 +120,7 @@ def _run_demo(out_dir: Path, *, quick: bool, seed: int, device: str, verbose: bo
             "that reducing the last stage's capacity lowers the Lipschitz constant and can improve robustness; "
             "this report shows both measured and certified values next to the theory's prediction."
         ),
-        "models": models,
+        "models": [m.to_dict() for m in models],
         "settings": {"mode": "quick" if quick else "full", "recipes": list(recipes), **settings},
         "correlations": correlations(models) if len(models) >= 3 else None,
         "provenance": {

@@ -4,7 +4,7 @@
 (``experiments.attacks.get_attack_preset``) on the first ``n`` points (RobustBench convention) or a seeded
 subset, checks every adversarial example (eps-ball, [0, 1], finite logits), and writes
 
-- ``summary.json``: clean accuracy, robust accuracy per attack, the worst case over the attacks run (per example
+- ``eval_summary.json``: clean accuracy, robust accuracy per attack, the worst case over the attacks run (per example
   AND over attacks), eps, norm, n, which points, seed, versions, and beside each PGD/CW run its stable accuracy
   and the paper code's local Lipschitz ratio at the attack's examples;
 - ``per_example.jsonl``: one line per point (index, label, clean correct and margin, robust and margin per attack);
@@ -48,7 +48,7 @@ from experiments.attacks import (
     logit_margin,
     model_mode,
 )
-from experiments.io import atomic_write, locks_folder, write_json, write_text
+from experiments.io import RUN_FILES, atomic_write, locks_folder, write_json, write_text
 from experiments.autoattack_engine import (
     PROBE_POINTS,
     EngineInfo,
@@ -65,7 +65,7 @@ POINT_SELECTIONS = ("first", "random")
 EVAL_NORMS = {"linf": "Linf", "l2": "L2"}
 DOCS_POINTER = "docs/evaluation.md#fewer-than-10-classes"
 STATE_NAME = "eval_state.json"
-SUMMARY_NAME = "summary.json"
+SUMMARY_NAME = RUN_FILES["eval_summary"][0]  # eval_summary.json (summary.json in folders written before)
 PER_EXAMPLE_NAME = "per_example.jsonl"
 TARGETED_AA = ("apgd-t", "fab-t")
 STANDARD_TARGET_CLASSES = 9
@@ -520,7 +520,7 @@ def evaluate(
     ``points``: "first" (the first n, RobustBench) or "random" (n drawn with ``seed``). The model is put in
     eval mode for the whole evaluation (its flags are restored afterwards). An example counts as robust under
     an attack iff it is classified correctly at x and at the attack's example. Returns the summary dict (also
-    written to ``out_dir/summary.json`` with ``per_example.jsonl`` when ``out_dir`` is given).
+    written to ``out_dir/eval_summary.json`` with ``per_example.jsonl`` when ``out_dir`` is given).
     ``lipschitz_metric=True`` adds ``lipschitz.lower.local_lipschitz_metric`` (Yang et al. 2020: its own PGD
     maximising the ratio, with its stable accuracy) on the points (linf, eps > 0).
     AutoAttack presets may carry ``extra={"autoattack_overrides": {"apgd": {"n_iter": 20}, ...}}`` for cheap

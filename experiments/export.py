@@ -3,7 +3,8 @@
 Writes ``NAME.pt`` (a bare ``torch.save`` state dict in the zoo's key layout: archlip's WideResNet keys are
 RobustBench's ``RobustWideResNet`` ones, its ResNets use the CIFAR layout, the DM family its own) and
 ``NAME.json``, a model card in the spirit of RobustBench's model-info files (name, architecture, dataset,
-threat model, eps, extra data, clean / AutoAttack accuracy when an ``archlip eval`` summary is given) plus what
+threat model, eps, extra data, clean / AutoAttack accuracy when an ``archlip eval`` summary is given, its
+``eval_summary.json`` or its folder) plus what
 is needed to rebuild the model (archlip's architecture record and the loader call). Anything the zoo's stock
 class would compute differently (input normalisation outside the state dict, the pre-activation shortcut
 variant) is stated in the card's ``notes``.
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from experiments.io import write_json
+from experiments.io import RUN_FILES, run_file, write_json
 
 FORMATS = ("robustbench",)
 ZOO_CLASSES = {"wideresnet": "RobustWideResNet", "preact-resnet": "PreActResNet", "resnet": "ResNet",
@@ -28,10 +29,10 @@ def _model_file(target: Path, which: str) -> tuple[Path, dict[str, Any], dict[st
     from experiments.sweep import measured_checkpoint
 
     if target.is_dir():
-        summary_path = target / "summary.json"
+        summary_path = run_file(target, "train_summary")
         if not summary_path.is_file():
-            raise FileNotFoundError(f"{target} holds no summary.json; pass a training run folder (archlip train --out) "
-                                    "or a checkpoint file")
+            raise FileNotFoundError(f"{target} holds no {summary_path.name}; pass a training run folder (archlip train "
+                                    "--out) or a checkpoint file")
         summary = json.loads(summary_path.read_text())
         path, measured = measured_checkpoint(target, summary, which)
         return path, summary, measured
@@ -40,11 +41,26 @@ def _model_file(target: Path, which: str) -> tuple[Path, dict[str, Any], dict[st
     return target, {}, {"kind": "given file", "file": str(target), "description": f"the file {target.name}"}
 
 
+def eval_summary_file(path: str | Path) -> Path:
+    """An ``archlip eval`` summary given as its file or its folder; a summary named the other way (``summary.json``
+    before the run files were named by what they hold, ``eval_summary.json`` now) in the same folder is found too."""
+    path = Path(path)
+    if path.is_dir():
+        path = run_file(path, "eval_summary")
+    elif not path.exists() and path.name in RUN_FILES["eval_summary"]:
+        path = run_file(path.parent, "eval_summary")
+    if not path.is_file():
+        raise FileNotFoundError(f"no archlip eval summary at {path}; pass the {RUN_FILES['eval_summary'][0]} (or the "
+                                "folder) that archlip eval --out DIR wrote")
+    return path
+
+
 def _accuracies(eval_summary: Path | None) -> dict[str, Any]:
     if eval_summary is None:
         return {"clean_acc": None, "autoattack_acc": None, "evaluation": "not given: run archlip eval CKPT --attacks aa "
-                                                                          "--out DIR and pass --eval DIR/summary.json"}
-    data = json.loads(Path(eval_summary).read_text())
+                                                                          "--out DIR and pass --eval DIR/eval_summary.json"}
+    eval_summary = eval_summary_file(eval_summary)
+    data = json.loads(eval_summary.read_text())
     robust = data.get("robust_accuracy") or {}
     aa = next((v for k, v in robust.items() if k == "aa" or k.startswith("aa-")), None)
     percent = (lambda v: None if v is None else round(100 * float(v), 2))  # noqa: E731 - the zoo reports percent

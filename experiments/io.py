@@ -14,6 +14,8 @@
   Reentrant within a process, so a command may lock a folder that a library call it makes locks again.
 - :func:`read_jsonl`: JSON lines, tolerating a torn last line (a crash during an append): it is dropped with
   a note. A broken line anywhere else is an error.
+- :func:`run_file`: the files of a run folder are named by what they hold (``RUN_FILES``: ``train_summary.json``,
+  ``eval_summary.json``, ``record.json``); folders written before carry the old name ``summary.json``, still read.
 
 Notes (a stale lock taken over, temporary files removed, a torn line dropped) go to the ``archlip`` logger at
 WARNING level: printed on stderr by default, captured by ``caplog`` in tests.
@@ -49,6 +51,23 @@ TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 LEGACY_TEMP_PATTERN = re.compile(r"^(?P<target>[^.].*\.(?:json|jsonl|safetensors))\.tmp$")
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+#: What a run folder's file holds -> (its name, the name folders written before still carry).
+RUN_FILES: dict[str, tuple[str, str]] = {
+    "train_summary": ("train_summary.json", "summary.json"),  # a training run folder (archlip train --out)
+    "eval_summary": ("eval_summary.json", "summary.json"),  # an evaluation folder (archlip eval --out)
+    "record": ("record.json", "summary.json"),  # a sweep run's measured model record (runs/<id>/)
+}
+
+
+def run_file(folder: str | os.PathLike, kind: str) -> Path:
+    """The path of ``folder``'s ``kind`` file (a key of ``RUN_FILES``): its current name when that file exists or
+    the old one does not (where it is written), else the old name (a folder written before the rename)."""
+    if kind not in RUN_FILES:
+        raise ValueError(f"unknown run file {kind!r}; valid: {', '.join(RUN_FILES)}")
+    name, old = RUN_FILES[kind]
+    path = Path(folder) / name
+    return path if path.is_file() or not (Path(folder) / old).is_file() else Path(folder) / old
 
 
 class WriteFailedError(OSError):

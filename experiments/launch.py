@@ -1,6 +1,6 @@
 """How a sweep's runs are executed: one run at a time, a local pool of worker processes, or submitit jobs.
 
-Every launcher calls the same ``execute_run`` (train + measure one run, then write ``runs/<id>/summary.json``),
+Every launcher calls the same ``execute_run`` (train + measure one run, then write ``runs/<id>/record.json``),
 so aggregation is the same whatever launched the runs, and a rerun skips whatever is finished:
 
 - ``sequential`` with ``workers: 1`` (default): in this process, one after the other.
@@ -21,37 +21,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    from experiments.records import ModelRecord
     from experiments.sweep import RunSpec, SweepSpec
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
-def summary_path(out_dir: str | Path, run: "RunSpec") -> Path:
-    """Where a run's record is written (``<out>/runs/<run_id>/summary.json``); its presence marks the run finished."""
-    return Path(out_dir) / "runs" / run.run_id / "summary.json"
+def record_path(out_dir: str | Path, run: "RunSpec") -> Path:
+    """A run's record (``<out>/runs/<run_id>/record.json``; ``summary.json`` in sweeps written before); its presence
+    marks the run finished."""
+    from experiments.io import run_file
+
+    return run_file(Path(out_dir) / "runs" / run.run_id, "record")
 
 
 def execute_run(spec: "SweepSpec", run: "RunSpec", out_dir: str | Path, options: Mapping[str, Any],
-                runner: Callable[..., dict]) -> dict:
-    """Train and measure one run with ``runner`` (the sweep's ``train_run``); write and return its record.
+                runner: Callable[..., Any]) -> "ModelRecord":
+    """Train and measure one run with ``runner`` (the sweep's ``train_run``; a ``ModelRecord`` or its dict); write
+    and return its record.
 
     The record gains ``config_id``, ``seed`` and ``groups`` (what aggregation groups runs by) and
-    ``run_seconds``; ``summary.json`` is written last, atomically, so a run counts as finished only when complete.
+    ``run_seconds``; ``record.json`` is written last, atomically, so a run counts as finished only when complete.
     """
-    from experiments.io import remove_stale_temps, write_json
+    from experiments.io import RUN_FILES, remove_stale_temps, write_json
+    from experiments.records import as_record
 
     out_dir = Path(out_dir)
     run_dir = out_dir / "runs" / run.run_id
     remove_stale_temps(run_dir)  # only this run's own temp files; one process runs one run folder at a time
     start = time.time()
-    record = runner(spec, run, run_dir, options)
-    record.setdefault("name", run.run_id)
-    record.setdefault("params", run.params)
-    record["config_id"] = run.config
-    record["seed"] = run.seed if run.seed is not None else record.get("seed")
-    record["groups"] = list(run.groups)
-    record["run_seconds"] = time.time() - start
-    write_json(summary_path(out_dir, run), record)
+    record = as_record(runner(spec, run, run_dir, options))
+    record.update({k: v for k, v in (("name", run.run_id), ("params", run.params)) if not record.has(k)})
+    record.update({"config_id": run.config, "seed": run.seed if run.seed is not None else record.seed,
+                   "groups": list(run.groups), "run_seconds": time.time() - start})
+    write_json(run_dir / RUN_FILES["record"][0], record.to_dict())
     return record
 
 

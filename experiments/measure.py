@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from experiments.records import GUARANTEES
+from experiments.records import GUARANTEES, ModelRecord
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,24 +47,43 @@ def spectral_analyze():
     return getattr(analyze, "analyze", analyze)
 
 
-def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
-    """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size."""
+def record_sandwich_kwargs() -> dict[str, Any]:
+    """The per-layer sandwich options of a model record: every ``SandwichOptions`` field at its default (what
+    ``spectral.analyze`` uses), given to ``network_bound`` too, so that its raw layers are the analysis's rows
+    (each layer sandwiched once; ``network_bound`` on its own caps dense solves lower)."""
+    from dataclasses import fields
+
+    from spectral.sandwich import SandwichOptions
+
+    defaults = SandwichOptions()
+    return {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+
+
+def layer_analysis(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False):
+    """``spectral.analyze`` of ``model`` at its real input size (a ``LayerTable`` of ``LayerRow``s)."""
     device = next(model.parameters()).device
     example = torch.zeros((1, *input_shape), device=device)
-    table = spectral_analyze()(model, example, rtol=rtol, progress=progress)
-    return [dict(row) for row in table.rows]
+    return spectral_analyze()(model, example, rtol=rtol, progress=progress)
 
 
-def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02) -> dict[str, Any]:
+def layer_table(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, progress: bool = False) -> list[dict]:
+    """Per-layer certified sandwich rows from ``spectral.analyze`` at the model's real input size (JSON rows)."""
+    return [row.to_dict() for row in layer_analysis(model, input_shape, rtol=rtol, progress=progress).rows]
+
+
+def bound_summary(model: nn.Module, input_shape: Sequence[int], rtol: float = 0.02, *, layer_results: Any = None,
+                  sandwich_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Certified l2 bounds of the network, its stages and blocks (``lipschitz.bounds.network_bound``).
 
     Returns ``certified_lipschitz`` (the tightest certified network bound: every method evaluated is a certified
     upper bound), ``certified_lipschitz_product`` (plain layer product), ``certified_methods`` {method: value},
-    ``stage_bounds`` and ``block_bounds`` {name: tightest value} and the full ``bound`` dict.
+    ``stage_bounds`` and ``block_bounds`` {name: tightest value} and the full ``bound`` dict. ``layer_results`` (a
+    ``spectral.analyze`` table of the model) and ``sandwich_kwargs`` go to ``network_bound``.
     """
     from lipschitz.bounds import network_bound
 
-    bound = network_bound(model, tuple(input_shape), rtol=rtol)
+    bound = network_bound(model, tuple(input_shape), rtol=rtol, layer_results=layer_results,
+                          sandwich_kwargs=sandwich_kwargs)
     methods = bound.certified_methods()
     return {"certified_lipschitz": bound.tightest, "certified_lipschitz_product": methods.get("product"),
             "certified_methods": methods, "stage_bounds": bound.stage_bounds(), "block_bounds": bound.block_bounds(),
@@ -174,16 +193,20 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack
     }
 
 
-def _step(record: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]], verbose: bool) -> None:
+def _step(record: ModelRecord, name: str, fn: Callable[[], dict[str, Any]], verbose: bool) -> None:
     """Run one measurement step; a component that is not installed is recorded (and reported), never hidden."""
     start = time.time()
     try:
         record.update(fn())
     except ImportError as exc:
-        record.setdefault("unavailable", {})[name] = str(exc)
+        if record.unavailable is None:
+            record.update({"unavailable": {}})
+        record.unavailable[name] = str(exc)
         _say(verbose, f"    {name}: unavailable ({exc})")
         return
-    record.setdefault("seconds", {})[name] = round(time.time() - start, 3)
+    if record.seconds is None:
+        record.update({"seconds": {}})
+    record.seconds[name] = round(time.time() - start, 3)
 
 
 def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_test: torch.Tensor,
@@ -192,14 +215,14 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
                   search_steps: int = 0, node_lower_points: int = 0, node_lower: Mapping[str, Any] | None = None,
                   num_classes: int = 10, seed: int = 0, out_dir: Path | None = None, verbose: bool = True,
                   steps: Sequence[str] = ("eval", "spectral", "bound", "lower", "theory", "theory_trained"),
-                  initial: nn.Module | None = None) -> dict[str, Any]:
-    """Everything archlip measures about one trained model, as a flat record (see experiments/report.py).
+                  initial: nn.Module | None = None) -> ModelRecord:
+    """Everything archlip measures about one trained model, as a ``ModelRecord`` (see experiments/records.py).
 
     Steps: eval, spectral, bound, lower, theory (a priori), theory_trained (the theory's rule with the trained
     layer norms), spectra (full spectra vs the random-matrix law, for the trained and the ``initial`` weights).
     """
     model.eval()
-    record: dict[str, Any] = {"name": name, **architecture(model), "input_shape": list(input_shape)}
+    record = ModelRecord().update({"name": name, **architecture(model), "input_shape": list(input_shape)})
     device = next(model.parameters()).device
     if "eval" in steps:
         _say(verbose, f"  [{name}] clean and adversarial accuracy ({', '.join(attacks)}, eps={eps:.4g})")
@@ -207,40 +230,47 @@ def measure_model(model: nn.Module, *, name: str, input_shape: Sequence[int], x_
         _step(record, "eval", lambda: evaluate_model(model, x_test, y_test, attacks=attacks, eps=eps, n=eval_n, seed=seed,
                                                      out_dir=None if out_dir is None else out_dir / "eval", progress=verbose,
                                                      lipschitz_metric="lower" not in steps), verbose)
+    analysis: list = []  # the spectral step's LayerTable: the bound step reuses its raw-layer sandwiches
     if "spectral" in steps:
         _say(verbose, f"  [{name}] per-layer certified spectral norms (rtol {rtol})")
-        _step(record, "spectral", lambda: {"layers": layer_table(model, input_shape, rtol=rtol, progress=verbose)}, verbose)
+
+        def spectral_step() -> dict[str, Any]:
+            analysis.append(layer_analysis(model, input_shape, rtol=rtol, progress=verbose))
+            return {"layers": [row.to_dict() for row in analysis[0].rows]}
+
+        _step(record, "spectral", spectral_step, verbose)
     if "bound" in steps:
         _say(verbose, f"  [{name}] certified network, stage and block bounds")
-        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol), verbose)
+        _step(record, "bound", lambda: bound_summary(model, input_shape, rtol=rtol,
+                                                     sandwich_kwargs=record_sandwich_kwargs(),
+                                                     layer_results=analysis[0] if analysis else None), verbose)
     if "lower" in steps:
         _say(verbose, f"  [{name}] data lower bounds on {min(lower_points, x_test.shape[0])} test points")
         xs, ys = x_test[:lower_points].to(device), y_test[:lower_points].to(device)
         _step(record, "lower", lambda: data_lower_bounds(model, xs, ys, eps=eps, seed=seed, n_iter=lower_iters,
                                                          attack_steps=attack_ratio_steps, search_steps=search_steps),
               verbose)
-        names = [*(record.get("stage_bounds") or {}), *(record.get("block_bounds") or {})]
+        names = [*(record.stage_bounds or {}), *(record.block_bounds or {})]
         if node_lower_points > 0 and names:
             _say(verbose, f"  [{name}] per-block lower bounds (own Jacobians, searched) on {node_lower_points} points")
             _step(record, "node_lower", lambda: node_lower_summary(model, x_test[:node_lower_points].to(device), names,
                                                                    seed=seed, **(node_lower or {})), verbose)
-    if "theory" in steps and record.get("depths") and record.get("widths"):
+    if "theory" in steps and record.depths and record.widths:
         _say(verbose, f"  [{name}] the theory's prediction")
-        _step(record, "theory", lambda: theory_prediction(record["depths"], record["widths"], num_classes=num_classes,
+        _step(record, "theory", lambda: theory_prediction(record.depths, record.widths, num_classes=num_classes,
                                                           in_channels=int(input_shape[0]), input_size=int(input_shape[-1])), verbose)
     if "theory_trained" in steps:
         from experiments.theory_validation import trained_theory
 
         _say(verbose, f"  [{name}] the theory's composition rule with the trained layer norms")
-        _step(record, "theory_trained", lambda: trained_theory(model, tuple(input_shape), record.get("layers"),
+        _step(record, "theory_trained", lambda: trained_theory(model, tuple(input_shape), record.layers,
                                                                min(rtol, 0.01)), verbose)
     if "spectra" in steps:
         from experiments.theory_validation import spectra_record
 
         _say(verbose, f"  [{name}] full spectra vs the random-matrix law (trained{' and initial' if initial is not None else ''} weights)")
         _step(record, "spectra", lambda: spectra_record(model, tuple(input_shape), initial, seed=seed), verbose)
-    record["guarantees"] = dict(GUARANTEES)
-    return record
+    return record.update({"guarantees": dict(GUARANTEES)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +336,7 @@ def load_test_split(config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any] | None, *, name: str,
                         evaluate_options: Mapping[str, Any] | None = None, analysis_options: Mapping[str, Any] | None = None,
                         device: str = "cpu", seed: int = 0, verbose: bool = False,
-                        model_file: Path | None = None) -> dict[str, Any]:
+                        model_file: Path | None = None) -> ModelRecord:
     """Load a finished training run and measure it (used by sweeps); ``model_file``: which saved model
     (default: the final one)."""
     from experiments.datasets import DATASETS
@@ -333,5 +363,4 @@ def measure_trained_run(config, train_dir: Path, train_summary: Mapping[str, Any
         num_classes=info["num_classes"], seed=seed, out_dir=Path(train_dir).parent, verbose=verbose, steps=steps,
         initial=initial,
     )
-    record["train"] = train_facts(train_summary)
-    return record
+    return record.update({"train": train_facts(train_summary)})

@@ -1,7 +1,7 @@
 """Markdown reports with PNG plots, generated from a run directory's JSON results.
 
 A run directory holds ``results.json`` (written by ``archlip demo`` and ``archlip sweep``) with a list of
-*model records*, one per trained configuration. A record is a flat dict (missing keys are fine)::
+*model records*, one per trained configuration, read as ``experiments.records.ModelRecord`` (missing keys are fine)::
 
     name, depths, widths, params, clean_acc, robust_acc, robust_attack, eps,
     certified_lipschitz (best certified l2 upper bound), certified_lipschitz_product,
@@ -13,7 +13,7 @@ A run directory holds ``results.json`` (written by ``archlip demo`` and ``archli
 
 ``write_report(run_dir)`` renders ``report.md`` plus PNG figures next to it. Each figure's caption
 says the one command that regenerates it. Runs that only have ``spectral.json`` or ``bound.json``
-(from ``archlip spectral/bound --out``) or per-run ``summary.json`` files get a smaller report.
+(from ``archlip spectral/bound --out``) or per-run ``record.json`` files get a smaller report.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from experiments.io import write_text
-from experiments.records import GUARANTEES, TABLE_COLUMNS  # noqa: F401  (TABLE_COLUMNS re-exported)
+from experiments.io import run_file, write_text
+from experiments.records import GUARANTEES, TABLE_COLUMNS, ModelRecord, as_records  # noqa: F401  (TABLE_COLUMNS re-exported)
 from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
 from experiments.render import csv_header, write_csv  # noqa: F401  (write_csv re-exported)
 from experiments.render import finite as _finite
@@ -52,7 +52,8 @@ COLUMN_BASIS: dict[str, str] = {
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Read what a run directory holds into ``{"kind", "models", ...}``.
 
-    Order of preference: ``results.json``; per-run ``runs/*/summary.json`` (a sweep in progress);
+    Order of preference: ``results.json``; per-run ``runs/*/record.json`` (a sweep in progress; ``summary.json`` in
+    sweeps written before);
     ``spectral.json`` / ``bound.json`` (single-model analyses).
     """
     run_dir = Path(run_dir)
@@ -61,12 +62,13 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         results = _read_json(results_file)
         if not isinstance(results, dict) or "models" not in results:
             raise ValueError(f"{results_file} has no 'models' list; it was not written by archlip demo/sweep")
-        return results
-    summaries = sorted((run_dir / "runs").glob("*/summary.json")) if (run_dir / "runs").is_dir() else []
+        return {**results, "models": as_records(results["models"])}
+    runs = sorted(p for p in (run_dir / "runs").iterdir() if p.is_dir()) if (run_dir / "runs").is_dir() else []
+    summaries = [path for path in (run_file(p, "record") for p in runs) if path.is_file()]
     if summaries:
         from experiments.study import analyse
 
-        models = [_read_json(p) for p in summaries]
+        models = as_records(_read_json(p) for p in summaries)
         sweep_file = run_dir / "sweep.json"
         budget_groups = (_read_json(sweep_file).get("budget_groups") or []) if sweep_file.is_file() else []
         return {"kind": "sweep", "name": run_dir.name, "models": models, "study": analyse(models, budget_groups)}
@@ -89,17 +91,18 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         found = True
     if not found:
         raise FileNotFoundError(
-            f"nothing to report in {run_dir}: expected results.json (archlip demo/sweep), runs/*/summary.json, "
+            f"nothing to report in {run_dir}: expected results.json (archlip demo/sweep), runs/*/record.json, "
             f"spectral.json or bound.json (archlip spectral/bound --out {run_dir})"
         )
-    return {"kind": "analysis", "name": run_dir.name, "models": [record]}
+    return {"kind": "analysis", "name": run_dir.name, "models": [ModelRecord.from_dict(record)]}
 
 
 def _training_results(run_dir: Path) -> dict[str, Any]:
     """A training run folder (``archlip train --out``): its summary, architecture and per-epoch metrics."""
     from experiments.io import read_jsonl
 
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary_file = run_file(run_dir, "train_summary")
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
     arch: dict[str, Any] = {}
     for sidecar in ("model_final.json", "model_best.json"):
         if (run_dir / sidecar).is_file():
@@ -111,8 +114,8 @@ def _training_results(run_dir: Path) -> dict[str, Any]:
     if selection.get("metric"):
         train["selection_metric"], train["selected_epoch"] = selection["metric"], selection.get("best_epoch")
     name = str(summary.get("name", run_dir.name))
-    record = {"name": name, "depths": arch.get("depths"), "widths": arch.get("widths"), "train": train}
-    status = summary.get("status", "in progress (no summary.json yet)")
+    record = ModelRecord.from_dict({"name": name, "depths": arch.get("depths"), "widths": arch.get("widths"), "train": train})
+    status = summary.get("status", f"in progress (no {summary_file.name} yet)")
     return {"kind": "training", "name": name, "models": [record], "metrics": read_jsonl(run_dir / "metrics.jsonl"),
             "description": f"Training run in {run_dir}: {status}, {summary.get('epochs_completed', '?')} of "
                            f"{summary.get('epochs', '?')} epochs. Evaluate its model with `archlip eval` and bound it "
@@ -163,25 +166,27 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-def correlations(models: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def correlations(models: Sequence[ModelRecord | dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Rank correlations of robustness with the theory's prediction and the measured Lipschitz values.
 
     A lower predicted/measured Lipschitz constant is expected to go with HIGHER robust accuracy,
     so agreement shows as a negative rho.
     """
-    robust = [m.get("robust_acc") for m in models]
+    models = as_records(models)
+    robust = [m.robust_acc for m in models]
     out = {}
     for key in ("theory_prediction", "certified_lipschitz", "empirical_lipschitz", "local_lipschitz", "params"):
         out[f"{key}~robust_acc"] = spearman([m.get(key) for m in models], robust)
     out["theory_prediction~certified_lipschitz"] = spearman(
-        [m.get("theory_prediction") for m in models], [m.get("certified_lipschitz") for m in models]
+        [m.theory_prediction for m in models], [m.certified_lipschitz for m in models]
     )
     return out
 
 
-def ranking(models: Sequence[dict[str, Any]], key: str, descending: bool = False) -> str:
+def ranking(models: Sequence[ModelRecord | dict[str, Any]], key: str, descending: bool = False) -> str:
     """``"a (1.2) < b (3.4)"``-style order of the models by ``key``; equal values are shown as ties (``=``)."""
-    pairs = sorted(((float(m[key]), str(m.get("name", ""))) for m in models if _finite(m.get(key))), reverse=descending)
+    pairs = sorted(((float(m.get(key)), str(m.get("name", ""))) for m in as_records(models) if _finite(m.get(key))),
+                   reverse=descending)
     if not pairs:
         return ""
     out = f"{pairs[0][1]} ({_fmt(pairs[0][0])})"
@@ -191,13 +196,13 @@ def ranking(models: Sequence[dict[str, Any]], key: str, descending: bool = False
     return out
 
 
-def table_rows(models: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(models: Iterable[ModelRecord | dict[str, Any]]) -> list[dict[str, Any]]:
     """The aggregate table: one row per model with the scalar columns of ``TABLE_COLUMNS``."""
-    return [{c: m.get(c) for c in TABLE_COLUMNS} for m in models]
+    return [{c: m.get(c) for c in TABLE_COLUMNS} for m in as_records(models)]
 
 
-def _last_width(m: dict[str, Any]) -> float | None:
-    widths = m.get("widths")
+def _last_width(m: ModelRecord) -> float | None:
+    widths = m.widths
     return float(widths[-1]) if isinstance(widths, (list, tuple)) and widths else None
 
 
@@ -205,11 +210,11 @@ def _last_width(m: dict[str, Any]) -> float | None:
 # plots (matplotlib, Agg backend selected inside each function)
 # ----------------------------------------------------------------------------------------------
 
-def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 16,
+def plot_layer_norms(models: Sequence[ModelRecord | dict[str, Any]], path: str | Path, max_models: int = 16,
                      per_row: int = 4) -> Path | None:
     """Per-layer certified upper and lower bounds (and the random-matrix baseline), coloured by stage: one panel
     per model, ``per_row`` panels a row; beyond ``max_models`` the title says how many are shown and which not."""
-    all_with_layers = [m for m in models if m.get("layers")]
+    all_with_layers = [m for m in as_records(models) if m.layers]
     with_layers = all_with_layers[:max_models]
     if not with_layers:
         return None
@@ -226,7 +231,7 @@ def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_mod
     stages_seen: list[str] = []
     values: list[float] = []
     for ax, model in zip(axes[0], with_layers):
-        for i, row in enumerate(model["layers"]):
+        for i, row in enumerate(model.layers):
             stage = stage_of(str(row.get("name", "")))
             if stage not in stages_seen:
                 stages_seen.append(stage)
@@ -270,13 +275,14 @@ def plot_layer_norms(models: Sequence[dict[str, Any]], path: str | Path, max_mod
     return _save(fig, plt, path)
 
 
-def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Path, max_models: int = 12) -> Path | None:
+def plot_certified_vs_empirical(models: Sequence[ModelRecord | dict[str, Any]], path: str | Path,
+                                max_models: int = 12) -> Path | None:
     """Grouped bars (log scale): certified upper bounds against data/attack lower bounds per model."""
     keys = [("certified_lipschitz_product", "certified upper (layer product)", "#9467bd"),
             ("certified_lipschitz", "certified upper (best)", "#1f77b4"),
             ("empirical_lipschitz", "lower: max Jacobian norm on data", "#2ca02c"),
             ("attack_lipschitz", "lower: attack ratio", "#ff7f0e")]
-    chosen = [m for m in models if any(_finite(m.get(k)) for k, _, _ in keys)][:max_models]
+    chosen = [m for m in as_records(models) if any(_finite(m.get(k)) for k, _, _ in keys)][:max_models]
     present = [(k, lab, c) for k, lab, c in keys if any(_finite(m.get(k)) for m in chosen)]
     if not chosen or not present:
         return None
@@ -286,9 +292,9 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
     for j, (key, label, colour) in enumerate(present):
         xs, heights = [], []
         for i, m in enumerate(chosen):
-            if _finite(m.get(key)) and m[key] > 0:
+            if _finite(m.get(key)) and m.get(key) > 0:
                 xs.append(i + (j - (len(present) - 1) / 2) * width)
-                heights.append(m[key])
+                heights.append(m.get(key))
         bars = ax.bar(xs, heights, width=width, color=colour, label=label)
         for bar, h in zip(bars, heights):
             label = f"{h:,.0f}" if 100 <= h < 1e6 else f"{h:.3g}"
@@ -306,14 +312,14 @@ def plot_certified_vs_empirical(models: Sequence[dict[str, Any]], path: str | Pa
     return _save(fig, plt, path)
 
 
-def _series_key(m: dict[str, Any]) -> str:
+def _series_key(m: ModelRecord) -> str:
     """What stays fixed when only the last-stage width changes: the depths and the other widths."""
-    depths = "-".join(map(str, m.get("depths") or [])) or "?"
-    widths = m.get("widths") or []
+    depths = "-".join(map(str, m.depths or [])) or "?"
+    widths = m.widths or []
     return f"depths {depths}, widths {'-'.join(map(str, widths[:-1]))}-*" if widths else f"depths {depths}"
 
 
-def _binomial_yerr(members: Sequence[dict[str, Any]], y_key: str) -> list[list[float]] | None:
+def _binomial_yerr(members: Sequence[ModelRecord], y_key: str) -> list[list[float]] | None:
     """Error bars of accuracies: each run's 95% Clopper-Pearson interval over its test points (None when a run
     does not say how many points it used). Seed-to-seed variation is not in them."""
     from experiments.stats import accuracy_interval
@@ -323,26 +329,27 @@ def _binomial_yerr(members: Sequence[dict[str, Any]], y_key: str) -> list[list[f
     counts = [eval_points(m) for m in rows]
     if not rows or any(not n for n in counts):
         return None
-    cis = [accuracy_interval(float(m[y_key]), n) for m, n in zip(rows, counts)]
-    return [[float(m[y_key]) - ci.low for m, ci in zip(rows, cis)], [ci.high - float(m[y_key]) for m, ci in zip(rows, cis)]]
+    cis = [accuracy_interval(float(m.get(y_key)), n) for m, n in zip(rows, counts)]
+    return [[float(m.get(y_key)) - ci.low for m, ci in zip(rows, cis)],
+            [ci.high - float(m.get(y_key)) for m, ci in zip(rows, cis)]]
 
 
-def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path, *, xlabel: str,
+def plot_scatter(models: Sequence[ModelRecord | dict[str, Any]], x_key: str, path: str | Path, *, xlabel: str,
                  title: str, logx: bool = False, y_keys: Sequence[str] = ("robust_acc", "clean_acc")) -> Path | None:
     """Accuracy (robust filled, clean hollow) against one property of each model.
 
     For ``x_key="last_width"`` models that differ only in the last-stage width are joined by a line (one
     series per depth/width setting); otherwise points are not joined. With few points each is labelled.
     """
-    def x_of(m: dict[str, Any]) -> float | None:
-        return _last_width(m) if x_key == "last_width" else (float(m[x_key]) if _finite(m.get(x_key)) else None)
+    def x_of(m: ModelRecord) -> float | None:
+        return _last_width(m) if x_key == "last_width" else (float(m.get(x_key)) if _finite(m.get(x_key)) else None)
 
-    points = [m for m in models if x_of(m) is not None and _finite(m.get(y_keys[0]))]
+    points = [m for m in as_records(models) if x_of(m) is not None and _finite(m.get(y_keys[0]))]
     if not points:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    series: dict[str, list[dict[str, Any]]] = {}
+    series: dict[str, list[ModelRecord]] = {}
     for m in points:
         series.setdefault(_series_key(m) if x_key == "last_width" else "all", []).append(m)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -351,7 +358,7 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
         colour = "#d62728" if len(series) == 1 else colours[index % len(colours)]
         joined = x_key == "last_width" and len(members) > 1
         for y_key in y_keys:
-            pts = [(x_of(m), float(m[y_key])) for m in members if _finite(m.get(y_key))]
+            pts = [(x_of(m), float(m.get(y_key))) for m in members if _finite(m.get(y_key))]
             if not pts:
                 continue
             robust = y_key == y_keys[0]
@@ -363,7 +370,8 @@ def plot_scatter(models: Sequence[dict[str, Any]], x_key: str, path: str | Path,
                         markerfacecolor=None if robust else "none", label=label)
         if len(points) <= 4:
             for m in members:
-                ax.annotate(str(m.get("name", "")), (x_of(m), m[y_keys[0]]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(str(m.get("name", "")), (x_of(m), m.get(y_keys[0])), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
     if logx:
         ax.set_xscale("log")
     elif x_key == "last_width":
@@ -413,14 +421,14 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     return _save(fig, plt, path)
 
 
-def make_figures(models: Sequence[dict[str, Any]], out_dir: str | Path, sweep: bool = False,
+def make_figures(models: Sequence[ModelRecord | dict[str, Any]], out_dir: str | Path, sweep: bool = False,
                  metrics: Sequence[dict[str, Any]] | None = None, per_run_scatter: bool = True) -> dict[str, Path]:
     """Write every figure the records support (and the training curves of ``metrics`` rows); {figure key: path}.
 
     ``per_run_scatter=False`` leaves out the one-point-per-run accuracy plots (a multi-seed study plots
     configuration means with intervals instead, ``experiments.study_report``).
     """
-    out_dir = Path(out_dir)
+    out_dir, models = Path(out_dir), as_records(models)
     figures: dict[str, Path | None] = {
         "training_curves": plot_training_curves(metrics, out_dir / "training_curves.png") if metrics else None,
         "layer_norms": plot_layer_norms(models, out_dir / "layer_norms.png"),
@@ -531,12 +539,12 @@ _CAPTIONS = {
 }
 
 
-def block_tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+def block_tightness_lines(models: Sequence[ModelRecord | dict[str, Any]]) -> list[str]:
     """Per-block tightness: each stage's and block's certified bound next to the lower bound of its own map."""
     lines: list[str] = []
-    for m in models:
-        lower = m.get("node_lower") or {}
-        certified = {**(m.get("stage_bounds") or {}), **(m.get("block_bounds") or {})}
+    for m in as_records(models):
+        lower = m.node_lower or {}
+        certified = {**(m.stage_bounds or {}), **(m.block_bounds or {})}
         names = [n for n in certified if _finite(_value(certified[n])) and _finite(lower.get(n))]
         if not names:
             continue
@@ -547,9 +555,9 @@ def block_tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
                       "the network row compares the network's certified bound with its largest lower bound. Where "
                       "every node is tight but the network is not, the loss is in the composition.", ""]
         lines += [f"**{m.get('name', '')}**", "", "| node | certified_upper | lower | certified / lower |", "|---|---|---|---|"]
-        net_lower = max((m[k] for k in ("empirical_lipschitz", "attack_lipschitz", "searched_lipschitz") if _finite(m.get(k))),
-                        default=None)
-        rows = [("network", m.get("certified_lipschitz"), net_lower)] + [(n, _value(certified[n]), lower[n]) for n in names]
+        net_lower = max((m.get(k) for k in ("empirical_lipschitz", "attack_lipschitz", "searched_lipschitz")
+                         if _finite(m.get(k))), default=None)
+        rows = [("network", m.certified_lipschitz, net_lower)] + [(n, _value(certified[n]), lower[n]) for n in names]
         for name, up, low in rows:
             ratio = f"{up / low:.3g}" if _finite(up) and _finite(low) and low > 0 else "-"
             lines.append(f"| {name} | {_fmt(up)} | {_fmt(low)} | {ratio} |")
@@ -559,7 +567,7 @@ def block_tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
 
 def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_dir: Path, regenerate: str) -> str:
     """The report text: summary table, stage bounds, correlations, figures with captions, provenance."""
-    models = results.get("models", [])
+    models = as_records(results.get("models", []))
     kind = results.get("kind", "run")
     lines = [f"# archlip {kind} report: {results.get('name', report_dir.name)}", ""]
     if results.get("description"):
@@ -589,7 +597,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
         lines += _correlation_lines(corr)
     lines += _figure_lines(figures, report_dir, regenerate)
     lines += _layer_lines(models, study is not None)
-    missing = [(m.get("name"), step, why) for m in models for step, why in (m.get("unavailable") or {}).items()]
+    missing = [(m.name, step, why) for m in models for step, why in (m.unavailable or {}).items()]
     if missing:
         lines += ["## Not measured", "", "These steps could not run in this installation:", ""]
         lines += [f"- {name}: {step} ({why})" for name, step, why in missing] + [""]
@@ -599,7 +607,7 @@ def render_markdown(results: dict[str, Any], figures: dict[str, Path], report_di
     return "\n".join(lines)
 
 
-def _results_lines(models: Sequence[dict[str, Any]], is_study: bool) -> list[str]:
+def _results_lines(models: Sequence[ModelRecord], is_study: bool) -> list[str]:
     """The aggregate table (one row per model or run), headers labelled with guarantees, and the attack used."""
     rows = table_rows(models)
     shown = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
@@ -611,55 +619,55 @@ def _results_lines(models: Sequence[dict[str, Any]], is_study: bool) -> list[str
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in shown) + "|"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     lines.append("")
-    eps = {m.get("eps") for m in models if m.get("eps") is not None}
+    eps = {m.eps for m in models if m.eps is not None}
     if eps:
         lines += [f"Robust accuracy: attack `{models[0].get('robust_attack', '?')}` at linf eps = {', '.join(_fmt(e) for e in eps)}"
-                  f"{'; ' + str(models[0]['eval_points']) if models[0].get('eval_points') else ''}.", ""]
+                  f"{'; ' + str(models[0].eval_points) if models[0].eval_points else ''}.", ""]
     return lines
 
 
-def _training_lines(models: Sequence[dict[str, Any]]) -> list[str]:
-    trained = [m for m in models if isinstance(m.get("train"), dict) and m["train"]]
+def _training_lines(models: Sequence[ModelRecord]) -> list[str]:
+    trained = [m for m in models if isinstance(m.train, dict) and m.train]
     if not trained:
         return []
     lines = ["## Training", "",
              "| model | recipe | method | epochs | seconds | val clean acc | val PGD acc | selection |",
              "|---|---|---|---|---|---|---|---|"]
     for m in trained:
-        t = m["train"]
+        t = m.train
         selection = f"{t.get('selection_metric')} (epoch {t.get('selected_epoch')})" if t.get("selection_metric") else "-"
         if t.get("measured_checkpoint"):
             selection += f"; measured: {t['measured_checkpoint']}"
-        lines.append(f"| {m.get('name')} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
+        lines.append(f"| {m.name} | {_fmt(m.get('recipe', t.get('name')))} | {_fmt(t.get('method'))} | "
                      f"{_fmt(t.get('epochs_completed'))} | {_fmt(t.get('seconds'))} | {_fmt(t.get('val_clean_acc'))} | "
                      f"{_fmt(t.get('val_pgd_acc'))} | {selection} |")
     return lines + ["", "Validation accuracies are on a split held out of the training data (model selection never sees the test set).", ""]
 
 
-def _stage_lines(models: Sequence[dict[str, Any]]) -> list[str]:
-    stage_models = [m for m in models if m.get("stage_bounds")]
+def _stage_lines(models: Sequence[ModelRecord]) -> list[str]:
+    stage_models = [m for m in models if m.stage_bounds]
     if not stage_models:
         return []
-    stages = sorted({s for m in stage_models for s in m["stage_bounds"]})
+    stages = sorted({s for m in stage_models for s in m.stage_bounds})
     lines = ["## Certified per-stage bounds (certified_upper)", "",
              "| model | " + " | ".join(stages) + " |", "|---|" + "|".join("---" for _ in stages) + "|"]
-    lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m['stage_bounds'].get(s))) for s in stages) + " |" for m in stage_models]
+    lines += [f"| {m.get('name', '')} | " + " | ".join(_fmt(_value(m.stage_bounds.get(s))) for s in stages) + " |" for m in stage_models]
     return lines + [""]
 
 
-def _tightness_lines(models: Sequence[dict[str, Any]]) -> list[str]:
-    tight = [m for m in models if _finite(m.get("certified_lipschitz")) and _finite(m.get("empirical_lipschitz"))
-             and m["empirical_lipschitz"] > 0]
+def _tightness_lines(models: Sequence[ModelRecord]) -> list[str]:
+    tight = [m for m in models if _finite(m.certified_lipschitz) and _finite(m.empirical_lipschitz)
+             and m.empirical_lipschitz > 0]
     if not tight:
         return []
     lines = ["## How tight is the certificate", "",
              "The true l2 Lipschitz constant lies between the data lower bound and the certified upper bound.", ""]
     for m in tight:
-        ratio = m["certified_lipschitz"] / m["empirical_lipschitz"]
-        product = m.get("certified_lipschitz_product")
-        extra = (f"; the plain layer product ({_fmt(product)}) is {product / m['certified_lipschitz']:.3g}x looser than the best composition"
-                 if _finite(product) and m["certified_lipschitz"] > 0 else "")
-        lines.append(f"- {m.get('name')}: {_fmt(m['empirical_lipschitz'])} <= L <= {_fmt(m['certified_lipschitz'])} "
+        ratio = m.certified_lipschitz / m.empirical_lipschitz
+        product = m.certified_lipschitz_product
+        extra = (f"; the plain layer product ({_fmt(product)}) is {product / m.certified_lipschitz:.3g}x looser than the best composition"
+                 if _finite(product) and m.certified_lipschitz > 0 else "")
+        lines.append(f"- {m.name}: {_fmt(m.empirical_lipschitz)} <= L <= {_fmt(m.certified_lipschitz)} "
                      f"(ratio {ratio:.3g}){extra}.")
     return lines + [""]
 
@@ -685,23 +693,23 @@ def _figure_lines(figures: dict[str, Path], report_dir: Path, regenerate: str) -
     return lines
 
 
-def _layer_lines(models: Sequence[dict[str, Any]], is_study: bool) -> list[str]:
+def _layer_lines(models: Sequence[ModelRecord], is_study: bool) -> list[str]:
     """One per-layer sandwich table per model (a study: per configuration, its first seed)."""
     lines: list[str] = []
     shown_configs: set[str] = set()
     for m in models:
-        config = str(m.get("config_id") or m.get("name"))
+        config = str(m.config_id or m.name)
         if is_study and config in shown_configs:
             continue
         shown_configs.add(config)
-        if not m.get("layers"):
+        if not m.layers:
             continue
         lines += [f"## Per-layer sandwich: {m.get('name', '')}", "",
                   "Certified lower and upper bounds of each layer's l2 operator norm at its input size; gap = upper/lower - 1; "
                   "x random = upper bound / random-matrix baseline (a random kernel with the same entry std; an estimate).", "",
                   "| layer | stage | weight | input | lower | upper | gap | x random | upper method |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for row in m["layers"]:
+        for row in m.layers:
             lines.append(f"| {row.get('name', '')} | {stage_of(str(row.get('name', '')))} | {_fmt(row.get('weight_shape'))} | "
                          f"{_fmt(row.get('input_size'))} | {_fmt(_value(row.get('lower')))} | "
                          f"{_fmt(_value(row.get('upper')))} | {_fmt(_value(row.get('gap')))} | {_fmt(row.get('ratio_to_random'))} | "
@@ -716,8 +724,9 @@ def _has_seeds(results: dict[str, Any]) -> bool:
     return isinstance(study, dict) and any(c.get("n_runs", 0) >= 2 for c in study.get("configurations") or [])
 
 
-def theory_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+def theory_lines(models: Sequence[ModelRecord | dict[str, Any]]) -> list[str]:
     """The theory's numbers beside the measurements, each labelled with the weights it describes; no orderings."""
+    models = as_records(models)
     if not any(_finite(m.get(k)) for m in models for k in ("theory_prediction", "theory_measured_norms")):
         return []
     lines = ["## Theory vs measurement", "",
@@ -729,20 +738,20 @@ def theory_lines(models: Sequence[dict[str, Any]]) -> list[str]:
              "theory with trained layer norms (certified_upper) | certified upper (certified_upper) | "
              "data lower (lower) | robust acc [95% binomial CI] |", "|---|---|---|---|---|---|---|"]
     for m in models:
-        lines.append(f"| {m.get('name', '')} | {_fmt(m.get('theory_prediction'))} | {_fmt(m.get('theory_prediction_kaiming'))} | "
-                     f"{_fmt(m.get('theory_measured_norms'))} | {_fmt(m.get('certified_lipschitz'))} | "
-                     f"{_fmt(m.get('empirical_lipschitz'))} | {_accuracy_with_interval(m)} |")
+        lines.append(f"| {m.get('name', '')} | {_fmt(m.theory_prediction)} | {_fmt(m.theory_prediction_kaiming)} | "
+                     f"{_fmt(m.theory_measured_norms)} | {_fmt(m.certified_lipschitz)} | "
+                     f"{_fmt(m.empirical_lipschitz)} | {_accuracy_with_interval(m)} |")
     lines += ["", "One run (one seed) per model: differences between these models are not measured against "
                   "seed-to-seed variation, so no ordering here is a claim. For claims with seeds and intervals run a "
                   "study (`archlip sweep digits-study`).", ""]
     return lines
 
 
-def _accuracy_with_interval(m: dict[str, Any]) -> str:
+def _accuracy_with_interval(m: ModelRecord) -> str:
     from experiments.stats import accuracy_interval
     from experiments.study import eval_points
 
-    acc, n = m.get("robust_acc"), eval_points(m)
+    acc, n = m.robust_acc, eval_points(m)
     if not _finite(acc):
         return "-"
     if not n:
@@ -777,7 +786,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, regener
 
         figures.update(study_figures(results["study"], models, out_dir))
         write_configuration_csv(results["study"], out_dir / "configs.csv")
-    elif any(m.get("spectra") for m in models):
+    elif any(m.spectra for m in models):
         from experiments.study_report import plot_spectra
 
         path = plot_spectra(models, out_dir / "spectra.png")
@@ -799,7 +808,7 @@ def write_history_report(run_dir: Path, histories: Mapping[str, Sequence[dict[st
     lines = [f"# archlip training report: {run_dir.name}", "",
              f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Regenerate with `{regenerate}`.", "",
              "## Training", ""]
-    summary_file = run_dir / "summary.json"
+    summary_file = run_file(run_dir, "train_summary")
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     if summary:
         sel = summary.get("selection") or {}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments import stats
+from experiments.records import ModelRecord, as_record, as_records
 
 #: Metrics aggregated per configuration (record keys; ``robust_acc_per_attack`` entries are added per attack).
 METRICS: tuple[str, ...] = (
@@ -50,33 +51,35 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def config_of(record: dict[str, Any]) -> str:
-    return str(record.get("config_id") or record.get("name"))
+def config_of(record: ModelRecord | dict[str, Any]) -> str:
+    record = as_record(record)
+    return str(record.config_id or record.name)
 
 
-def seed_of(record: dict[str, Any]) -> Any:
-    seed = record.get("seed")
-    return seed if seed is not None else (record.get("train") or {}).get("seed", 0)
+def seed_of(record: ModelRecord | dict[str, Any]) -> Any:
+    record = as_record(record)
+    return record.seed if record.seed is not None else (record.train or {}).get("seed", 0)
 
 
-def metric_values(record: dict[str, Any]) -> dict[str, float]:
+def metric_values(record: ModelRecord | dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of one run (``robust_acc[ATTACK]`` per attack, ``stage_bound[STAGE]`` per stage)."""
-    out = {k: float(record[k]) for k in METRICS if _finite(record.get(k))}
-    for attack, value in (record.get("robust_acc_per_attack") or {}).items():
+    record = as_record(record)
+    out = {k: float(record.get(k)) for k in METRICS if _finite(record.get(k))}
+    for attack, value in (record.robust_acc_per_attack or {}).items():
         if _finite(value):
             out[f"robust_acc[{attack}]"] = float(value)
-    for stage, value in (record.get("stage_bounds") or {}).items():
+    for stage, value in (record.stage_bounds or {}).items():
         value = value.get("value") if isinstance(value, dict) else value
         if _finite(value):
             out[f"stage_bound[{stage}]"] = float(value)
     return out
 
 
-def eval_points(record: dict[str, Any]) -> int | None:
+def eval_points(record: ModelRecord | dict[str, Any]) -> int | None:
     """Number of test points robust accuracy was measured on (from the eval description, e.g. "first 359 points")."""
     import re
 
-    text = str(record.get("eval_points") or "")
+    text = str(as_record(record).eval_points or "")
     match = re.search(r"(\d+)\s+points", text)
     return int(match.group(1)) if match else None
 
@@ -86,15 +89,15 @@ def eval_points(record: dict[str, Any]) -> int | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def group_runs(models: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def group_runs(models: Sequence[ModelRecord]) -> dict[str, list[ModelRecord]]:
     """Run records by configuration id, in first-seen order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[ModelRecord]] = {}
     for m in models:
         groups.setdefault(config_of(m), []).append(m)
     return groups
 
 
-def summarize_configuration(config: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize_configuration(config: str, runs: Sequence[ModelRecord]) -> dict[str, Any]:
     """Mean, std and 95% bootstrap interval of each metric over the runs (seeds) of one configuration."""
     first = runs[0]
     values: dict[str, list[float]] = defaultdict(list)
@@ -104,21 +107,21 @@ def summarize_configuration(config: str, runs: Sequence[dict[str, Any]]) -> dict
     binomial = []
     for run in runs:
         n = eval_points(run)
-        for attack, acc in {"worst": run.get("robust_acc"), **(run.get("robust_acc_per_attack") or {})}.items():
+        for attack, acc in {"worst": run.robust_acc, **(run.robust_acc_per_attack or {})}.items():
             if n and _finite(acc):
                 ci = stats.accuracy_interval(float(acc), n)
                 binomial.append({"seed": seed_of(run), "attack": attack, "acc": float(acc), "n_points": n,
                                  "ci_low": ci.low, "ci_high": ci.high})
     return {
-        "config_id": config, "groups": list(first.get("groups") or []), "depths": first.get("depths"),
-        "widths": first.get("widths"), "params": first.get("params"), "n_runs": len(runs),
+        "config_id": config, "groups": list(first.groups or []), "depths": first.depths,
+        "widths": first.widths, "params": first.params, "n_runs": len(runs),
         "seeds": [seed_of(r) for r in runs],
         "metrics": {k: stats.summarize(v).to_dict() for k, v in values.items()},
         "robust_binomial": binomial,
     }
 
 
-def by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[Any, float]:
+def by_seed(runs: Sequence[ModelRecord], metric: str) -> dict[Any, float]:
     """``{seed: value}`` of one metric over a configuration's runs."""
     return {seed_of(r): v for r in runs if _finite(v := metric_values(r).get(metric))}
 
@@ -128,9 +131,9 @@ def by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[Any, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def claim_metrics(models: Sequence[dict[str, Any]]) -> list[str]:
+def claim_metrics(models: Sequence[ModelRecord]) -> list[str]:
     """Accuracy metrics every claim is tested on: worst-case robust, each attack's robust, clean."""
-    attacks = sorted({a for m in models for a in (m.get("robust_acc_per_attack") or {})})
+    attacks = sorted({a for m in models for a in (m.robust_acc_per_attack or {})})
     keys = ["robust_acc"] + [f"robust_acc[{a}]" for a in attacks if len(attacks) > 1] + ["clean_acc"]
     return keys
 
@@ -156,7 +159,7 @@ def last_stage_pairs(configs: Sequence[dict[str, Any]]) -> list[tuple[dict[str, 
     return pairs
 
 
-def compare(a: str, b: str, runs: dict[str, list[dict[str, Any]]], metrics: Sequence[str], change: str) -> dict[str, Any]:
+def compare(a: str, b: str, runs: dict[str, list[ModelRecord]], metrics: Sequence[str], change: str) -> dict[str, Any]:
     """Paired-by-seed differences b - a on each metric, with the sentence for the first metric."""
     diffs = {m: stats.paired_difference(by_seed(runs[a], m), by_seed(runs[b], m), a_name=a, b_name=b, metric=m)
              for m in metrics}
@@ -165,7 +168,7 @@ def compare(a: str, b: str, runs: dict[str, list[dict[str, Any]]], metrics: Sequ
             "sentence": stats.describe_difference(primary, change)}
 
 
-def budget_claims(configs: Sequence[dict[str, Any]], runs: dict[str, list[dict[str, Any]]],
+def budget_claims(configs: Sequence[dict[str, Any]], runs: dict[str, list[ModelRecord]],
                   metrics: Sequence[str], budget_groups: Sequence[str]) -> dict[str, Any]:
     """In each budget group ("*": all configurations): every configuration against the one with the highest mean
     robust accuracy."""
@@ -220,25 +223,25 @@ def _geo_mean(values: Sequence[float]) -> float | None:
     return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
 
 
-def theory_on_trained(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def theory_on_trained(runs: dict[str, list[ModelRecord]]) -> dict[str, Any]:
     """Composition rule with trained norms vs certified/data bounds; fitted trained-weight model, leave-one-out."""
     from lipschitz.theory.trained import LayerFact, fit_trained_model, leave_one_out
 
     facts, measured, structure, stages, ratios = {}, {}, {}, {}, []
     for config, members in runs.items():
-        with_facts = [r for r in members if r.get("theory_facts") and r.get("theory_structure")]
+        with_facts = [r for r in members if r.theory_facts and r.theory_structure]
         if not with_facts:
             continue
-        facts[config] = [LayerFact(**f) for r in with_facts for f in r["theory_facts"]]
-        measured[config] = _geo_mean([r.get("theory_measured_norms") for r in with_facts])
-        structure[config] = with_facts[0]["theory_structure"]
-        factors = [r.get("theory_measured_stage_factors") or [] for r in with_facts]
+        facts[config] = [LayerFact(**f) for r in with_facts for f in r.theory_facts]
+        measured[config] = _geo_mean([r.theory_measured_norms for r in with_facts])
+        structure[config] = with_facts[0].theory_structure
+        factors = [r.theory_measured_stage_factors or [] for r in with_facts]
         stages[config] = [_geo_mean([f[i] for f in factors if len(f) > i]) for i in range(len(factors[0]))]
         for r in with_facts:
-            row = {"config_id": config, "seed": seed_of(r), "theory_measured_norms": r.get("theory_measured_norms")}
+            row = {"config_id": config, "seed": seed_of(r), "theory_measured_norms": r.theory_measured_norms}
             for key in ("certified_lipschitz", "certified_lipschitz_product", "empirical_lipschitz", "theory_prediction"):
-                if _finite(r.get(key)) and _finite(r.get("theory_measured_norms")) and r[key] > 0:
-                    row[f"over_{key}"] = r["theory_measured_norms"] / r[key]
+                if _finite(r.get(key)) and _finite(r.theory_measured_norms) and r.get(key) > 0:
+                    row[f"over_{key}"] = r.theory_measured_norms / r.get(key)
             ratios.append(row)
     if not facts:
         return {}
@@ -250,13 +253,13 @@ def theory_on_trained(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "structure": structure}
 
 
-def spectra_by_stage(models: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def spectra_by_stage(models: Sequence[ModelRecord]) -> list[dict[str, Any]]:
     """Per stage and weights (init/trained): median top/edge, mean outliers (and the random draw's), median alpha."""
     import statistics
 
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for m in models:
-        for label, rows in ((m.get("spectra") or {}).items()):
+        for label, rows in ((m.spectra or {}).items()):
             for row in rows:
                 cells[(row.get("stage", "other"), label)].append(row)
     out = []
@@ -279,8 +282,10 @@ def spectra_by_stage(models: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def analyse(models: Sequence[dict[str, Any]], budget_groups: Sequence[str] = ()) -> dict[str, Any]:
-    """Everything above for a list of run records (JSON-ready). ``budget_groups``: group names with a budget."""
+def analyse(models: Sequence[ModelRecord | dict[str, Any]], budget_groups: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything above for a list of run records (``ModelRecord`` or their dicts); JSON-ready. ``budget_groups``:
+    group names with a budget."""
+    models = as_records(models)
     runs = group_runs(models)
     configs = [summarize_configuration(c, rs) for c, rs in runs.items()]
     metrics = claim_metrics(models)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from experiments.records import ModelRecord, as_records
 from experiments.render import fmt as _fmt
 from experiments.render import pyplot as _pyplot
 from experiments.render import save_figure as _save
@@ -200,14 +201,14 @@ def plot_theory(study: dict[str, Any], path: str | Path) -> Path | None:
     return _save(fig, plt, path)
 
 
-def plot_spectra(models: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+def plot_spectra(models: Sequence[ModelRecord | dict[str, Any]], path: str | Path) -> Path | None:
     """Per stage: singular values / bulk edge against rank for every layer of one run, trained vs initial weights."""
     from experiments.render import STAGE_COLOURS as _STAGE_COLOURS
 
-    run = next((m for m in models if (m.get("spectra") or {}).get("trained")), None)
+    run = next((m for m in as_records(models) if (m.spectra or {}).get("trained")), None)
     if run is None:
         return None
-    spectra = run["spectra"]
+    spectra = run.spectra
     stages = list(dict.fromkeys(r["stage"] for r in spectra["trained"]))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(stages), figsize=(3.3 * len(stages), 3.6), squeeze=False, sharey=True)
@@ -226,13 +227,13 @@ def plot_spectra(models: Sequence[dict[str, Any]], path: str | Path) -> Path | N
     top = max((p[1] for rows in spectra.values() for r in rows for p in r.get("profile") or []), default=1.0)
     axes[0][0].set_ylim(0.05, max(1.5, top * 1.3))  # rank-deficient operators (strided 1x1 shortcuts) have exact zeros
     axes[0][0].set_ylabel("singular value / random-matrix bulk edge")
-    fig.suptitle(f"spectra of {run.get('name')}: trained (solid) vs initial weights (dashed); 1 = bulk edge of iid "
+    fig.suptitle(f"spectra of {run.name}: trained (solid) vs initial weights (dashed); 1 = bulk edge of iid "
                  "weights with the same entry std", fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def study_figures(study: dict[str, Any], models: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+def study_figures(study: dict[str, Any], models: Sequence[ModelRecord], out_dir: str | Path) -> dict[str, Path]:
     """Every study figure the data supports; ``{key: path}``."""
     out_dir = Path(out_dir)
     figures = {
@@ -280,11 +281,11 @@ def _diff_cell(d: dict[str, Any]) -> str:
     return f"**{text}**" if d.get("detectable") else f"{text} n.d."
 
 
-def design_lines(study: dict[str, Any], models: Sequence[dict[str, Any]]) -> list[str]:
+def design_lines(study: dict[str, Any], models: Sequence[ModelRecord]) -> list[str]:
     from experiments.study import eval_points
 
     points = sorted({eval_points(m) for m in models if eval_points(m)})
-    attacks = sorted({a for m in models for a in (m.get("robust_acc_per_attack") or {})})
+    attacks = sorted({a for m in models for a in (m.robust_acc_per_attack or {})})
     return ["## Study design", "",
             f"{study['n_configurations']} configurations x seeds {study['seeds']} = {study['n_runs']} runs. "
             f"Robust accuracy: {', '.join(attacks) or '?'} on {', '.join(map(str, points)) or '?'} test points; "
@@ -416,7 +417,7 @@ def limits_lines(study: dict[str, Any]) -> list[str]:
             "not reproduce or refute the paper's CIFAR-10 results.", ""]
 
 
-def study_markdown(study: dict[str, Any], models: Sequence[dict[str, Any]], figures: dict[str, Path],
+def study_markdown(study: dict[str, Any], models: Sequence[ModelRecord], figures: dict[str, Path],
                    report_dir: Path, regenerate: str) -> list[str]:
     """Every study section, figures with captions and the limits of the run."""
     lines = design_lines(study, models) + configuration_lines(study) + claim_lines(study)

@@ -32,10 +32,11 @@ A sweep file (YAML; shipped ones in ``experiments/configs/sweeps/``, loadable by
     cluster: auto                      # submitit: auto, slurm, local or debug
     slurm_partition: gpu               # submitit: any slurm_* key goes to submitit.AutoExecutor.update_parameters
 
-Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, summary.json}``, then ``results.json``,
+Layout of a sweep directory: ``runs/<run_id>/{config.yaml, train/, record.json}``, then ``results.json``,
 ``table.csv``, ``configs.csv`` (per-configuration means and intervals, with seeds), ``report.md`` and the PNG
-plots. With ``seeds`` a run id is ``<config id>_s<seed>``. A run is finished when its ``summary.json`` exists; rerunning
-the sweep skips finished runs and resumes interrupted training from its checkpoint.
+plots. With ``seeds`` a run id is ``<config id>_s<seed>``. A run is finished when its ``record.json`` exists; rerunning
+the sweep skips finished runs and resumes interrupted training from its checkpoint. Sweeps written before the run files
+were named by what they hold (``summary.json`` for the record and the training summary) are still read.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from experiments.io import RunFolderLock, write_text
-from experiments.launch import summary_path
+from experiments.launch import record_path
+from experiments.records import ModelRecord
 
 SWEEP_DIR = Path(__file__).resolve().parent / "configs" / "sweeps"
 LAUNCHERS = ("sequential", "torchrun", "submitit")
@@ -438,12 +440,12 @@ def to_override_strings(overrides: Mapping[str, Any]) -> list[str]:
 # execution
 # ----------------------------------------------------------------------------------------------
 
-Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], dict]
+Runner = Callable[[SweepSpec, RunSpec, Path, Mapping[str, Any]], "ModelRecord | dict"]
 
 
 def is_finished(out_dir: Path, run: RunSpec) -> bool:
-    """A run is finished when its summary.json exists and parses."""
-    path = summary_path(out_dir, run)
+    """A run is finished when its record.json (or, written before, summary.json) exists and parses."""
+    path = record_path(out_dir, run)
     if not path.is_file():
         return False
     try:
@@ -464,7 +466,7 @@ def torchrun_command(spec: SweepSpec, run: RunSpec, train_dir: Path, nproc_per_n
     return cmd
 
 
-def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str, Any]) -> dict:
+def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str, Any]) -> "ModelRecord":
     """Train one run (resuming an interrupted one), then measure it; returns the run's record."""
     from experiments.config import load_config, save_config
     from experiments.measure import measure_trained_run
@@ -496,9 +498,10 @@ def train_run(spec: SweepSpec, run: RunSpec, run_dir: Path, options: Mapping[str
     record = measure_trained_run(config, train_dir, train_summary, name=run.run_id,
                                  evaluate_options=evaluate_options, analysis_options=spec.analysis,
                                  device=options.get("device") or "cpu", seed=config.run.seed, model_file=model_file)
-    record["overrides"] = dict(run.overrides)
-    record["measured_checkpoint"] = measured
-    record.setdefault("train", {})["measured_checkpoint"] = measured["description"]
+    record.update({"overrides": dict(run.overrides), "measured_checkpoint": measured})
+    if record.train is None:
+        record.update({"train": {}})
+    record.train["measured_checkpoint"] = measured["description"]
     return record
 
 
@@ -528,7 +531,9 @@ def measured_checkpoint(train_dir: Path, train_summary: Mapping[str, Any] | None
 
 
 def _finished_training(train_dir: Path) -> dict | None:
-    path = train_dir / "summary.json"
+    from experiments.io import run_file
+
+    path = run_file(train_dir, "train_summary")
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -642,12 +647,13 @@ def aggregate(spec: SweepSpec, out_dir: str | Path, report: bool = True) -> dict
     from experiments.io import write_json
 
     out_dir = Path(out_dir)
-    models = [json.loads(summary_path(out_dir, r).read_text()) for r in spec.runs if is_finished(out_dir, r)]
+    models = [ModelRecord.from_dict(json.loads(record_path(out_dir, r).read_text()))
+              for r in spec.runs if is_finished(out_dir, r)]
     if not models:
         return {"table": None, "report": None}
     analysis = study.analyse(models, spec.budget_groups)
     results = {
-        "kind": "sweep", "name": spec.name, "description": spec.description, "models": models,
+        "kind": "sweep", "name": spec.name, "description": spec.description, "models": [m.to_dict() for m in models],
         "correlations": reporting.correlations(models), "study": analysis,
         "provenance": {"sweep_file": spec.source, "recipe": spec.recipe, "runs_finished": f"{len(models)} of {len(spec.runs)}",
                        "seeds": spec.seeds or "one run per configuration (the recipe's run.seed)"},

@@ -37,6 +37,7 @@ from lipschitz.liplt import conv_spec, fold_weight, liplt_bound
 from lipschitz.rules import (absolute_value_split, activation_slope, batchnorm_scale, normalize_scale, pool_is_linear,
                              pool_lipschitz)
 from lipschitz.trace import graph_from_module
+from spectral.analyze import LayerRow, SandwichKey, sandwich_call, sandwich_key
 from spectral.guarantee import Guarantee, NormValue, json_safe
 
 METHODS = ("product", "folded", "folded+liplt", "lipsdp")
@@ -60,8 +61,8 @@ class NetworkBound:
     """Certified l2 Lipschitz bounds of a network and of its layers, blocks and stages.
 
     ``value``: the whole network under ``method`` (guarantee UPPER, or EXACT for a single exact linear map).
-    ``comparison``: whole-network value per evaluated method. ``layers``: one row per conv/linear layer
-    (certified upper/lower of the raw layer, folded upper). ``nodes``: every named composite node
+    ``comparison``: whole-network value per evaluated method. ``layers``: one ``spectral.analyze.LayerRow`` per
+    conv/linear layer (certified upper/lower of the raw layer, folded upper). ``nodes``: every named composite node
     (blocks, stages, stem, head ...) with its bound per method.
     """
 
@@ -69,7 +70,7 @@ class NetworkBound:
     method: str
     input_shape: tuple
     comparison: dict[str, float]
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -114,8 +115,8 @@ class NetworkBound:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"value": self.value.to_dict(), "method": self.method, "input_shape": list(self.input_shape),
-                           "comparison": self.comparison, "layers": self.layers, "nodes": self.nodes,
-                           "seconds": self.seconds, "notes": self.notes})
+                           "comparison": self.comparison, "layers": [r.bound_dict() for r in self.layers],
+                           "nodes": self.nodes, "seconds": self.seconds, "notes": self.notes})
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -173,14 +174,13 @@ class _Engine:
 
     # ---------------------------------------------------------------- layer norms
     def layer_norm(self, node: G.Layer, in_scale=None, out_scale=None) -> NormValue:
-        from spectral.sandwich import sandwich
-
         key = (id(node), None if in_scale is None else tuple(in_scale.tolist()),
                None if out_scale is None else tuple(out_scale.tolist()))
         if key in self.cache:
             return self.cache[key]
         m = node.module
         in_shape = self.shapes[id(node)][0]
+        row = self.layer_rows[id(node)]
         if isinstance(m, nn.Linear) and len(in_shape) != 1 and (in_scale is not None or out_scale is not None):
             # on an (L, F) input a channel scaling (BatchNorm1d) acts on dim 0, not on the weight's features:
             # no folding, ||D2 (W acting on rows) D1|| <= max|D2| ||W|| max|D1|
@@ -191,23 +191,33 @@ class _Engine:
                     factor = _mul_up(factor, _diag_norm(sc))
             nv = NormValue(_mul_up(base.value, factor), Guarantee.UPPER, base.method, details={"unfolded_scales": True})
             self.cache[key] = nv
-            self.layer_rows[id(node)].update(folded_upper=nv.value, folded_guarantee=nv.guarantee.value)
+            row.folded_upper, row.folded_guarantee = nv.value, nv.guarantee.value
             return nv
-        w = fold_weight(m, in_scale, out_scale)
-        if isinstance(m, nn.Linear):
-            sw = sandwich(w, in_shape, self.rtol, **self.sandwich_kw)
-        else:
-            sw = sandwich(w, in_shape, self.rtol, stride=m.stride, padding=m.padding, padding_mode=m.padding_mode,
-                          dilation=m.dilation, groups=m.groups, **self.sandwich_kw)
-        self.cache[key] = sw.upper
-        row = self.layer_rows[id(node)]
         if in_scale is None and out_scale is None:
-            row.update(upper=sw.upper.value, upper_guarantee=sw.upper.guarantee.value, upper_method=sw.upper.method,
-                       lower=sw.lower.value, lower_guarantee=sw.lower.guarantee.value, gap=sw.gap)
-        else:
-            row.update(folded_upper=sw.upper.value, folded_guarantee=sw.upper.guarantee.value,
-                       folded_lower=sw.lower.value)
+            self._raw_sandwich(node, row)
+            self.cache[key] = row.result.upper
+            return row.result.upper
+        from spectral.sandwich import sandwich
+
+        shape, conv = sandwich_call(m, in_shape)
+        sw = sandwich(fold_weight(m, in_scale, out_scale), shape, self.rtol, **conv, **self.sandwich_kw)
+        self.cache[key] = sw.upper
+        row.folded_upper, row.folded_guarantee = sw.upper.value, sw.upper.guarantee.value
+        row.folded_lower = sw.lower.value
         return sw.upper
+
+    def _raw_sandwich(self, node: G.Layer, row: LayerRow) -> None:
+        """The raw layer's sandwich into ``row``: the caller's ``layer_results`` row computed for the same key (weights,
+        input shape, conv parameters, rtol, options) when there is one, else a fresh ``spectral.sandwich``."""
+        from spectral.sandwich import sandwich
+
+        shape, conv = sandwich_call(node.module, self.shapes[id(node)][0])
+        w = fold_weight(node.module, None, None)
+        given = self.cache.get("layer_results")
+        key = sandwich_key(w, shape, conv, self.rtol, self.sandwich_kw) if given else None
+        found = _reusable(given, node.name, key, self.cache) if given else None
+        result = found.result if found is not None else sandwich(w, shape, self.rtol, **conv, **self.sandwich_kw)
+        row.set_sandwich(result, key)
 
     # ---------------------------------------------------------------- segments
     def close(self, seg: _Seg) -> _Factor | None:
@@ -575,6 +585,32 @@ class _FactorWalk:
 
 # ----------------------------------------------------------------------------------------- API
 
+def _given_rows(layer_results: Any) -> dict[str, list[LayerRow]]:
+    """{layer name: rows that may be reused} of a ``LayerTable`` or rows: the raw-layer rows computed in this process
+    (a row with a ``key``; BN-folded and transposed rows are other operators and rows read from JSON cannot be
+    checked); a repeated call ``name#2`` is filed under ``name``."""
+    out: dict[str, list[LayerRow]] = {}
+    for row in getattr(layer_results, "rows", layer_results):
+        if not isinstance(row, LayerRow):
+            raise TypeError(f"layer_results must be a spectral.analyze.LayerTable or LayerRows, got "
+                            f"{type(row).__name__}")
+        if row.key is not None and row.result is not None:
+            out.setdefault(row.name.split("#")[0], []).append(row)
+    return out
+
+
+def _reusable(given: dict[str, list[LayerRow]], name: str, key: SandwichKey, cache: dict) -> LayerRow | None:
+    """The given row of layer ``name`` computed for ``key``; None (and the name noted) when rows of that layer were
+    computed for other weights, input shape, rtol or options: never reuse numbers of another operator or setting."""
+    rows = given.get(name, [])
+    for row in rows:
+        if row.key == key:
+            return row
+    if rows:
+        cache.setdefault("layer_results_recomputed", []).append(name)
+    return None
+
+
 def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args: tuple):
     """The "lipsdp" method: every node's folded+liplt value or its LipSDP chain bound, whichever is smaller.
 
@@ -603,7 +639,8 @@ def _lipsdp_pass(root, shapes, folded_nodes, folded_result, options, engine_args
 def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int] | torch.Tensor,
                   method: str = "folded+liplt", *, compare: bool = True, rtol: float = 0.02,
                   dense_max_entries: int = 2**21, example_input: torch.Tensor | None = None, check_graph: bool = True,
-                  sandwich_kwargs: dict | None = None, sdp_options: "SdpOptions | None" = None) -> NetworkBound:
+                  sandwich_kwargs: dict | None = None, sdp_options: "SdpOptions | None" = None,
+                  layer_results: Any = None) -> NetworkBound:
     """Certified l2 Lipschitz upper bound of an eval-mode network and of its layers, blocks and stages.
 
     ``model_or_graph``: any fx-traceable module (its graph from ``lipschitz.trace.graph_from_module``), or a
@@ -613,8 +650,10 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
     with ``compare=True`` every method is evaluated and reported in ``comparison``. The traced graph of a module
     is always checked against ``model(x)`` on a random input (``check_graph`` repeats that check on
     ``example_input``). ``sandwich_kwargs``: options of the per-layer ``spectral.sandwich`` (``options=`` a
-    ``SandwichOptions`` or its fields). Batch norms use their running statistics (eval mode); the model's modes
-    are restored afterwards.
+    ``SandwichOptions`` or its fields). ``layer_results``: a ``spectral.analyze`` table (or its rows) of the same
+    model: a raw layer whose row was computed for the same weights, input shape, ``rtol`` and sandwich options is not
+    sandwiched again; rows computed otherwise are recomputed (and noted). Batch norms use their running statistics
+    (eval mode); the model's modes are restored afterwards.
     References: Fazlyab et al. 2023 (LipLT); Gouk et al. 2021 (layer-wise product bounds).
     """
     from lipschitz.lower import eval_mode
@@ -637,13 +676,18 @@ def network_bound(model_or_graph: nn.Module | G.Node, input_shape: Sequence[int]
         layer_rows = _layer_rows(root, shapes)
         methods = METHODS if compare else (method,) if method != "lipsdp" else ("folded+liplt", "lipsdp")
         sw_kw = {"dense_max_entries": min(dense_max_entries, 2**18), **(sandwich_kwargs or {})}
+        cache: dict = {} if layer_results is None else {"layer_results": _given_rows(layer_results)}
         results, node_values = _evaluate_methods(root, shapes, methods, (rtol, dense_max_entries, sw_kw, layer_rows,
-                                                                        {}), sdp_options)
+                                                                        cache), sdp_options)
     nodes = _node_records(root, shapes, methods, node_values)
     v, exact = results[method]
     value = NormValue(v, Guarantee.EXACT if exact else Guarantee.UPPER, f"network_{method}",
                       seconds=time.perf_counter() - t0, details={"input_shape": list(input_shape)})
     notes = [n.note for n in G.iter_nodes(root) if getattr(n, "note", "")]
+    if cache.get("layer_results_recomputed"):
+        names = ", ".join(dict.fromkeys(cache["layer_results_recomputed"]))
+        notes.append(f"layer_results of {names} were computed for other weights, input shape, rtol or sandwich "
+                     "options: recomputed")
     return NetworkBound(value, method, input_shape, {k: r[0] for k, r in results.items()},
                         list(layer_rows.values()), nodes, time.perf_counter() - t0, notes)
 
@@ -681,9 +725,9 @@ def _run_graph(model: nn.Module | None, root: G.Node, input_shape: tuple, module
     return shapes
 
 
-def _layer_rows(root: G.Node, shapes: dict[int, tuple]) -> dict[int, dict]:
-    return {id(n): {"name": n.name, "kind": type(n.module).__name__, "weight_shape": list(n.module.weight.shape),
-                    "in_shape": list(shapes[id(n)][0]), "out_shape": list(shapes[id(n)][1])}
+def _layer_rows(root: G.Node, shapes: dict[int, tuple]) -> dict[int, LayerRow]:
+    return {id(n): LayerRow(n.name, type(n.module).__name__, list(n.module.weight.shape), list(shapes[id(n)][0]),
+                            list(shapes[id(n)][1]))
             for n in G.iter_nodes(root) if isinstance(n, G.Layer)}
 
 

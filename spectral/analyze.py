@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import time
 import warnings
@@ -31,9 +32,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from spectral.folding import fold_batchnorm, fold_scale
 from spectral.random_matrix import random_conv_norm_prediction, random_norm_ratio
-from spectral.sandwich import sandwich
+from spectral.sandwich import Sandwich, SandwichOptions, sandwich
 
-__all__ = ["LayerTable", "LayerRecord", "analyze", "record_layers", "fold_batchnorm", "eval_mode", "example_input_for"]
+__all__ = ["LayerTable", "LayerRow", "LayerRecord", "SandwichKey", "analyze", "record_layers", "fold_batchnorm",
+           "eval_mode", "example_input_for", "sandwich_call", "sandwich_key"]
 
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear) + _TRANSPOSED_TYPES
@@ -64,29 +66,176 @@ class LayerRecord:
         return type(self.module).__name__
 
 
+@dataclass(frozen=True)
+class SandwichKey:
+    """What a layer's sandwich was computed for: the weight (a digest of its values in float64), the input shape and
+    conv parameters of the call, ``rtol`` and the resolved ``SandwichOptions``. A result is reused only for an equal
+    key (``lipschitz.network_bound(..., layer_results=)``)."""
+
+    weight: str
+    input_shape: tuple[int, ...]
+    conv: tuple
+    rtol: float
+    options: SandwichOptions
+
+
+def sandwich_call(module: nn.Module, input_shape: Sequence[int]) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """The input shape and conv keywords with which ``sandwich`` bounds a Conv1d/Conv2d/Linear ``module`` at the
+    input shape it sees (leading dims of a linear layer's input do not change its norm)."""
+    if isinstance(module, nn.Linear):
+        return (int(input_shape[-1]),), {}
+    return tuple(int(s) for s in input_shape), {"stride": module.stride, "padding": module.padding,
+                                                 "padding_mode": module.padding_mode, "dilation": module.dilation,
+                                                 "groups": module.groups}
+
+
+def resolved_options(knobs: dict[str, Any]) -> SandwichOptions:
+    """The ``SandwichOptions`` that ``sandwich(..., **knobs)`` runs with (``options=`` updated by the other knobs)."""
+    rest = {k: v for k, v in knobs.items() if k not in ("options", "rtol")}
+    return (knobs.get("options") or SandwichOptions()).updated(**rest)
+
+
+def sandwich_key(weight: torch.Tensor, input_shape: Sequence[int], conv: dict[str, Any], rtol: float,
+                 knobs: dict[str, Any]) -> SandwichKey:
+    """The ``SandwichKey`` of ``sandwich(weight, input_shape, rtol, **conv, **knobs)``."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    digest = hashlib.blake2b(repr(tuple(w.shape)).encode(), digest_size=16)
+    digest.update(w.numpy().tobytes())
+    return SandwichKey(digest.hexdigest(), tuple(int(s) for s in input_shape), tuple(sorted(conv.items())),
+                       float(rtol), resolved_options(knobs))
+
+
+@dataclass
+class LayerRow:
+    """One conv/linear layer's certified sandwich at the input shape it sees, with the facts around it.
+
+    The row type of ``analyze``'s table (``to_dict``: its JSON/CSV row) and of ``lipschitz.network_bound``'s layers
+    (``bound_dict``: the raw layer's bounds and, there, ``folded_*`` of the layer with its channel scalings folded
+    in). ``result`` and ``key`` (not serialised) are the ``Sandwich`` itself and what it was computed for; rows read
+    like the dicts they replace (``row["upper"]``, ``row.get("gap")``).
+    """
+
+    name: str
+    kind: str
+    weight_shape: list[int]
+    input_shape: list[int]
+    output_shape: list[int]
+    dtype: str | None = None
+    input_size: list[int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # stride, padding, padding_mode, dilation, groups, ...
+    folded_batchnorm: str | None = None
+    lower: float | None = None
+    upper: float | None = None
+    gap: float | None = None
+    exact: float | None = None
+    lower_guarantee: str | None = None
+    upper_guarantee: str | None = None
+    lower_method: str | None = None
+    upper_method: str | None = None
+    methods: list[dict[str, str]] = field(default_factory=list)
+    seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+    rtol: float | None = None
+    converged: bool | None = None
+    reason: str | None = None
+    suggestion: str | None = None
+    probabilistic_upper: float | None = None
+    failure_probability: float | None = None
+    baselined: bool = False  # the random-matrix baseline columns were computed (values may be None)
+    random_baseline: float | None = None
+    random_baseline_guarantee: str | None = None
+    ratio_to_random: float | None = None
+    folded_upper: float | None = None
+    folded_guarantee: str | None = None
+    folded_lower: float | None = None
+    result: Sandwich | None = field(default=None, repr=False, compare=False)
+    key: SandwichKey | None = field(default=None, repr=False, compare=False)
+
+    def set_sandwich(self, result: Sandwich, key: SandwichKey | None = None) -> "LayerRow":
+        """Fill the sandwich columns from ``result`` (``key``: what it was computed for, when it may be reused)."""
+        self.lower, self.upper, self.gap = result.lower.value, result.upper.value, result.gap
+        self.exact = result.exact.value if result.exact is not None else None
+        self.lower_guarantee, self.upper_guarantee = result.lower.guarantee.value, result.upper.guarantee.value
+        self.lower_method, self.upper_method = result.lower.method, result.upper.method
+        self.methods, self.seconds, self.rtol = result.methods, result.seconds, result.rtol
+        self.converged, self.reason, self.suggestion = result.converged, result.reason, result.suggestion
+        if result.probabilistic_upper is not None:
+            self.probabilistic_upper = result.probabilistic_upper.value
+            self.failure_probability = result.probabilistic_upper.details["failure_probability"]
+        self.result, self.key = result, key
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row of ``analyze``'s JSON/CSV table."""
+        out: dict[str, Any] = {
+            "name": self.name, "kind": self.kind, "weight_shape": self.weight_shape, "dtype": self.dtype,
+            "input_shape": self.input_shape, "output_shape": self.output_shape, "input_size": self.input_size,
+            **self.params, "folded_batchnorm": self.folded_batchnorm, "lower": self.lower, "upper": self.upper,
+            "gap": self.gap, "exact": self.exact, "lower_guarantee": self.lower_guarantee,
+            "upper_guarantee": self.upper_guarantee, "lower_method": self.lower_method,
+            "upper_method": self.upper_method, "methods": self.methods, "seconds": self.seconds, "notes": self.notes,
+            "rtol": self.rtol, "converged": self.converged, "reason": self.reason, "suggestion": self.suggestion,
+        }
+        if self.probabilistic_upper is not None:
+            out.update(probabilistic_upper=self.probabilistic_upper, failure_probability=self.failure_probability)
+        if self.baselined:
+            out.update(random_baseline=self.random_baseline, random_baseline_guarantee=self.random_baseline_guarantee,
+                       ratio_to_random=self.ratio_to_random)
+        return {**out, **self._folded()}
+
+    def bound_dict(self) -> dict[str, Any]:
+        """The row of ``lipschitz.network_bound``'s layers: the raw layer's bounds (when computed) and ``folded_*``."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "weight_shape": self.weight_shape,
+                               "in_shape": self.input_shape, "out_shape": self.output_shape}
+        if self.upper is not None:
+            out.update(upper=self.upper, upper_guarantee=self.upper_guarantee, upper_method=self.upper_method,
+                       lower=self.lower, lower_guarantee=self.lower_guarantee, gap=self.gap)
+        return {**out, **self._folded()}
+
+    def _folded(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.folded_upper is not None:
+            out.update(folded_upper=self.folded_upper, folded_guarantee=self.folded_guarantee)
+        if self.folded_lower is not None:
+            out["folded_lower"] = self.folded_lower
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def keys(self):
+        return self.to_dict().keys()
+
+
 @dataclass
 class LayerTable:
-    """Rows of per-layer results (list of dicts); export with ``to_json`` / ``to_csv``."""
+    """Rows of per-layer results (``LayerRow``); export with ``to_json`` / ``to_csv``."""
 
-    rows: list[dict[str, Any]]
+    rows: list[LayerRow]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[LayerRow]:
         return iter(self.rows)
 
-    def __getitem__(self, name_or_index: str | int) -> dict[str, Any]:
+    def __getitem__(self, name_or_index: str | int) -> LayerRow:
         if isinstance(name_or_index, int):
             return self.rows[name_or_index]
         for row in self.rows:
-            if row["name"] == name_or_index:
+            if row.name == name_or_index:
                 return row
-        raise KeyError(f"no layer named {name_or_index!r}; layers: {', '.join(r['name'] for r in self.rows)}")
+        raise KeyError(f"no layer named {name_or_index!r}; layers: {', '.join(r.name for r in self.rows)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "rows": self.rows}
+        return {"meta": self.meta, "rows": [row.to_dict() for row in self.rows]}
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -101,7 +250,8 @@ class LayerTable:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for row in self.rows:
-                writer.writerow({k: _csv_cell(row.get(k)) for k in CSV_COLUMNS})
+                cells = row.to_dict()
+                writer.writerow({k: _csv_cell(cells.get(k)) for k in CSV_COLUMNS})
         return path
 
 
@@ -213,9 +363,6 @@ def _input_size(rec: LayerRecord) -> list[int] | None:
 def _sandwich_record(rec: LayerRecord, weight: torch.Tensor, sandwich_kwargs: dict[str, Any]):
     """The sandwich of one recorded call; a transposed conv is sandwiched as its adjoint conv."""
     module = rec.module
-    if isinstance(module, nn.Linear):
-        # leading dims of a linear input do not change the norm
-        return sandwich(weight, (rec.input_shape[-1],), **sandwich_kwargs)
     if isinstance(module, _TRANSPOSED_TYPES):
         result = sandwich(weight, rec.output_shape, stride=module.stride, padding=module.padding,
                           dilation=module.dilation, groups=module.groups, **sandwich_kwargs)
@@ -224,14 +371,14 @@ def _sandwich_record(rec: LayerRecord, weight: torch.Tensor, sandwich_kwargs: di
                              f"{tuple(result.layer['out_shape'])}, not to its input shape {rec.input_shape}; "
                              "its norm cannot be certified this way")
         return result
-    return sandwich(weight, rec.input_shape, stride=module.stride, padding=module.padding,
-                    padding_mode=module.padding_mode, dilation=module.dilation, groups=module.groups,
-                    **sandwich_kwargs)
+    shape, conv = sandwich_call(module, rec.input_shape)
+    return sandwich(weight, shape, **conv, **sandwich_kwargs)
 
 
-def _baseline(rec: LayerRecord, weight: torch.Tensor, upper: float, row: dict[str, Any]) -> None:
+def _baseline(rec: LayerRecord, weight: torch.Tensor, upper: float, row: LayerRow) -> None:
     """Random-matrix baseline columns of a row (a note instead when the weight cannot give one)."""
     module = rec.module
+    row.baselined = True
     try:
         if isinstance(module, nn.Linear):
             base = random_conv_norm_prediction(weight)
@@ -239,40 +386,32 @@ def _baseline(rec: LayerRecord, weight: torch.Tensor, upper: float, row: dict[st
             size = rec.output_shape[1:] if isinstance(module, _TRANSPOSED_TYPES) else rec.input_shape[1:]
             base = random_conv_norm_prediction(weight, size, module.stride, module.groups)
     except ValueError as err:  # e.g. a single weight has no entry standard deviation
-        row.update(random_baseline=None, random_baseline_guarantee=None, ratio_to_random=None)
-        row["notes"].append(f"no random-matrix baseline: {err}")
+        row.notes.append(f"no random-matrix baseline: {err}")
         return
-    row["random_baseline"] = base.value
-    row["random_baseline_guarantee"] = base.guarantee.value
-    row["ratio_to_random"] = random_norm_ratio(upper, base)
+    row.random_baseline = base.value
+    row.random_baseline_guarantee = base.guarantee.value
+    row.ratio_to_random = random_norm_ratio(upper, base)
 
 
-def _row(rec: LayerRecord, sandwich_kwargs: dict[str, Any], random_baseline: bool) -> dict[str, Any]:
+def _row(rec: LayerRecord, sandwich_kwargs: dict[str, Any], random_baseline: bool) -> LayerRow:
     module = rec.module
-    weight = rec.weight if rec.weight is not None else module.weight.detach()
+    raw = rec.weight if rec.weight is not None else module.weight.detach()
     transposed = isinstance(module, _TRANSPOSED_TYPES)
+    weight = raw
     if rec.bn_scale is not None:
-        weight = fold_batchnorm(weight, rec.bn_scale, transposed, getattr(module, "groups", 1))
+        weight = fold_batchnorm(raw, rec.bn_scale, transposed, getattr(module, "groups", 1))
     result = _sandwich_record(rec, weight, sandwich_kwargs)
     notes = list(rec.notes)
     if transposed:
         notes.append(f"{rec.kind}: the norm of its adjoint convolution (same weight) from the output shape "
                      "back to the input shape; a map and its adjoint have the same operator norm")
-    row: dict[str, Any] = {
-        "name": rec.name, "kind": rec.kind, "weight_shape": list(weight.shape), "dtype": str(weight.dtype),
-        "input_shape": list(rec.input_shape), "output_shape": list(rec.output_shape),
-        "input_size": _input_size(rec), **_layer_params(module), "folded_batchnorm": rec.folded_batchnorm,
-        "lower": result.lower.value, "upper": result.upper.value, "gap": result.gap,
-        "exact": result.exact.value if result.exact is not None else None,
-        "lower_guarantee": result.lower.guarantee.value, "upper_guarantee": result.upper.guarantee.value,
-        "lower_method": result.lower.method, "upper_method": result.upper.method,
-        "methods": result.methods, "seconds": result.seconds, "notes": notes,
-        "rtol": result.rtol, "converged": result.converged, "reason": result.reason,
-        "suggestion": result.suggestion,
-    }
-    if result.probabilistic_upper is not None:
-        row["probabilistic_upper"] = result.probabilistic_upper.value
-        row["failure_probability"] = result.probabilistic_upper.details["failure_probability"]
+    key = None
+    if not transposed and rec.bn_scale is None:  # the raw layer's sandwich: what network_bound may reuse
+        shape, conv = sandwich_call(module, rec.input_shape)
+        key = sandwich_key(raw, shape, conv, result.rtol, sandwich_kwargs)
+    row = LayerRow(rec.name, rec.kind, list(weight.shape), list(rec.input_shape), list(rec.output_shape),
+                   dtype=str(weight.dtype), input_size=_input_size(rec), params=_layer_params(module),
+                   folded_batchnorm=rec.folded_batchnorm, notes=notes).set_sandwich(result, key)
     if random_baseline:
         _baseline(rec, weight, result.upper.value, row)
     return row
@@ -361,8 +500,8 @@ def analyze(
         "example_input_shape": list(example_input.shape),
         "layers": len(rows), "seconds": time.perf_counter() - t0, "torch": torch.__version__,
         "sandwich_kwargs": _kwargs_record(sandwich_kwargs),
-        "max_gap": max((r["gap"] for r in rows), default=0.0), "evaluated_in_eval_mode": True,
+        "max_gap": max((r.gap for r in rows), default=0.0), "evaluated_in_eval_mode": True,
         "model_was_training": bool(model.training), "not_analyzed": skipped,
-        "not_converged": sum(not r["converged"] for r in rows),
+        "not_converged": sum(not r.converged for r in rows),
     }
     return LayerTable(rows, meta)

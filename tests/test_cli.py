@@ -166,7 +166,7 @@ def trained_ckpt(tmp_path_factory) -> Path:
                      "--set", "run.epochs=1", "--set", "data.train_limit=128", "--set", "data.val_size=0",
                      "--set", "selection.metric=last", "--set", "attack.steps=2", "--threads", "1"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "train_summary.json").read_text())
     assert summary["status"] == "completed"
     return Path(summary["files"]["final_model"])
 
@@ -233,7 +233,7 @@ def test_eval_on_checkpoint_json(trained_ckpt, capsys, tmp_path):
     assert payload["n"] == 32 and payload["eps"] == pytest.approx(0.1)  # the checkpoint's training eps
     assert set(payload["robust_accuracy"]) == {"pgd10", "fgsm"}
     assert payload["worst_case"]["robust_accuracy"] <= payload["clean_accuracy"]
-    assert (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "eval_summary.json").is_file()
     code, _, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "pgd-nope", "--n", "4", "--out", str(tmp_path / "b"))
     assert_one_line_error(code, err, "pgd20")
 
@@ -499,7 +499,7 @@ def test_eval_defaults_to_one_folder_per_checkpoint_and_setting(trained_ckpt, ca
     code, second, err = run_cli(capsys, "eval", str(trained_ckpt), "--attacks", "fgsm,pgd10", "--n", "16",
                                 "--batch-size", "8")
     assert code == 0, err
-    folders = sorted(p.parent for p in (tmp_path / "runs" / "eval").glob("*/*/summary.json"))
+    folders = sorted(p.parent for p in (tmp_path / "runs" / "eval").glob("*/*/eval_summary.json"))
     assert len(folders) == 2 and folders[0].parent == folders[1].parent
     assert {f.name for f in folders} == {"fgsm_n16", "fgsm+pgd10_n16"}
     assert "upper bound (attack-based)" in second and "Clopper-Pearson" in second
@@ -535,6 +535,28 @@ def test_report_on_a_training_folder(trained_ckpt, capsys, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "training_curves.png" in text and (tmp_path / "training_curves.png").stat().st_size > 1000
     assert "## Training" in text
+
+
+def test_run_folders_written_before_the_rename_are_still_exported_and_reported(trained_ckpt, capsys, tmp_path):
+    """A training folder with summary.json (now train_summary.json) and an eval folder with summary.json (now
+    eval_summary.json): export, export --eval (the file, its new name, or the folder) and report still read them."""
+    import shutil
+
+    run_dir = tmp_path / "old-run"
+    shutil.copytree(trained_ckpt.parent, run_dir)
+    (run_dir / "train_summary.json").rename(run_dir / "summary.json")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"clean_accuracy": 0.5, "robust_accuracy": {"aa": 0.25},
+                                                               "n": 8, "eps": 0.1}))
+    for given in ("summary.json", "eval_summary.json", ""):
+        code, out, err = run_cli(capsys, "export", str(run_dir), "--out", str(tmp_path / "zoo"), "--json",
+                                 "--eval", str(tmp_path / "eval" / given))
+        assert code == 0, err
+        card = json.loads(Path(json.loads(out)["card"]).read_text())
+        assert card["autoattack_acc"] == 25.0 and card["training"]["checkpoint"].startswith("final")
+    code, _, err = run_cli(capsys, "report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert code == 0, err
+    assert "Status completed" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_version_lists_and_help_examples(capsys):
@@ -671,7 +693,7 @@ def test_quickstart_commands_run_in_order(capsys, tmp_path, monkeypatch):
         ran += 1
     assert ran >= 8
     assert json.loads((tmp_path / "layers.json").read_text())["layers"]
-    assert (tmp_path / "runs" / "bound-r" / "report.md").is_file() and (tmp_path / "runs" / "w16" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "bound-r" / "report.md").is_file() and (tmp_path / "runs" / "w16" / "train_summary.json").is_file()
 
 
 def test_sweep_report_shows_every_run_and_labels_csv_headers(capsys, tmp_path, monkeypatch):

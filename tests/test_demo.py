@@ -71,6 +71,70 @@ def test_network_bound_answers_tightest_stage_and_block_bounds():
     assert NetworkBound(NormValue(float("inf"), Guarantee.UPPER, "x"), "x", (1,), {}).tightest is None
 
 
+def test_measure_step_sandwiches_each_raw_layer_once(monkeypatch):
+    """The demo's measure step (spectral, then bound): network_bound reuses the analysis's raw-layer sandwiches, so
+    each layer's own operator is sandwiched once; a conv with a BatchNorm folded in is a second operator."""
+    import importlib
+
+    import torch
+    from torch import nn
+
+    from experiments.measure import measure_model
+
+    # spectral.sandwich / spectral.analyze are also functions on the package: patch the modules themselves
+    sandwich_module, analyze_module = (importlib.import_module(f"spectral.{n}") for n in ("sandwich", "analyze"))
+    real, calls = sandwich_module.sandwich, []
+
+    def spy(weight, input_shape, *args, **kwargs):
+        calls.append(weight.detach().double().clone())
+        return real(weight, input_shape, *args, **kwargs)
+
+    monkeypatch.setattr(sandwich_module, "sandwich", spy)
+    monkeypatch.setattr(analyze_module, "sandwich", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    record = measure_model(model, name="m", input_shape=(1, 8, 8), x_test=torch.zeros(2, 1, 8, 8),
+                           y_test=torch.zeros(2, dtype=torch.long), eps=0.1, rtol=0.05, steps=("spectral", "bound"),
+                           verbose=False)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in layers:
+        assert sum(torch.equal(w, layer.weight.detach().double()) for w in calls) == 1
+    assert record.layers[0]["folded_batchnorm"] == "1"
+    raw = {r["name"]: r["upper"] for r in record.layers if not r["folded_batchnorm"]}
+    assert raw == {r["name"]: r["upper"] for r in record.bound["layers"] if r["name"] in raw} and len(raw) == 2
+    # the record as record.json holds it reads back to the same record and writes out the same JSON
+    from experiments.io import to_jsonable
+    from experiments.records import ModelRecord
+
+    on_disk = json.loads(json.dumps(to_jsonable(record.to_dict())))
+    assert list(on_disk)[:3] == ["name", "params", "model"] and on_disk["seconds"].keys() == {"spectral", "bound"}
+    back = ModelRecord.from_dict(on_disk)
+    assert back.to_dict() == on_disk and list(back.to_dict()) == list(on_disk)
+    assert back.certified_lipschitz == record.certified_lipschitz and back.layers == on_disk["layers"]
+
+
+def test_model_record_reads_and_writes_an_old_record_unchanged():
+    """A record written before ModelRecord (a sweep run's summary.json): keys the class does not know, a key present
+    with null, a partial set of steps; typed fields read back, the JSON written out is the same, key order included."""
+    from experiments.records import ModelRecord
+
+    old = {"name": "d1-1-1_w8-16-32-32_s0", "depths": [1, 1, 1], "widths": [8, 16, 32, 32], "params": 40000,
+           "clean_acc": 0.9, "robust_acc": 0.5, "robust_attack": "pgd20", "eval_points": None,
+           "seconds": {"eval": 1.5}, "unavailable": {"bound": "no module named cvxpy"},
+           "stage_bounds": {"stage1": {"value": 3.0, "guarantee": "certified_upper"}}, "worker_pid": 1234,
+           "train": {"seed": 0, "epochs": 2}, "config_id": "d1-1-1_w8-16-32-32", "seed": None, "groups": ["last"]}
+    record = ModelRecord.from_dict(old)
+    assert record.to_dict() == old and list(record.to_dict()) == list(old)
+    assert record.widths == [8, 16, 32, 32] and record.extra == {"worker_pid": 1234} and record.seed is None
+    assert record.get("eval_points", "?") is None and record.get("certified_lipschitz", "?") == "?"
+    assert record.has("seed") and not record.has("bound") and record.get("worker_pid") == 1234
+    record.update({"run_seconds": 3.0})
+    assert list(record.to_dict())[-1] == "run_seconds"
+    with pytest.raises(ValueError, match="JSON object"):
+        ModelRecord.from_dict([old])
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     from experiments.demo import run_demo

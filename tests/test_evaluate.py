@@ -263,7 +263,7 @@ def test_points_first_or_seeded_subset(digits_setup, tmp_path):
     rows = _per_example(tmp_path)
     assert [r["index"] for r in rows] == select_points(x.shape[0], 7, "random", seed=1).tolist()
     assert [r["label"] for r in rows] == y[select_points(x.shape[0], 7, "random", seed=1)].tolist()
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    on_disk = json.loads((tmp_path / "eval_summary.json").read_text())
     assert on_disk["n"] == 7 and on_disk["eps"] == 0.05 and on_disk["norm"] == "linf"
     assert {"torch", "archlip", "pyautoattack"} <= set(on_disk["versions"])
 

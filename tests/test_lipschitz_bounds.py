@@ -94,7 +94,7 @@ def test_handbuilt_preact_net_bounds_dominate_jacobians(act):
     for blk in nb.blocks:
         assert blk["folded+liplt"] <= blk["product"] * 1.03
         assert blk["guarantee"] == {m: "certified_upper" for m in METHODS}
-    assert len(nb.layers) == 7 and all(r["upper"] >= r["lower"] > 0 for r in nb.layers if "upper" in r)
+    assert len(nb.layers) == 7 and all(r.upper >= r.lower > 0 for r in nb.layers if r.upper is not None)
     json.dumps(nb.to_dict())
 
 
@@ -424,3 +424,36 @@ def test_network_bound_takes_an_example_tensor_as_well_as_a_shape():
     opts = network_bound(net, (1, 5, 5), compare=False, sandwich_kwargs={"options": SandwichOptions(lower_iters=6)})
     kw = network_bound(net, (1, 5, 5), compare=False, sandwich_kwargs={"lower_iters": 6})
     assert opts.value.value == kw.value.value
+
+
+def test_network_bound_reuses_matching_analyze_rows_and_recomputes_stale_ones():
+    from spectral.analyze import analyze
+
+    torch.manual_seed(3)
+    net = _randomise_bn(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(36, 5)).double(), seed=3)
+    kw = {"dense_max_entries": 2**20}
+
+    def same(a, b):  # everything but the timings
+        assert a.comparison == b.comparison and a.nodes == b.nodes and a.notes == b.notes
+        assert [r.bound_dict() for r in a.layers] == [r.bound_dict() for r in b.layers]
+
+    table = analyze(net, (2, 6, 6), progress=False, rtol=0.05, **kw)
+    reused = network_bound(net, (2, 6, 6), rtol=0.05, sandwich_kwargs=kw, layer_results=table)
+    same(reused, network_bound(net, (2, 6, 6), rtol=0.05, sandwich_kwargs=kw))
+    rows = {r.name: r for r in reused.layers}
+    # conv "0" has a BatchNorm folded into its analyze row: another operator, sandwiched by network_bound itself
+    assert rows["3"].result is table["3"].result and rows["6"].result is table["6"].result
+    assert rows["0"].result is not table["0"].result
+    # another rtol, or weights changed since the analysis: recomputed and said so, never the stale numbers
+    other_rtol = network_bound(net, (2, 6, 6), rtol=0.1, sandwich_kwargs=kw, layer_results=table)
+    assert "recomputed" in other_rtol.notes[-1] and rows["3"].result is not {r.name: r for r in other_rtol.layers}["3"].result
+    with torch.no_grad():
+        net[3].weight.mul_(2.0)
+    stale = network_bound(net, (2, 6, 6), rtol=0.05, sandwich_kwargs=kw, layer_results=table)
+    fresh = network_bound(net, (2, 6, 6), rtol=0.05, sandwich_kwargs=kw)
+    assert stale.notes[-1].startswith("layer_results of 3 were computed for other weights")
+    stale.notes.pop()
+    same(stale, fresh)
+    assert fresh.comparison["product"] > reused.comparison["product"] * 1.5

@@ -110,8 +110,9 @@ def test_readme_commands_parse_with_the_real_cli():
 
 
 @pytest.mark.slow
-def test_readme_commands_run_scaled_down(tmp_path, capsys):
+def test_readme_commands_run_scaled_down(tmp_path, capsys, monkeypatch):
     """Every README command, in order, on a checkpoint trained here (the demo's recipe, one quick epoch)."""
+    monkeypatch.chdir(tmp_path)  # commands without --out write under ./runs: not into the checkout (a rerun found them)
     checkpoint_dir = tmp_path / "ckpt"
     assert main(["train", "digits-pgdat-tiny", "--out", str(checkpoint_dir),
                  *[t for o in QUICK_TRAIN for t in ("--set", o)]]) == 0

@@ -106,7 +106,7 @@ def test_sequential_sweep_aggregates_a_study_with_detectable_and_undetectable_ef
     result = sweep.run_sweep(spec, tmp_path, runner=fake_runner, progress=False)
     assert result["ran"] == 18 and result["done"] == 18
     results = json.loads((tmp_path / "results.json").read_text())
-    rec = json.loads((tmp_path / "runs" / "d1-1-1_w8-16-32-32_s3" / "summary.json").read_text())
+    rec = json.loads((tmp_path / "runs" / "d1-1-1_w8-16-32-32_s3" / "record.json").read_text())
     assert rec["config_id"] == "d1-1-1_w8-16-32-32" and rec["seed"] == 3 and rec["groups"] == ["last"]
     s = results["study"]
     assert s["n_configurations"] == 3 and s["seeds"] == [0, 1, 2, 3, 4, 5]
@@ -152,9 +152,9 @@ def test_local_worker_pool_writes_the_same_records(tmp_path):
     par = sweep.run_sweep(spec, tmp_path / "par", runner=fake_runner, progress=False, report=False, workers=2)
     assert par["ran"] == seq["ran"] == 6
     key = "d1-1-2_w8-16-32-48_s1"
-    a, b = (json.loads((tmp_path / d / "runs" / key / "summary.json").read_text()) for d in ("seq", "par"))
+    a, b = (json.loads((tmp_path / d / "runs" / key / "record.json").read_text()) for d in ("seq", "par"))
     assert a["robust_acc"] == b["robust_acc"] and a["config_id"] == b["config_id"]
-    pids = {json.loads(p.read_text())["worker_pid"] for p in (tmp_path / "par" / "runs").glob("*/summary.json")}
+    pids = {json.loads(p.read_text())["worker_pid"] for p in (tmp_path / "par" / "runs").glob("*/record.json")}
     assert __import__("os").getpid() not in pids
 
 

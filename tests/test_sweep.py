@@ -122,7 +122,7 @@ def test_sweep_resumes_after_interruption_and_skips_finished_runs(tmp_path):
     # a run interrupted mid-way leaves no summary (or a torn one) and must be redone
     torn = tmp_path / "runs" / spec.runs[2].run_id
     torn.mkdir(parents=True)
-    (torn / "summary.json").write_text('{"name": "trunc')
+    (torn / "record.json").write_text('{"name": "trunc')
     second = sweep.run_sweep(spec, tmp_path, runner=_fake_runner(calls), progress=False, report=False)
     assert second["skipped"] == 2 and second["ran"] == 2 and second["done"] == 4
     assert calls[2:] == [r.run_id for r in spec.runs[2:]]
@@ -208,7 +208,7 @@ def test_real_sweep_trains_measures_and_resumes(tmp_path):
     assert metrics.stat().st_mtime_ns == stamp
     rows = (out / "table.csv").read_text().splitlines()
     assert len(rows) == 3
-    record = json.loads((out / "runs" / second["ran_ids"][0] / "summary.json").read_text())
+    record = json.loads((out / "runs" / second["ran_ids"][0] / "record.json").read_text())
     assert record["widths"] == [8, 16, 32, 16] and record["params"] < 76450
     assert 0 < record["empirical_lipschitz"] <= record["certified_lipschitz"]
     assert record["theory_prediction"] > 0 and 0 <= record["robust_acc"] <= record["clean_acc"]
@@ -251,3 +251,25 @@ def test_gpu_sweep_is_at_the_wrn_34_10_budget():
     with torch.device("meta"):
         model = create_model("wrn-34-r", depths=(7, 5, 3), widths=spec.runs[3].overrides[sweep.WIDTHS_KEY])
     assert sum(p.numel() for p in model.parameters()) == spec.runs[3].params
+
+
+def test_a_sweep_written_before_the_rename_is_resumed_and_aggregated(tmp_path):
+    """Old layout: runs/<id>/summary.json (the record) and train/summary.json: still finished, read and reported."""
+    from experiments.report import load_results
+
+    spec = _spec()
+    old = spec.runs[0]
+    folder = tmp_path / "runs" / old.run_id
+    (folder / "train").mkdir(parents=True)
+    record = {**_fake_runner([])(spec, old, folder, {}), "config_id": old.config, "seed": None, "groups": []}
+    (folder / "summary.json").write_text(json.dumps(record))
+    (folder / "train" / "summary.json").write_text(json.dumps({"status": "completed", "epochs": 1}))
+    assert sweep._finished_training(folder / "train") == {"status": "completed", "epochs": 1}
+    calls: list[str] = []
+    result = sweep.run_sweep(spec, tmp_path, runner=_fake_runner(calls), progress=False, report=False)
+    assert result["skipped_ids"] == [old.run_id] and old.run_id not in calls and result["done"] == 4
+    models = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert models[0] == record
+    assert all((tmp_path / "runs" / r.run_id / "record.json").is_file() for r in spec.runs[1:])
+    (tmp_path / "results.json").unlink()  # a sweep in progress: the report reads the per-run records
+    assert [m.name for m in load_results(tmp_path)["models"]] == sorted(r.run_id for r in spec.runs)

@@ -58,7 +58,7 @@ def test_tiny_digits_run_improves_pgd_accuracy(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1] and all("val_pgd_acc" in r for r in rows)
     best = max(rows, key=lambda r: r["val_pgd_acc"])
     assert summary["selection"]["best_value"] == best["val_pgd_acc"]
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((tmp_path / "train_summary.json").read_text())["status"] == "completed"
     assert (tmp_path / "model_best.safetensors").is_file()
 
 
@@ -226,7 +226,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     cfg = load_config("digits-pgdat-tiny", overrides)
     single = train(cfg, tmp_path / "single")
     _torchrun_two(tmp_path, DDP_DRIVER, overrides)
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == single["global_step"]
     a, b = _weights(tmp_path / "single" / "model_final.safetensors"), _weights(tmp_path / "ddp" / "model_final.safetensors")
     assert a.keys() == b.keys()
@@ -248,7 +248,7 @@ def test_resuming_a_completed_run_keeps_its_validation_summary(tmp_path):
     again = train(cfg, tmp_path, resume=True)  # nothing left to train
     assert again["status"] == "completed" and again["global_step"] == first["global_step"]
     assert again["final_val"] == first["final_val"]
-    assert json.loads((tmp_path / "summary.json").read_text())["final_val"] == first["final_val"]
+    assert json.loads((tmp_path / "train_summary.json").read_text())["final_val"] == first["final_val"]
 
 
 # ---------------------------------------------------------------------------------------------- extra data
@@ -394,7 +394,7 @@ def _modes(folder: Path) -> dict[str, int]:
 
 def test_files_follow_the_umask(straight_two_epochs):
     modes = _modes(straight_two_epochs)
-    assert {"resume.pt", "summary.json", "model_final.safetensors", "metrics.jsonl"} <= set(modes)
+    assert {"resume.pt", "train_summary.json", "model_final.safetensors", "metrics.jsonl"} <= set(modes)
     assert set(modes.values()) == {0o644}, modes
 
 

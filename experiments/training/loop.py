@@ -5,7 +5,7 @@ clipping -> SGD step -> EMA update. Around it: deterministic data order, validat
 JSONL metrics, atomic resume checkpoints every epoch and on SIGTERM/SIGINT, optional DDP under torchrun.
 
 Run folder layout (``out_dir``): ``resolved_config.yaml``, ``metrics.jsonl``, ``resume.pt``,
-``model_final.*`` and (with selection) ``model_best.*`` via ``experiments.checkpoints``, ``summary.json``.
+``model_final.*`` and (with selection) ``model_best.*`` via ``experiments.checkpoints``, ``train_summary.json``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from experiments.config import (ConfigError, TrainConfig, check_eps, config_diff, config_from_dict, config_to_dict,
                                 effective_attack_numbers, load_config, save_config)
-from experiments.io import LOG, RunFolderLock, read_jsonl, write_json, write_text
+from experiments.io import LOG, RUN_FILES, RunFolderLock, read_jsonl, write_json, write_text
 import experiments.training.distributed as D
 from experiments.training.adversary import craft
 from experiments.training.checkpointing import (FORMAT_VERSION, RESUME_FILE, atomic_torch_save, capture_rng_states,
@@ -40,7 +40,7 @@ from experiments.training.schedules import lr_from_config
 from spectral.guarantee import json_safe
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = RUN_FILES["train_summary"][0]  # train_summary.json (summary.json in runs written before)
 CONFIG_FILE = "resolved_config.yaml"
 
 
@@ -479,7 +479,7 @@ def train(config: TrainConfig | Mapping | str | Path, out_dir: str | Path, resum
     """Train ``config`` into ``out_dir``; ``resume=True`` continues from ``out_dir/resume.pt``.
 
     ``config``: a TrainConfig, a mapping, a shipped recipe name or a YAML path. Returns the summary dict
-    (also written to ``summary.json``); ``summary["status"]`` is "completed", or "interrupted" after a
+    (also written to ``train_summary.json``); ``summary["status"]`` is "completed", or "interrupted" after a
     SIGTERM/SIGINT (a resume checkpoint was written at the last finished step). ``on_step(info)`` is called
     after every optimiser step (info: epoch, batch, global_step, loss, lr).
     Launch under ``torchrun --nproc_per_node N`` for DistributedDataParallel.
@@ -787,7 +787,7 @@ class _Trainer:
                                                   _model_metadata(cfg, epoch, prog.global_step, self.last_val, "best"))
 
     def finish(self) -> dict:
-        """The run's summary (written to summary.json with the final model by rank 0)."""
+        """The run's summary (written to train_summary.json with the final model by rank 0)."""
         cfg, ctx, prog, out_dir = self.cfg, self.ctx, self.prog, self.out_dir
         total = cfg.run.epochs
         summary = {"status": self.status, "name": cfg.name, "method": cfg.method.name, "model": cfg.model.name,
