@@ -343,10 +343,7 @@ def run_banded(run: Run, method: str, target: float, rho: float) -> NormValue:
     op_z, factor = view
     mode = {v: k for k, v in BANDED_MODES.items()}[method]
     accept = run.accept(target) / factor  # a frequency whose circulant column is this good needs no LDL
-    # axis mode: the untwisted embedding on both axes (scouting two candidates, not four: a twist rarely
-    # changes which frequencies need a factorisation once elements may stop at ``accept``)
-    cert = banded_certificate(op_z, mode=mode, target=target / factor, rho=rho, accept=accept, seed=run.opts["seed"],
-                              twist=0.0 if mode == "axis" else None)
+    cert = banded_certificate(op_z, mode=mode, target=target / factor, rho=rho, accept=accept, seed=run.opts["seed"])
     details = {**cert.details, "padding_norm_factor": factor, "embedding_lower": cert.details["block_lower"] * factor}
     run.steps.append({"step": method, "value": cert.value * factor, "embedding_lower": details["embedding_lower"],
                       "seconds": cert.seconds})

@@ -428,7 +428,7 @@ def _choose_embedding(op: Any, mode: str, axis: int | None, twist: float | None,
     if mode == "axis" and (axis is None or twist is None):
         candidates = [(a, t) for a in ((0, 1) if axis is None else (axis,))
                       for t in ((0.0, 0.5) if twist is None else (twist,))]
-    scout = steps if len(candidates) == 1 else max(6, steps // 6)
+    scout = steps if len(candidates) == 1 else max(3, steps // 12)
     products: dict[str, torch.Tensor] = {}
     best: tuple[float, _Problem, torch.Tensor, tuple] | None = None
     for cand in candidates:
