@@ -215,20 +215,17 @@ def fourier_certificate(
 ) -> NormValue:
     """Certified upper bound on the norm of the circular convolution on ``grid`` via per-frequency Cholesky.
 
-    A random sample of frequency blocks gets top-eigenvalue estimates ``theta`` by power iteration; every
-    block ``H(u)`` is then certified ``H(u) <= mu`` with ``mu = max(theta, target^2) (1 + rho)^2`` by a
-    Cholesky factorisation of ``mu I - H(u)``. Blocks that fail get their own estimate (more power
-    iterations) and a geometrically growing ``mu(u)`` until certified; later blocks are certified at the
-    highest level reached (the bound is the maximum anyway). With ``accept`` (a norm the caller is content
-    with), blocks are certified at ``accept`` instead of their inflated estimate where the estimate is below it.
-    The value is
-    ``sqrt(max_u mu(u) + margin(u))`` with a rigorous floating-point margin. ``details``: circulant_lower
-    (``sqrt(max theta)``, a lower bound on the circulant's norm), the best frequency/group and its top input
-    vector (for warm starts), failed blocks, the margin. ``estimator``: how levels are estimated
-    (``top_estimate``). ``give_up_above``: a norm beyond which the caller has no use for this bound (or a
-    function of the sampled estimate's details returning one, e.g. after a lower bound warm-started from them);
-    when the sampled estimate (a lower bound on the circulant's norm in exact arithmetic) already exceeds it,
-    no block is factorised and the value is ``inf`` (a trivial upper bound) with ``details["gave_up"]``.
+    A random sample of frequency blocks gets top-eigenvalue estimates ``theta`` (``estimator``, see
+    ``top_estimate``); every block ``H(u)`` is then certified ``H(u) <= mu``, ``mu = max(theta, target^2) (1 + rho)^2``,
+    by a Cholesky factorisation of ``mu I - H(u)``. Blocks that fail get their own estimate and a geometrically
+    growing ``mu(u)`` until certified; later blocks are certified at the highest level reached (the bound is the
+    maximum anyway). With ``accept`` (a norm the caller is content with), blocks are certified at ``accept``
+    where their estimate is below it. The value is ``sqrt(max_u mu(u) + margin(u))`` with a rigorous
+    floating-point margin. ``details``: circulant_lower (``sqrt(max theta)``, a lower bound on the circulant's
+    norm), the best frequency/group and its top input vector (warm starts), failed blocks, the margin.
+    ``give_up_above``: a norm (or a function of the sampled estimate's details returning one) beyond which the
+    caller has no use for the bound: when the estimate exceeds it, nothing is factorised and the value is ``inf``
+    (trivially an upper bound) with ``details["gave_up"]``.
 
     References: Sedghi et al. (2019); Senderovich et al. (2022); Higham (2002), Thm 10.3.
     """
@@ -258,15 +255,9 @@ def fourier_certificate(
     gen = torch.Generator().manual_seed(seed)
     top = _TopTracker(groups)
     mu0, cap = _start_level(fg, chunk, sample_blocks, power_iters, gen, top, target, accept, rho, estimator)
-    if give_up_above is not None:
-        f_star, g_star = top.at
-        estimate = {**_summary(fg, grid, strides, dtype, rho), "circulant_lower": math.sqrt(max(top.theta, 0.0)),
-                    "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
-                    "argmax_vector": _top_input_vector(fg, top.vec, f_star, g_star)}
-        level = give_up_above(estimate) if callable(give_up_above) else give_up_above
-        if level is not None and estimate["circulant_lower"] > level:
-            return NormValue(math.inf, Guarantee.UPPER, "fft_cholesky", 0, time.perf_counter() - t0, {
-                **estimate, "failed": 0, "gave_up": True, "give_up_above": level, "max_roundoff_margin_rel": 0.0})
+    gave_up = _give_up(fg, top, give_up_above, _summary(fg, grid, strides, dtype, rho), t0)
+    if gave_up is not None:
+        return gave_up
     # certify mu I - H >= 0 for every block
     gamma_chol, form_margin = _margins(fg, dtype)
     run = _CertRun(fg, mu0, cap, rho, power_iters, gen, top, gamma_chol, form_margin, estimator,
@@ -284,6 +275,23 @@ def fourier_certificate(
             "max_roundoff_margin_rel": run.max_margin_rel,
         },
     )
+
+
+def _give_up(fg: _FourierGram, top: "_TopTracker", give_up_above: Any, summary: dict[str, Any],
+             t0: float) -> NormValue | None:
+    """The trivial bound ``inf`` when the sampled estimate exceeds the caller's level (a number, or a function of
+    the estimate's details), else None (go on and certify)."""
+    if give_up_above is None:
+        return None
+    f_star, g_star = top.at
+    estimate = {**summary, "circulant_lower": math.sqrt(max(top.theta, 0.0)),
+                "argmax_frequency": [int(x) for x in fg.freqs[f_star]], "argmax_group": g_star,
+                "argmax_vector": _top_input_vector(fg, top.vec, f_star, g_star)}
+    level = give_up_above(estimate) if callable(give_up_above) else give_up_above
+    if level is None or not estimate["circulant_lower"] > level:
+        return None
+    return NormValue(math.inf, Guarantee.UPPER, "fft_cholesky", 0, time.perf_counter() - t0, {
+        **estimate, "failed": 0, "gave_up": True, "give_up_above": level, "max_roundoff_margin_rel": 0.0})
 
 
 class _TopTracker:
