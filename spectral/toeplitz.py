@@ -360,7 +360,8 @@ def banded_certificate(
     ``mu_b = max(target, theta_b)^2 (1 + rho)^2`` (``theta_b``: Lanczos estimate) and, where that fails, at
     levels growing by ``(1 + rho)^2``. With ``accept`` (a norm the caller is content with, e.g. ``lower * (1 +
     rtol)``), an ``axis`` element whose circulant column already certifies ``||A_b|| <= accept`` skips its
-    banded factorisation (one small Cholesky per circulant block instead). ``details``: the estimate ``block_lower`` (max ``sqrt(theta_b)``, a
+    banded factorisation (one small Cholesky per circulant block instead), and one whose estimate leaves room is
+    factorised once at ``accept`` (no refined estimate; the tight levels only where that fails). ``details``: the estimate ``block_lower`` (max ``sqrt(theta_b)``, a
     bound from below on the *embedding's* norm, not the layer's), failures, margins, the plan.
     References: Golub & Van Loan (banded Cholesky); Higham (2002) Thm 10.3; Delattre et al. (2024).
     """
