@@ -358,11 +358,10 @@ def banded_certificate(
     embedded into a ``twist``-quasi-periodic circulant (``axis_cholesky``; with ``axis``/``twist`` None the
     best of the 2 axes x {0, 1/2} twists by Lanczos estimate). Every block is certified at
     ``mu_b = max(target, theta_b)^2 (1 + rho)^2`` (``theta_b``: Lanczos estimate) and, where that fails, at
-    levels growing by ``(1 + rho)^2``. With ``accept`` (a norm the caller is content with, e.g. ``lower * (1 +
-    rtol)``), an ``axis`` element whose circulant column already certifies ``||A_b|| <= accept`` skips its
-    banded factorisation (one small Cholesky per circulant block instead), and one whose estimate leaves room is
-    factorised once at ``accept`` (no refined estimate; the tight levels only where that fails). ``details``: the estimate ``block_lower`` (max ``sqrt(theta_b)``, a
-    bound from below on the *embedding's* norm, not the layer's), failures, margins, the plan.
+    levels growing by ``(1 + rho)^2``. With ``accept`` (a norm the caller is content with), an ``axis`` element
+    whose circulant column certifies ``||A_b|| <= accept`` skips its banded factorisation (one small Cholesky per
+    circulant block instead), one whose estimate leaves room is factorised once at ``accept``. ``details``: the
+    estimate ``block_lower`` (max ``sqrt(theta_b)``, from below on the *embedding's* norm), failures, margins.
     References: Golub & Van Loan (banded Cholesky); Higham (2002) Thm 10.3; Delattre et al. (2024).
     """
     if mode not in BANDED_MODES:
