@@ -304,7 +304,8 @@ def run_fft(run: Run, rho: float, accept: float | None = None, estimator: str = 
             give_up_above: Any = None, window: bool = False) -> tuple[NormValue, torch.Tensor]:
     """The circulant certificate (times ``||P||`` for copy padding) and the top plane wave (a warm start);
     ``estimator``: how block levels are estimated (``spectral.circulant.top_estimate``: "power" is the
-    pre-issue-13 procedure of ``strategy="circulant"``, the ladder uses "lanczos")."""
+    pre-issue-13 procedure of ``strategy="circulant"``, the ladder uses "lanczos"); ``give_up_above``: see
+    ``fourier_certificate``; ``window``: the warm start times the lowest Dirichlet mode (zero padding)."""
     from spectral.circulant import fourier_certificate, plane_wave
 
     op, o = run.op, run.opts
@@ -503,16 +504,14 @@ def _fft_or_give_up(run: Run, rho: float) -> tuple[NormValue, NormValue]:
     from spectral.circulant import plane_wave
 
     found: dict[str, NormValue] = {}
-    factor = 1.0 if circular_case(run.op) is not None else \
-        padding_operator_norm(run.op.in_shape, run.op.padding, run.op.padding_mode)
 
-    def level(estimate: dict[str, Any]) -> float:
+    def level(estimate: dict[str, Any]) -> float:  # zero padding only (_boundary_heavy): no padding-map factor
         init = plane_wave(run.op, estimate["argmax_frequency"], estimate["argmax_group"], estimate["argmax_vector"],
                           estimate["coarse_grid"], [p[0] for p in run.op.padding], window=True)
         low = lower_bound(run, init, stall=True)
         # refined while the estimate alone would make the rung give up (the refinement the flow runs anyway)
-        found["low"] = low = refine_lower(run, low, estimate["circulant_lower"] * factor, run.opts["max_refine"])
-        return low.value * (1 + run.rtol) / factor
+        found["low"] = low = refine_lower(run, low, estimate["circulant_lower"], run.opts["max_refine"])
+        return low.value * (1 + run.rtol)
 
     upper, init = run_fft(run, rho, estimator="lanczos", give_up_above=level, window=True)
     return upper, found["low"] if "low" in found else lower_bound(run, init, stall=True)

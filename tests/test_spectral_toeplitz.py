@@ -151,6 +151,41 @@ def test_small_map_circulant_rung_gives_up_when_it_cannot_reach_rtol():
     assert res.lower.value <= exact <= res.upper.value <= res.lower.value * 1.005
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), c=st.sampled_from([8, 12, 16]), n=st.integers(5, 8), stride=st.integers(1, 2),
+       float32=st.booleans(), rtol=st.sampled_from([0.005, 0.02]))
+def test_small_map_ladder_brackets_the_dense_norm(seed, c, n, stride, float32, rtol):
+    """The small-map order (lower bound inside the circulant rung, which may give up) on float32 and float64
+    layers: lower <= dense SVD <= upper with no tolerance, the upper bound finite whatever rung ends it."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64) / (3 * c ** 0.5)).to(
+        torch.float32 if float32 else torch.float64)
+    res = sandwich(w, (c, n, n), rtol=rtol, stride=stride, padding=1, dense_max_entries=0)
+    exact = _dense(LayerOperator.conv(w, (c, n, n), stride, 1))
+    assert res.lower.value <= exact * (1 + 1e-12) and exact <= res.upper.value < math.inf
+
+
+def test_a_circulant_rung_that_gave_up_is_certified_when_no_later_rung_can_run(monkeypatch):
+    import spectral.ladder as ladder
+
+    give_up = ladder._fft_or_give_up
+
+    def and_run_out_of_budget(run, rho):
+        out = give_up(run, rho)
+        run.budget = -1.0  # the budget runs out right after: no later rung may start
+        return out
+
+    monkeypatch.setattr(ladder, "_fft_or_give_up", and_run_out_of_budget)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) / 12
+    res = sandwich(w, (16, 8, 8), rtol=0.005, padding=1, dense_max_entries=0)
+    steps = [s["step"] for s in res.steps]
+    assert steps.count("fft_cholesky") == 2 and not any(s in steps for s in ("axis_cholesky", "banded_cholesky"))
+    assert res.upper.method == "fft_cholesky" and math.isfinite(res.upper.value)
+    assert res.upper.value >= _dense(LayerOperator.conv(w, (16, 8, 8), 1, 1))
+    assert not res.converged and "budget" in res.suggestion
+
+
 def test_fourier_certificate_give_up_level_fixed_or_from_the_estimate():
     from spectral.circulant import fourier_certificate
 
